@@ -1,0 +1,74 @@
+"""Run configuration: one typed dataclass, validated before anything starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+from .geometry import RESIZE_MODES
+
+NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Pillow's own decompression-bomb threshold: larger images are refused, not decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.I)
+
+
+@dataclass
+class RunConfig:
+    model: str
+    input: str
+    output: str
+    labels: str | None = None
+    score_threshold: float = 0.25
+    shard_size: int = 64
+    resize: str = "stretch"
+    normalization: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # () means every file
+    address: str | None = None
+    num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
+    cpus_per_actor: int = 1  # also the interpreter's num_threads
+    max_shards_in_flight: int = 2  # per actor: the backpressure bound
+    overwrite: bool = False
+    storage_options: dict = field(default_factory=dict)
+
+    def validate(self) -> "RunConfig":
+        if not self.model:
+            raise ConfigError("--model is required: the path or URL of a .tflite detector")
+        if not self.input:
+            raise ConfigError("--input is required: a folder, prefix or glob of images (local or fsspec URL)")
+        if not self.output:
+            raise ConfigError("--output is required: the folder or prefix to write Parquet to")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ConfigError(f"--score-threshold must be within [0, 1], got {self.score_threshold}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(
+                f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError(f"--num-actors must be at least 1, got {self.num_actors}")
+        if self.cpus_per_actor < 1:
+            raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
+        if self.max_shards_in_flight < 1:
+            raise ConfigError(f"--max-shards-in-flight must be at least 1, got {self.max_shards_in_flight}")
+        self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
+        return self
+
+    def redacted(self) -> dict:
+        """The config as written to the manifest: storage option values that look secret are hidden."""
+        out = asdict(self)
+        out["extensions"] = list(self.extensions)
+        out["storage_options"] = redact(self.storage_options)
+        return out
+
+
+def redact(options: dict) -> dict:
+    return {k: ("***" if _SECRET_KEY.search(str(k)) else v) for k, v in options.items()}

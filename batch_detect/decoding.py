@@ -1,0 +1,120 @@
+"""Model outputs → detections. Outputs are identified by shape and name, never by position:
+TF2-exported SSD models list their four outputs in a scrambled order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ModelError, PostprocessError
+from .interpreter import TensorSpec
+
+_SUFFIX = re.compile(r":(\d+)$")
+# TFLite_Detection_PostProcess emits boxes, classes, scores, count as its outputs 0..3. Exporters name
+# the tensors either in that order (TF1: "TFLite_Detection_PostProcess", ":1", ":2", ":3") or reversed
+# (TF2 Object Detection API: "StatefulPartitionedCall:3" is boxes ... ":0" is count, because its export
+# returns the tuple reversed), and list them in yet another order. Boxes and count are known by shape,
+# so their suffixes tell which naming the model uses, and that names classes and scores.
+_OP_ORDER = ("boxes", "classes", "scores", "count")
+_NAME_HINTS = (("class", "classes"), ("score", "scores"))
+
+
+def _suffix(spec: TensorSpec) -> int:
+    match = _SUFFIX.search(spec.name)
+    return int(match.group(1)) if match else 0
+
+
+@dataclass(frozen=True)
+class SsdLayout:
+    """Where each of the SSD post-processed outputs lives, by tensor index."""
+
+    boxes: TensorSpec
+    classes: TensorSpec
+    scores: TensorSpec
+    count: TensorSpec
+    family: str = "ssd_postprocess"
+
+    @property
+    def max_detections(self) -> int:
+        return self.boxes.shape[1]
+
+
+@dataclass(frozen=True)
+class Detections:
+    boxes: np.ndarray  # [N, 4] ymin, xmin, ymax, xmax, normalised to the model input
+    class_ids: np.ndarray  # [N] int32
+    scores: np.ndarray  # [N] float32
+
+
+def identify_ssd_outputs(outputs: list[TensorSpec]) -> SsdLayout:
+    """Find boxes [1,N,4], classes [1,N], scores [1,N] and count [1] among the model's outputs."""
+    shapes = ", ".join(f"{o.name} {list(o.shape)} {o.dtype}" for o in outputs)
+    if len(outputs) != 4:
+        raise ModelError(
+            f"the model has {len(outputs)} output(s) ({shapes}); an SSD detector with the "
+            "TFLite_Detection_PostProcess op has 4: boxes [1,N,4], classes [1,N], scores [1,N], count [1]. "
+            "Export the model with its detection post-processing, or use a supported detector."
+        )
+    boxes = [o for o in outputs if len(o.shape) == 3 and o.shape[-1] == 4]
+    counts = [o for o in outputs if int(np.prod(o.shape)) == 1]
+    if len(boxes) != 1 or len(counts) != 1:
+        raise ModelError(f"cannot find one boxes [1,N,4] and one count [1] output among: {shapes}")
+    n = boxes[0].shape[1]
+    rest = [o for o in outputs if o is not boxes[0] and o is not counts[0]]
+    if any(tuple(o.shape) != (1, n) for o in rest):
+        raise ModelError(f"classes and scores must both be [1,{n}] to match boxes; outputs: {shapes}")
+    roles: dict[str, TensorSpec] = {}
+    suffixes = (_suffix(boxes[0]), _suffix(counts[0]))
+    if suffixes in ((0, 3), (3, 0)):
+        order = _OP_ORDER if suffixes == (0, 3) else _OP_ORDER[::-1]
+        roles = {order[_suffix(o)]: o for o in rest if _suffix(o) in (1, 2)}
+    if set(roles) != {"classes", "scores"}:
+        roles = {role: o for o in rest for hint, role in _NAME_HINTS if hint in o.name.lower()}
+    if set(roles) != {"classes", "scores"}:
+        raise ModelError(
+            "cannot tell the classes output from the scores output by name "
+            f"(outputs: {shapes}); name them ...:1/:2 consistently with boxes/count, or 'classes'/'scores'"
+        )
+    return SsdLayout(boxes=boxes[0], classes=roles["classes"], scores=roles["scores"], count=counts[0])
+
+
+def confirm_by_values(layout: SsdLayout, arrays: dict[int, np.ndarray]) -> SsdLayout:
+    """Check the name-based roles against one real output: class ids are whole numbers, scores are
+    not (nearly always). Swap the two when the values say the names lied; keep them when unsure."""
+    n = int(min(max(round(float(np.ravel(arrays[layout.count.index])[0])), 0), layout.max_detections))
+    if n == 0:
+        return layout
+    cls = layout.classes.dequantize(arrays[layout.classes.index]).reshape(-1)[:n]
+    sco = layout.scores.dequantize(arrays[layout.scores.index]).reshape(-1)[:n]
+
+    def whole(v: np.ndarray) -> bool:
+        return bool(np.all(np.abs(v - np.rint(v)) < 1e-6))
+
+    if not whole(cls) and whole(sco):
+        return SsdLayout(boxes=layout.boxes, classes=layout.scores, scores=layout.classes, count=layout.count)
+    return layout
+
+
+def decode_ssd(arrays: dict[int, np.ndarray], layout: SsdLayout, score_threshold: float) -> Detections:
+    """Keep the first `count` detections scoring at least `score_threshold`."""
+    try:
+        boxes = layout.boxes.dequantize(arrays[layout.boxes.index]).reshape(-1, 4)
+        classes = layout.classes.dequantize(arrays[layout.classes.index]).reshape(-1)
+        scores = layout.scores.dequantize(arrays[layout.scores.index]).reshape(-1)
+        count = layout.count.dequantize(arrays[layout.count.index]).reshape(-1)[0]
+    except (KeyError, ValueError) as exc:
+        raise PostprocessError(f"model outputs do not match their description: {exc}") from None
+    if not np.isfinite(count):
+        raise PostprocessError(f"detection count is not finite ({count})", error_type="non_finite_output")
+    n = int(min(max(round(float(count)), 0), boxes.shape[0]))
+    keep = np.flatnonzero(scores[:n] >= score_threshold)
+    if not (np.isfinite(boxes[keep]).all() and np.isfinite(scores[keep]).all()):
+        raise PostprocessError("model produced non-finite boxes or scores", error_type="non_finite_output")
+    return Detections(
+        boxes=boxes[keep].astype(np.float32),
+        class_ids=np.rint(classes[keep]).astype(np.int32),
+        scores=scores[keep].astype(np.float32),
+    )

@@ -1,0 +1,157 @@
+"""One preloaded interpreter and the per-image path through it: bytes → tensor → invoke → detections.
+No Ray here: the actor in `distributed.py` wraps a Detector, and tests drive one directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decoding import Detections, SsdLayout, confirm_by_values, decode_ssd, identify_ssd_outputs
+from .errors import InferenceError, ModelError, failure_fields
+from .interpreter import Backend, TensorSpec, make_interpreter, tensor_specs
+from .preprocess import InputSpec, PixelMapping, build_input, decode_image, pixel_mapping
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    input: InputSpec
+    outputs: tuple[TensorSpec, ...]
+    layout: SsdLayout
+    mapping: PixelMapping
+
+    def describe(self) -> dict:
+        t = self.input.tensor
+        return {
+            "family": self.layout.family,
+            "input": {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "scale": t.scale,
+                "zero_point": t.zero_point,
+                "normalization": self.mapping.normalization,
+            },
+            "outputs": [
+                {"name": o.name, "shape": list(o.shape), "dtype": o.dtype, "role": role}
+                for o in self.outputs
+                for role in [_role_of(self.layout, o)]
+            ],
+            "max_detections": self.layout.max_detections,
+        }
+
+
+def _role_of(layout: SsdLayout, spec: TensorSpec) -> str:
+    for role in ("boxes", "classes", "scores", "count"):
+        if getattr(layout, role).index == spec.index:
+            return role
+    return "unused"
+
+
+def inspect_interpreter(interp, normalization: str) -> ModelInfo:
+    inputs, outputs = tensor_specs(interp)
+    if len(inputs) != 1:
+        raise ModelError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a detector takes one image"
+        )
+    spec = InputSpec.from_tensor(inputs[0])
+    layout = identify_ssd_outputs(outputs)
+    # SSD exports (TF Object Detection API, Model Maker) expect float input in [-1, 1].
+    mapping = pixel_mapping(spec, normalization, default_normalization="-1,1")
+    layout = confirm_by_values(layout, _probe(interp, spec, mapping, outputs))
+    return ModelInfo(input=spec, outputs=tuple(outputs), layout=layout, mapping=mapping)
+
+
+def _probe(interp, spec: InputSpec, mapping: PixelMapping, outputs: list[TensorSpec]) -> dict[int, np.ndarray]:
+    """One invoke on seeded noise: proves the model runs here and gives values to check roles with."""
+    pixels = np.random.default_rng(0).integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
+    try:
+        interp.set_tensor(spec.tensor.index, mapping.apply(pixels)[None, ...])
+        interp.invoke()
+        return {o.index: np.array(interp.get_tensor(o.index)) for o in outputs}
+    except Exception as exc:
+        raise ModelError(f"the model fails on a test input: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass
+class ImageResult:
+    uri: str
+    width: int
+    height: int
+    detections: Detections  # boxes already mapped to the original image, xyxy order
+    decode_ms: float
+    infer_ms: float
+
+
+@dataclass
+class ImageFailure:
+    uri: str
+    stage: str
+    error_type: str
+    message: str
+
+
+class Detector:
+    def __init__(
+        self,
+        backend: Backend,
+        model_content: bytes,
+        *,
+        num_threads: int,
+        score_threshold: float,
+        resize: str,
+        normalization: str,
+        max_pixels: int,
+        model_url: str = "model",
+    ):
+        self.interpreter = make_interpreter(backend, model_content, num_threads, model_url)
+        self.info = inspect_interpreter(self.interpreter, normalization)
+        self.score_threshold = score_threshold
+        self.resize = resize
+        self.max_pixels = max_pixels
+        self._output_indices = [o.index for o in self.info.outputs]
+
+    def prepare(self, data: bytes):
+        """Decode and build the input tensor (thread-safe: no interpreter state is touched)."""
+        t0 = time.perf_counter()
+        decoded = decode_image(data, self.max_pixels)
+        tensor, placement = build_input(decoded, self.info.input, self.info.mapping, self.resize)
+        return decoded.width, decoded.height, tensor, placement, (time.perf_counter() - t0) * 1000
+
+    def infer(self, tensor: np.ndarray) -> dict[int, np.ndarray]:
+        try:
+            self.interpreter.set_tensor(self.info.input.tensor.index, tensor)
+            self.interpreter.invoke()
+            return {i: self.interpreter.get_tensor(i) for i in self._output_indices}
+        except Exception as exc:
+            raise InferenceError(f"{type(exc).__name__}: {exc}") from None
+
+    def process(self, uri: str, data: bytes) -> ImageResult | ImageFailure:
+        """Run one image; every per-image problem comes back as an ImageFailure with its stage."""
+        stage = "decode"
+        try:
+            width, height, tensor, placement, decode_ms = self.prepare(data)
+            return self.finish(uri, width, height, tensor, placement, decode_ms)
+        except Exception as exc:
+            return ImageFailure(uri, *failure_fields(exc, stage))
+
+    def finish(self, uri, width, height, tensor, placement, decode_ms) -> ImageResult | ImageFailure:
+        stage = "infer"
+        try:
+            t0 = time.perf_counter()
+            arrays = self.infer(tensor)
+            infer_ms = (time.perf_counter() - t0) * 1000
+            stage = "postprocess"
+            raw = decode_ssd(arrays, self.info.layout, self.score_threshold)
+            image_yxyx = placement.to_image(raw.boxes)
+            keep = (image_yxyx[:, 2] > image_yxyx[:, 0]) & (image_yxyx[:, 3] > image_yxyx[:, 1])
+            detections = Detections(
+                boxes=image_yxyx[keep][:, [1, 0, 3, 2]],  # → xmin, ymin, xmax, ymax
+                class_ids=raw.class_ids[keep],
+                scores=raw.scores[keep],
+            )
+            return ImageResult(uri, width, height, detections, decode_ms, infer_ms)
+        except Exception as exc:
+            return ImageFailure(uri, *failure_fields(exc, stage))

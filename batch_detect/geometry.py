@@ -1,0 +1,65 @@
+"""Resizing to the model's input and mapping boxes back: one definition for training and inference.
+
+The fixture trainer imports this module, so a model sees at inference exactly the pixels it was
+trained on. Pure functions over Pillow images and numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+RESIZE_MODES = ("stretch", "letterbox")
+LETTERBOX_FILL = (114, 114, 114)
+RESAMPLE = Image.BILINEAR
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the original image landed inside the model input, in normalised input coordinates."""
+
+    x_offset: float = 0.0
+    y_offset: float = 0.0
+    x_scale: float = 1.0  # fraction of the input width the image covers
+    y_scale: float = 1.0
+
+    def to_image(self, boxes_yxyx: np.ndarray) -> np.ndarray:
+        """Map [N,4] (ymin, xmin, ymax, xmax) boxes from input space to the original image, clipped to [0,1]."""
+        if boxes_yxyx.size == 0:
+            return boxes_yxyx.reshape(0, 4).astype(np.float32)
+        out = np.empty_like(boxes_yxyx, dtype=np.float32)
+        out[:, 0] = (boxes_yxyx[:, 0] - self.y_offset) / self.y_scale
+        out[:, 2] = (boxes_yxyx[:, 2] - self.y_offset) / self.y_scale
+        out[:, 1] = (boxes_yxyx[:, 1] - self.x_offset) / self.x_scale
+        out[:, 3] = (boxes_yxyx[:, 3] - self.x_offset) / self.x_scale
+        return np.clip(out, 0.0, 1.0)
+
+    def to_input(self, boxes_yxyx: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_image` (used to build training targets)."""
+        out = np.empty_like(boxes_yxyx, dtype=np.float32)
+        out[:, 0] = boxes_yxyx[:, 0] * self.y_scale + self.y_offset
+        out[:, 2] = boxes_yxyx[:, 2] * self.y_scale + self.y_offset
+        out[:, 1] = boxes_yxyx[:, 1] * self.x_scale + self.x_offset
+        out[:, 3] = boxes_yxyx[:, 3] * self.x_scale + self.x_offset
+        return out
+
+
+def resize_to_input(image: Image.Image, width: int, height: int, mode: str) -> tuple[Image.Image, Placement]:
+    """Resize an RGB image to (width, height): ``stretch`` ignores aspect, ``letterbox`` pads it."""
+    if mode == "stretch":
+        if image.size == (width, height):
+            return image, Placement()
+        return image.resize((width, height), RESAMPLE), Placement()
+    if mode != "letterbox":
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    src_w, src_h = image.size
+    scale = min(width / src_w, height / src_h)
+    new_w = max(1, min(width, round(src_w * scale)))
+    new_h = max(1, min(height, round(src_h * scale)))
+    left = (width - new_w) // 2
+    top = (height - new_h) // 2
+    canvas = Image.new("RGB", (width, height), LETTERBOX_FILL)
+    canvas.paste(image if image.size == (new_w, new_h) else image.resize((new_w, new_h), RESAMPLE), (left, top))
+    return canvas, Placement(left / width, top / height, new_w / width, new_h / height)

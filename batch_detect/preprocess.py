@@ -1,0 +1,185 @@
+"""Bytes → validated input tensor: decode (EXIF orientation, any mode → RGB), refuse oversized images,
+resize to the model input, and map pixels to the input's dtype with its own quantization.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DecodeError, DtypeMismatch, ImageTooLarge, ModelError, ShapeMismatch
+from .geometry import Placement, resize_to_input
+from .interpreter import TensorSpec
+
+# Pillow's own bomb check stays as a backstop; ours runs first on the header size and names the limit.
+_NORMALIZATION_AFFINE = {"-1,1": (1 / 127.5, -1.0), "0,1": (1 / 255.0, 0.0), "0,255": (1.0, 0.0)}
+_INT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's image input needs: NHWC with 1 or 3 channels, and how to fill it."""
+
+    tensor: TensorSpec
+    height: int
+    width: int
+    channels: int
+
+    @classmethod
+    def from_tensor(cls, spec: TensorSpec) -> "InputSpec":
+        shape = spec.shape
+        if len(shape) != 4 or shape[0] != 1 or shape[3] not in (1, 3):
+            raise ModelError(
+                f"model input {spec.name!r} has shape {list(shape)}; an image input must be NHWC "
+                "[1, height, width, 1 or 3]. NCHW models must be converted with a NHWC input."
+            )
+        if spec.dtype not in ("uint8", "int8", "float32"):
+            raise ModelError(
+                f"model input {spec.name!r} is {spec.dtype}; supported image inputs are uint8, int8 and float32"
+            )
+        return cls(tensor=spec, height=shape[1], width=shape[2], channels=shape[3])
+
+
+@dataclass(frozen=True)
+class PixelMapping:
+    """tensor = pixel * a + b, then rounded and clipped for integer inputs."""
+
+    dtype: str
+    a: float
+    b: float
+    normalization: str  # the real-valued range the model sees: "-1,1", "0,1" or "0,255"
+
+    @property
+    def is_integer_shift(self) -> bool:
+        return self.dtype != "float32" and abs(self.a - 1.0) < 1e-3 and abs(self.b - round(self.b)) < 1e-3
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        if self.dtype == "float32":
+            return pixels.astype(np.float32) * np.float32(self.a) + np.float32(self.b)
+        lo, hi = _INT_RANGE[self.dtype]
+        if self.is_integer_shift:
+            shift = int(round(self.b))
+            if shift == 0 and self.dtype == "uint8":
+                return pixels  # the common uint8 case: raw pixels, no copy
+            return np.clip(pixels.astype(np.int16) + shift, lo, hi).astype(self.dtype)
+        return np.clip(np.rint(pixels.astype(np.float32) * self.a + self.b), lo, hi).astype(self.dtype)
+
+
+def pixel_mapping(spec: InputSpec, normalization: str, default_normalization: str = "-1,1") -> PixelMapping:
+    """How 0..255 pixels become this input. For integer inputs the model's scale and zero point
+    decide; a normalisation that contradicts them is a quantization mistake, reported here."""
+    t = spec.tensor
+    if t.dtype == "float32":
+        norm = default_normalization if normalization == "auto" else normalization
+        a, b = _NORMALIZATION_AFFINE[norm]
+        return PixelMapping("float32", a, b, norm)
+    lo, hi = _INT_RANGE[t.dtype]
+    if t.scale <= 0:
+        # No quantization parameters: the model takes integer pixels as they are.
+        return PixelMapping(t.dtype, 1.0, float(lo), "0,255")
+    real_lo, real_hi = (lo - t.zero_point) * t.scale, (hi - t.zero_point) * t.scale
+
+    def mapping_for(norm: str) -> PixelMapping:
+        na, nb = _NORMALIZATION_AFFINE[norm]
+        a, b = na / t.scale, nb / t.scale + t.zero_point
+        if abs(a - 1.0) < 0.01 and abs(b - lo) <= 1.0:
+            # The converter's integer-input convention: the model takes pixels as they are (uint8) or
+            # shifted by 128 (int8); scale/zero point only round to it (e.g. 1/127.5 and 128 → p+0.5).
+            return PixelMapping(t.dtype, 1.0, float(lo), norm)
+        return PixelMapping(t.dtype, a, b, norm)
+
+    def misfit(m: PixelMapping) -> float:
+        # How far the mapped pixel range 0..255 lands from the integer range, in units of that range.
+        q0, q255 = m.b, 255 * m.a + m.b
+        return (abs(q0 - lo) + abs(q255 - hi)) / (hi - lo)
+
+    if normalization == "auto":
+        best = min(_NORMALIZATION_AFFINE, key=lambda n: misfit(mapping_for(n)))
+        chosen = mapping_for(best)
+        if misfit(chosen) > 0.2:
+            raise ModelError(
+                f"model input {t.name!r} is {t.dtype} with scale {t.scale:g} and zero point {t.zero_point}, "
+                f"i.e. real values {real_lo:g}..{real_hi:g}, which matches no pixel normalisation "
+                "(-1..1, 0..1, 0..255); pass --normalization explicitly if you know what the model expects"
+            )
+        return chosen
+    chosen = mapping_for(normalization)
+    if misfit(chosen) > 0.2:
+        raise ModelError(
+            f"--normalization {normalization} contradicts the quantization of model input {t.name!r} "
+            f"({t.dtype}, scale {t.scale:g}, zero point {t.zero_point}: real values {real_lo:g}..{real_hi:g}); "
+            "pixels would be clipped or squashed. Use --normalization auto to follow the model."
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: Image.Image  # RGB, EXIF orientation applied
+    width: int
+    height: int
+
+
+def decode_image(data: bytes, max_pixels: int) -> Decoded:
+    if not data:
+        raise DecodeError("empty file (0 bytes)", error_type="empty_file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageTooLarge(
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (--max-pixels)"
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except ImageTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image format", error_type="unidentified_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") or SyntaxError.
+        raise DecodeError(f"corrupt or truncated image: {exc}", error_type="corrupt_image") from None
+    return Decoded(_to_rgb(img), img.size[0], img.size[1])
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Wide greyscale: scale to 8 bits by the type's range rather than clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def build_input(
+    decoded: Decoded, spec: InputSpec, mapping: PixelMapping, resize: str
+) -> tuple[np.ndarray, Placement]:
+    """The [1,H,W,C] tensor for this image, checked against the model input before it is used."""
+    image, placement = resize_to_input(decoded.image, spec.width, spec.height, resize)
+    if spec.channels == 1:
+        image = image.convert("L")
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    tensor = mapping.apply(pixels)[None, ...]
+    expected = (1, spec.height, spec.width, spec.channels)
+    if tensor.shape != expected:
+        raise ShapeMismatch(f"input tensor shape {list(tensor.shape)} does not match the model's {list(expected)}")
+    if tensor.dtype.name != spec.tensor.dtype:
+        raise DtypeMismatch(f"input tensor is {tensor.dtype.name}, the model wants {spec.tensor.dtype}")
+    return tensor, placement

@@ -1,0 +1,48 @@
+"""Progress on the driver: a redrawn line on a terminal, periodic plain lines otherwise (CI, job logs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total_images: int, total_shards: int, stream=None, interval_s: float = 5.0):
+        self.total = total_images
+        self.total_shards = total_shards
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = interval_s
+        self.start = time.perf_counter()
+        self.last_print = 0.0
+        self.done = self.failed = self.detections = self.shards = 0
+
+    def update(self, summary: dict) -> None:
+        self.done += summary["images"] + summary["failures"]
+        self.failed += summary["failures"]
+        self.detections += summary["detections"]
+        self.shards += 1
+        now = time.perf_counter()
+        if self.tty or now - self.last_print >= self.interval or self.shards == self.total_shards:
+            self.last_print = now
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / max(self.total, 1)
+        if self.tty:
+            width = 24
+            filled = int(width * self.done / max(self.total, 1))
+            bar = "#" * filled + "-" * (width - filled)
+            line = (f"\r[{bar}] {self.done}/{self.total} images {pct:5.1f}% | {rate:6.1f} img/s | "
+                    f"failures {self.failed} | shards {self.shards}/{self.total_shards} | ETA {eta:5.0f}s")
+            self.stream.write(line)
+            if self.shards == self.total_shards:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"progress: {self.done}/{self.total} images ({pct:.1f}%), {rate:.1f} img/s, "
+                              f"failures {self.failed}, shards {self.shards}/{self.total_shards}, "
+                              f"ETA {eta:.0f}s\n")
+        self.stream.flush()

@@ -1,0 +1,44 @@
+"""The Parquet tables of an output folder: one schema each, used by the writer, the tests and the docs."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+IMAGES = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),  # after EXIF orientation
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("num_detections", pa.int32(), nullable=False),  # at or above the score threshold
+        pa.field("decode_ms", pa.float32(), nullable=False),
+        pa.field("infer_ms", pa.float32(), nullable=False),
+    ]
+)
+
+DETECTIONS = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("class_id", pa.int32(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),  # null when the id is outside the labels file
+        pa.field("score", pa.float32(), nullable=False),
+        # normalised to the original (EXIF-oriented) image, origin top-left, clipped to [0, 1]
+        pa.field("xmin", pa.float32(), nullable=False),
+        pa.field("ymin", pa.float32(), nullable=False),
+        pa.field("xmax", pa.float32(), nullable=False),
+        pa.field("ymax", pa.float32(), nullable=False),
+    ]
+)
+
+FAILURES = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # read | decode | validate | infer | postprocess
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"images": IMAGES, "detections": DETECTIONS, "failures": FAILURES}

@@ -1,0 +1,61 @@
+"""Bad models, labels and inputs stop the CLI before any actor starts: exit 2, a message naming the
+problem, and no output written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from batch_detect.synthetic import write_dataset
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "images"
+    write_dataset(str(folder), 3, seed=5)
+    return str(folder)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batch_detect", "run", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def bad_model_cases(tmp_path, models_dir):
+    text = tmp_path / "model.tflite"
+    text.write_text("definitely not a flatbuffer")
+    return [
+        (str(tmp_path / "missing.tflite"), "not found"),
+        (str(text), "not a TFLite file"),
+        (os.path.join(models_dir, "not_a_detector.tflite"), "has 1 output"),
+    ]
+
+
+def test_bad_models_are_refused_before_anything_runs(tmp_path, models_dir, images):
+    for model, message in bad_model_cases(tmp_path, models_dir):
+        out = tmp_path / "out"
+        result = cli("--model", model, "--input", images, "--output", str(out))
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and model in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not out.exists()
+
+
+def test_bad_input_and_labels(tmp_path, models_dir, images):
+    model = os.path.join(models_dir, "shapes_ssd_uint8.tflite")
+    out = tmp_path / "out"
+    result = cli("--model", model, "--input", str(tmp_path / "nothing-here"), "--output", str(out))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("x")
+    result = cli("--model", model, "--input", str(empty), "--output", str(out))
+    assert result.returncode == 2 and "no images found" in result.stderr and "1 files skipped" in result.stderr
+    result = cli("--model", model, "--input", images, "--output", str(out), "--labels", str(tmp_path / "l.txt"))
+    assert result.returncode == 2 and "labels file" in result.stderr
+    result = cli("--model", model, "--input", images, "--output", str(out), "--score-threshold", "2")
+    assert result.returncode == 2 and "--score-threshold" in result.stderr
+    assert not out.exists()

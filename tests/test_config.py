@@ -1,0 +1,30 @@
+import pytest
+
+from batch_detect.config import RunConfig
+from batch_detect.errors import ConfigError, failure_fields, DecodeError
+from batch_detect.labels import parse_labels
+
+
+def test_invalid_settings_name_the_flag():
+    for kwargs, flag in [({"score_threshold": 1.5}, "--score-threshold"), ({"shard_size": 0}, "--shard-size"),
+                         ({"resize": "crop"}, "--resize"), ({"normalization": "x"}, "--normalization")]:
+        with pytest.raises(ConfigError, match=flag):
+            RunConfig(model="m", input="i", output="o", **kwargs).validate()
+
+
+def test_secrets_are_redacted_for_the_manifest():
+    cfg = RunConfig(model="m", input="i", output="o",
+                    storage_options={"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:1"})
+    red = cfg.redacted()
+    assert red["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://127.0.0.1:1"}
+    assert "s3cr3t" not in repr(red)
+
+
+def test_labels_plain_and_with_ids():
+    assert parse_labels("circle\nsquare\n\ntriangle\n") == ["circle", "square", "triangle"]
+    assert parse_labels("0 person\n2 car\n") == ["person", None, "car"]
+
+
+def test_failure_fields_come_from_the_exception_type():
+    assert failure_fields(DecodeError("bad", error_type="corrupt_image"), "read") == ("decode", "corrupt_image", "bad")
+    assert failure_fields(ZeroDivisionError("x"), "infer") == ("infer", "ZeroDivisionError", "x")

@@ -1,0 +1,52 @@
+import os
+
+import pytest
+
+from batch_detect.errors import InputError
+from batch_detect.listing import list_input, plan_fingerprint, plan_shards
+
+
+def _touch(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "wb").close()
+
+
+def test_plan_is_sorted_fixed_size_and_stable():
+    uris = [f"s3://b/p/{i:03d}.jpg" for i in range(10)][::-1]
+    shards = plan_shards(uris, 4)
+    assert [s.shard_id for s in shards] == ["shard-000000", "shard-000001", "shard-000002"]
+    assert [len(s.uris) for s in shards] == [4, 4, 2]
+    assert shards[0].uris[0] == "s3://b/p/000.jpg"
+    assert [u for s in shards for u in s.uris] == sorted(uris)
+    # same listing in any order → same plan and fingerprint; a different size → a different plan
+    assert plan_fingerprint(plan_shards(list(reversed(uris)), 4)) == plan_fingerprint(shards)
+    assert plan_fingerprint(plan_shards(uris, 5)) != plan_fingerprint(shards)
+
+
+def test_list_folder_recursive_filters_extensions_and_hidden(tmp_path):
+    for rel in ["a.jpg", "sub/b.PNG", "notes.txt", ".hidden.jpg", "_SUCCESS", "sub/c.jpeg"]:
+        _touch(str(tmp_path / rel))
+    listing = list_input(str(tmp_path), (".jpg", ".jpeg", ".png"))
+    assert [os.path.relpath(u, tmp_path) for u in listing.uris] == ["a.jpg", "sub/b.PNG", "sub/c.jpeg"]
+    assert [os.path.basename(u) for u in listing.skipped] == ["notes.txt"]
+    everything = list_input(str(tmp_path), ())
+    assert len(everything.uris) == 4 and not everything.skipped
+
+
+def test_list_glob_and_memory_filesystem(tmp_path):
+    for rel in ["x/1.jpg", "x/2.jpg", "x/3.png"]:
+        _touch(str(tmp_path / rel))
+    listing = list_input(str(tmp_path / "x" / "*.jpg"), (".jpg", ".png"))
+    assert [os.path.basename(u) for u in listing.uris] == ["1.jpg", "2.jpg"]
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/bucket/imgs/b.jpg": b"x", "/bucket/imgs/a.jpg": b"y"})
+    mem = list_input("memory://bucket/imgs", (".jpg",))
+    assert mem.uris == ["memory:///bucket/imgs/a.jpg", "memory:///bucket/imgs/b.jpg"]
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        list_input(str(tmp_path / "nope"), (".jpg",))

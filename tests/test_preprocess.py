@@ -1,0 +1,126 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_detect.errors import DecodeError, ImageTooLarge, ModelError
+from batch_detect.geometry import resize_to_input
+from batch_detect.interpreter import TensorSpec
+from batch_detect.preprocess import InputSpec, build_input, decode_image, pixel_mapping
+
+
+def spec(dtype="uint8", shape=(1, 8, 8, 3), scale=0.0, zp=0) -> InputSpec:
+    return InputSpec.from_tensor(TensorSpec(0, "input", shape, shape, dtype, scale, zp))
+
+
+def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w=8, h=8) -> Image.Image:
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    arr[..., 1] = 128
+    arr[..., 2] = np.linspace(255, 0, h, dtype=np.uint8)[:, None]
+    return Image.fromarray(arr)
+
+
+def test_uint8_input_gets_raw_pixels_without_a_copy():
+    s = spec("uint8", scale=1 / 127.5, zp=128)
+    m = pixel_mapping(s, "auto")
+    assert m.normalization == "-1,1" and m.is_integer_shift
+    decoded = decode_image(encode(gradient()), 10**6)
+    tensor, _ = build_input(decoded, s, m, "stretch")
+    assert tensor.dtype == np.uint8 and tensor.shape == (1, 8, 8, 3)
+    assert np.array_equal(tensor[0], np.asarray(gradient()))
+
+
+def test_int8_input_uses_scale_and_zero_point():
+    # YOLO-style full-integer input: real = (q + 128) / 255 = pixel / 255
+    s = spec("int8", scale=1 / 255, zp=-128)
+    m = pixel_mapping(s, "auto")
+    assert m.normalization == "0,1"
+    tensor, _ = build_input(decode_image(encode(gradient()), 10**6), s, m, "stretch")
+    assert tensor.dtype == np.int8
+    expected = np.asarray(gradient()).astype(np.int16) - 128
+    assert np.array_equal(tensor[0].astype(np.int16), expected)
+
+
+@pytest.mark.parametrize("norm,lo,hi", [("-1,1", -1.0, 1.0), ("0,1", 0.0, 1.0), ("0,255", 0.0, 255.0)])
+def test_float32_normalisations(norm, lo, hi):
+    s = spec("float32")
+    m = pixel_mapping(s, norm)
+    img = Image.fromarray(np.array([[[0, 255, 0]] * 8] * 8, np.uint8))
+    tensor, _ = build_input(decode_image(encode(img), 10**6), s, m, "stretch")
+    assert tensor.dtype == np.float32
+    assert tensor[0, 0, 0, 0] == pytest.approx(lo) and tensor[0, 0, 0, 1] == pytest.approx(hi)
+
+
+def test_float32_auto_follows_the_family_default():
+    assert pixel_mapping(spec("float32"), "auto", default_normalization="0,1").normalization == "0,1"
+
+
+def test_forcing_a_normalisation_that_contradicts_the_quantization_is_refused():
+    s = spec("uint8", scale=1 / 255, zp=0)  # the model sees 0..1
+    with pytest.raises(ModelError, match="contradicts the quantization"):
+        pixel_mapping(s, "-1,1")
+
+
+def test_unusual_input_layouts_are_refused():
+    with pytest.raises(ModelError, match="NHWC"):
+        spec("float32", shape=(1, 3, 8, 8))
+    with pytest.raises(ModelError, match="int16"):
+        spec("int16")
+
+
+def test_grayscale_model_input():
+    s = spec("uint8", shape=(1, 8, 8, 1), scale=1 / 127.5, zp=128)
+    tensor, _ = build_input(decode_image(encode(gradient()), 10**6), s, pixel_mapping(s, "auto"), "stretch")
+    assert tensor.shape == (1, 8, 8, 1)
+
+
+def test_decode_errors_are_typed():
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"", 100)
+    assert e.value.error_type == "empty_file" and e.value.stage == "decode"
+    with pytest.raises(DecodeError) as e:
+        decode_image(b"hello" * 20, 100)
+    assert e.value.error_type == "unidentified_image"
+    jpeg = encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)), "JPEG")
+    with pytest.raises(DecodeError) as e:
+        decode_image(jpeg[: len(jpeg) // 2], 10**6)
+    assert e.value.error_type == "corrupt_image"
+    with pytest.raises(ImageTooLarge) as e:
+        decode_image(encode(gradient(40, 30)), 1000)
+    assert e.value.stage == "validate" and "1200" in str(e.value)
+
+
+def test_modes_become_rgb_and_exif_orientation_is_applied():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent → composited on white
+    assert decode_image(encode(rgba), 100).image.getpixel((0, 0)) == (255, 255, 255)
+    wide = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert wide.mode.startswith("I")
+    assert decode_image(encode(wide), 100).image.getpixel((0, 0)) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
+    assert decode_image(encode(cmyk, "JPEG"), 100).image.mode == "RGB"
+    # EXIF orientation 6 (rotate 90° CW on display): a 40x20 stored image displays as 20x40
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(encode(img, "JPEG", exif=exif), 10**6)
+    assert (decoded.width, decoded.height) == (20, 40)
+
+
+def test_letterbox_placement_roundtrip():
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    canvas, placement = resize_to_input(img, 50, 50, "letterbox")
+    assert canvas.size == (50, 50)
+    assert placement.y_offset == pytest.approx(0.24, abs=0.02) and placement.x_scale == 1.0
+    assert canvas.getpixel((25, 2)) == (114, 114, 114) and canvas.getpixel((25, 25)) == (0, 0, 0)
+    boxes = np.array([[0.1, 0.2, 0.7, 0.9]], np.float32)
+    assert np.allclose(placement.to_image(placement.to_input(boxes)), boxes, atol=1e-6)
+    # boxes reaching into the padding are clipped to the image
+    assert placement.to_image(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)).tolist() == [[0, 0, 1, 1]]
