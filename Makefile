@@ -19,7 +19,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
-test: $(STAMP)
+# tflite-runtime (numpy<2) in its own environment, for the backend-equivalence test.
+TFLITE_STAMP := .venv-tflite/.installed
+$(TFLITE_STAMP):
+	test -x .venv-tflite/bin/python || $(PYTHON) -m venv .venv-tflite
+	.venv-tflite/bin/python -m pip install -q --disable-pip-version-check 'numpy<2' 'tflite-runtime>=2.14' pillow fsspec
+	touch $(TFLITE_STAMP)
+
+test: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python -m pytest -q
 
 # Regenerate the committed fixture models (needs TensorFlow; ~15 min on 2 cores).

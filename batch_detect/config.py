@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -59,6 +60,9 @@ class RunConfig:
             raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
         if self.max_shards_in_flight < 1:
             raise ConfigError(f"--max-shards-in-flight must be at least 1, got {self.max_shards_in_flight}")
+        # Actors run in other processes (and cwds, and nodes): local paths must not stay relative.
+        self.model, self.input, self.output = (absolute_local(u) for u in (self.model, self.input, self.output))
+        self.labels = absolute_local(self.labels) if self.labels else None
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
         return self
 
@@ -68,6 +72,15 @@ class RunConfig:
         out["extensions"] = list(self.extensions)
         out["storage_options"] = redact(self.storage_options)
         return out
+
+
+def absolute_local(url: str) -> str:
+    """Local paths (no protocol, or file://) become absolute; other URLs are left as they are."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
 
 
 def redact(options: dict) -> dict:

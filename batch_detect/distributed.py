@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
 from .detector import Detector
-from .errors import ConfigError
+from .errors import ClusterError, ConfigError
 from .errors import ModelError
 from .interpreter import load_backend, read_model, sha256
 from .listing import Shard
@@ -55,10 +55,19 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     kwargs = {"configure_logging": False, "log_to_driver": True}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None, **kwargs)
-    else:
+    target = address or os.environ.get("RAY_ADDRESS")
+    if not target:
         ray.init(include_dashboard=False, **kwargs)
+        return True
+    try:
+        ray.init(address=target, **kwargs)
+    except (ConnectionError, RuntimeError) as exc:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (" If the cluster uses token authentication (the default for `ray start` since Ray 2.59), "
+                    "set RAY_AUTH_MODE=token and provide its token (~/.ray/auth_token, RAY_AUTH_TOKEN or "
+                    "RAY_AUTH_TOKEN_PATH).")
+        raise ClusterError(f"cannot join the Ray cluster at {target!r}: {exc}.{hint}") from None
     return True
 
 

@@ -26,6 +26,10 @@ class OutputError(BatchDetectError):
     """The output location is unusable (exists without --overwrite, not writable, ...)."""
 
 
+class ClusterError(BatchDetectError):
+    """The Ray cluster cannot be joined or cannot host the actors."""
+
+
 class ModelError(BatchDetectError):
     """The model cannot be used: missing, not a TFLite file, or not a detector we can decode."""
 

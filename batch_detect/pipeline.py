@@ -15,7 +15,7 @@ from . import __version__
 from .config import RunConfig
 from .detector import inspect_interpreter
 from .distributed import WorkerSettings, connect, run_shards, size_pool
-from .errors import InputError, OutputError
+from .errors import InputError, ModelError, OutputError
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .labels import load_labels
 from .listing import list_input, plan_fingerprint, plan_shards
@@ -43,7 +43,12 @@ def prepare(config: RunConfig) -> dict:
     t0 = time.perf_counter()
     backend = load_backend()
     model_content = read_model(config.model, so)
-    info = inspect_interpreter(make_interpreter(backend, model_content, 1, config.model), config.normalization)
+    try:
+        info = inspect_interpreter(make_interpreter(backend, model_content, 1, config.model), config.normalization)
+    except ModelError as exc:
+        if config.model in str(exc):
+            raise
+        raise ModelError(f"model {config.model!r}: {exc}") from None
     labels = load_labels(config.labels, so) if config.labels else None
     t_model = time.perf_counter() - t0
     listing = list_input(config.input, config.extensions, so)
@@ -73,8 +78,6 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
     store: OutputStore = ready["store"]
     shards = ready["shards"]
     listing = ready["listing"]
-    if config.overwrite:
-        store.clear()
     manifest = {
         "run_id": uuid.uuid4().hex,
         "tool": {"name": "batch_detect", "version": __version__},
@@ -94,21 +97,30 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
         "shard_id": [s.shard_id for s in shards for _ in s.uris],
         "uri": [u for s in shards for u in s.uris],
     })
+    totals = {"images": 0, "failures": 0, "detections": 0, "shards": 0}
+    failure_types: dict[str, int] = {}
+    first_commit: list[float] = []
+    t_ray = time.perf_counter()
+    # Join the cluster and size the pool before writing anything: a cluster we cannot use leaves no output.
+    started_ray = connect(config.address)
+    try:
+        num_actors, cluster_cpus = size_pool(config.num_actors, config.cpus_per_actor, len(shards))
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    ray_start_s = time.perf_counter() - t_ray
+    if config.overwrite:
+        store.clear()
     try:
         store.write_table(PLAN, plan_table)
         store.write_json(MANIFEST, manifest)
     except OSError as exc:
+        if started_ray:
+            ray.shutdown()
         raise OutputError(f"cannot write to output {config.output!r}: {type(exc).__name__}: {exc}") from None
 
-    started_ray = False
-    totals = {"images": 0, "failures": 0, "detections": 0, "shards": 0}
-    failure_types: dict[str, int] = {}
-    first_commit: list[float] = []
     try:
-        t_ray = time.perf_counter()
-        started_ray = connect(config.address)
-        num_actors, cluster_cpus = size_pool(config.num_actors, config.cpus_per_actor, len(shards))
-        ray_start_s = time.perf_counter() - t_ray
         if on_start is not None:
             on_start(len(listing.uris), len(shards), num_actors)
 
@@ -124,7 +136,8 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
                 on_shard(summary)
 
         settings = WorkerSettings(
-            model_url=config.model, model_sha256=sha256(ready["model_content"]), backend=ready["backend"].name, num_threads=config.cpus_per_actor,
+            model_url=config.model, model_sha256=sha256(ready["model_content"]),
+            backend=ready["backend"].name, num_threads=config.cpus_per_actor,
             score_threshold=config.score_threshold, resize=config.resize, normalization=config.normalization,
             max_pixels=config.max_pixels, labels=ready["labels"], output_url=config.output,
             storage_options=config.storage_options,

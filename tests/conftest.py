@@ -6,6 +6,8 @@ import sys
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tests talk to 127.0.0.1 only: never let botocore look for instance credentials on the network.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -25,3 +27,15 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port (as s3fs's own tests do), stopped at the end."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -28,3 +28,10 @@ def test_labels_plain_and_with_ids():
 def test_failure_fields_come_from_the_exception_type():
     assert failure_fields(DecodeError("bad", error_type="corrupt_image"), "read") == ("decode", "corrupt_image", "bad")
     assert failure_fields(ZeroDivisionError("x"), "infer") == ("infer", "ZeroDivisionError", "x")
+
+
+def test_local_paths_become_absolute_urls_do_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(model="m.tflite", input="file://imgs", output="s3://bucket/out", labels="l.txt").validate()
+    assert cfg.model == str(tmp_path / "m.tflite") and cfg.input == str(tmp_path / "imgs")
+    assert cfg.output == "s3://bucket/out" and cfg.labels == str(tmp_path / "l.txt")

@@ -35,11 +35,11 @@ def check_invariant(out: str) -> dict:
     """Every planned image is in exactly one of images/failures; schemas are the declared ones."""
     con = duckdb.connect()
     for name, schema in TABLES.items():
-        cols = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{out}/{name}/**/*.parquet')").fetchall()
+        cols = con.execute(f"DESCRIBE SELECT * FROM read_parquet('{out}/{name}/**/*.parquet')").fetchall()
         assert [c[0] for c in cols] == schema.names
-    planned = con.sql(f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{out}/_plan.parquet')").fetchone()
+    planned = con.execute(f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{out}/_plan.parquet')").fetchone()
     assert planned[0] == planned[1]
-    row = con.sql(f"""
+    row = con.execute(f"""
         WITH done AS (
             SELECT uri FROM read_parquet('{out}/images/**/*.parquet')
             UNION ALL SELECT uri FROM read_parquet('{out}/failures/**/*.parquet'))
@@ -51,7 +51,7 @@ def check_invariant(out: str) -> dict:
     """).fetchone()
     assert row == (planned[0], planned[0], 0, 0), f"done rows, distinct, missing, extra = {row}"
     # every detection belongs to a processed image, and num_detections agrees
-    mismatched = con.sql(f"""
+    mismatched = con.execute(f"""
         SELECT count(*) FROM read_parquet('{out}/images/**/*.parquet') i
         LEFT JOIN (SELECT uri, count(*) n FROM read_parquet('{out}/detections/**/*.parquet') GROUP BY uri) d
         USING (uri) WHERE coalesce(d.n, 0) <> i.num_detections""").fetchone()[0]
@@ -60,7 +60,7 @@ def check_invariant(out: str) -> dict:
 
 
 def predictions(out: str) -> dict:
-    rows = duckdb.sql(f"""SELECT uri, class_id, xmin, ymin, xmax, ymax
+    rows = duckdb.execute(f"""SELECT uri, class_id, xmin, ymin, xmax, ymax
                           FROM read_parquet('{out}/detections/**/*.parquet')""").fetchall()
     pred: dict = {}
     for uri, *rest in rows:
@@ -83,10 +83,10 @@ def test_uint8_model_end_to_end(local_ray, models_dir, dataset, tmp_path, resize
     assert manifest["input"]["skipped_non_image"] == 2  # README.txt and ground_truth.json
     assert manifest["counts"]["committed_shards"] == manifest["plan"]["num_shards"]
 
-    failures = dict(duckdb.sql(f"""SELECT regexp_extract(uri, '[^/]+$'), error_type
+    failures = dict(duckdb.execute(f"""SELECT regexp_extract(uri, '[^/]+$'), error_type
                                    FROM read_parquet('{out}/failures/**/*.parquet')""").fetchall())
     assert failures == bad
-    stages = {r[0] for r in duckdb.sql(f"SELECT stage FROM read_parquet('{out}/failures/*.parquet')").fetchall()}
+    stages = {r[0] for r in duckdb.execute(f"SELECT stage FROM read_parquet('{out}/failures/*.parquet')").fetchall()}
     assert stages == {"decode"}
 
     recall, precision = recall_precision(truth_tuples(truth), predictions(out))
@@ -100,10 +100,13 @@ def test_uint8_model_end_to_end(local_ray, models_dir, dataset, tmp_path, resize
     assert len(on_disk["model"]["sha256"]) == 64
 
 
-def test_float32_model_and_rerun_protection(local_ray, models_dir, dataset, tmp_path):
+def test_float32_model_and_rerun_protection(local_ray, models_dir, dataset, tmp_path, monkeypatch):
     images, truth, _ = dataset
+    # A relative --output means relative to the driver's cwd, not to wherever the actors run.
+    monkeypatch.chdir(tmp_path)
+    manifest = run_job(models_dir, images, "out", model="shapes_ssd_float32.tflite", resize="letterbox")
     out = str(tmp_path / "out")
-    manifest = run_job(models_dir, images, out, model="shapes_ssd_float32.tflite", resize="letterbox")
+    assert manifest["config"]["output"] == out
     assert manifest["model"]["input"]["normalization"] == "-1,1"
     check_invariant(out)
     recall, _ = recall_precision(truth_tuples(truth), predictions(out))

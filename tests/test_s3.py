@@ -1,0 +1,49 @@
+"""Images, model and labels in a bucket, output to the bucket: the S3 protocol for real (moto's server
+on 127.0.0.1), with credentials that must not leak into the output."""
+
+from __future__ import annotations
+
+import os
+
+import duckdb
+import pytest
+import s3fs
+
+from batch_detect.config import RunConfig
+from batch_detect.pipeline import run
+from batch_detect.synthetic import write_dataset
+
+SECRET = "s3cr3t-Value-that-must-not-leak-7f3a"
+
+
+@pytest.fixture
+def bucket(s3_server, tmp_path, models_dir):
+    options = {"key": "testing-key-id", "secret": SECRET, "endpoint_url": s3_server}
+    fs = s3fs.S3FileSystem(**options)
+    name = f"bd-{os.getpid()}-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    fs.mkdir(name)
+    local = tmp_path / "images"
+    truth = write_dataset(str(local), 30, seed=21)
+    fs.put(str(local) + "/", f"{name}/in/", recursive=True)
+    fs.put(os.path.join(models_dir, "shapes_ssd_uint8.tflite"), f"{name}/models/m.tflite")
+    fs.put(os.path.join(models_dir, "shapes_labels.txt"), f"{name}/models/labels.txt")
+    return name, options, fs, truth
+
+
+def test_bucket_in_bucket_out(local_ray, bucket, tmp_path):
+    name, options, fs, truth = bucket
+    cfg = RunConfig(model=f"s3://{name}/models/m.tflite", labels=f"s3://{name}/models/labels.txt",
+                    input=f"s3://{name}/in/", output=f"s3://{name}/out", shard_size=8,
+                    storage_options=options)
+    manifest = run(cfg).manifest
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["images"] == len(truth) and manifest["counts"]["failures"] == 0
+    # Everything the job wrote, pulled down and read with DuckDB
+    local_out = tmp_path / "out"
+    fs.get(f"{name}/out/", str(local_out) + "/", recursive=True)
+    uris = [r[0] for r in duckdb.execute(f"SELECT uri FROM read_parquet('{local_out}/images/*.parquet')").fetchall()]
+    assert sorted(uris) == sorted(f"s3://{name}/in/{k}" for k in truth)
+    for path in local_out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+    assert manifest["config"]["storage_options"]["secret"] == "***"
