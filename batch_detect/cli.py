@@ -45,7 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-option", action="append", type=_storage_option, default=[],
                      metavar="KEY=VALUE", help="fsspec storage option (e.g. endpoint_url=...), repeatable")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    run.add_argument("--resume", action="store_true",
+                     help="finish a previous run in --output (re-running the same command does this too); "
+                          "refused if the model, input or settings changed")
+    run.add_argument("--max-failure-rate", type=float, default=None, metavar="R",
+                     help="exit 1 (after committing everything) when more than this fraction of images failed")
     run.add_argument("--json", action="store_true", help="print the final manifest as JSON")
+
+    ver = sub.add_parser("verify", help="check that an output is whole: every image exactly once, all committed")
+    ver.add_argument("output", help="the --output of a run")
+    ver.add_argument("--input", default=None, help="also check the plan against what this input lists now")
+    ver.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+    ver.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -58,7 +69,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         score_threshold=args.score_threshold, shard_size=args.shard_size, resize=args.resize,
         normalization=args.normalization, extensions=extensions, address=args.address,
         num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-        max_shards_in_flight=args.max_shards_in_flight, overwrite=args.overwrite,
+        max_shards_in_flight=args.max_shards_in_flight, overwrite=args.overwrite, resume=args.resume,
+        max_failure_rate=args.max_failure_rate,
         storage_options=dict(args.storage_option),
     )
     if args.max_pixels is not None:
@@ -80,16 +92,40 @@ def _print_summary(manifest: dict, out) -> None:
           + f" on {manifest['cluster']['actors']} actors", file=out)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.output, args.input, dict(args.storage_option))
+    if args.json:
+        print(json.dumps({"ok": report.ok, "facts": report.facts, "problems": report.problems}, indent=2))
+    else:
+        f = report.facts
+        print(f"{args.output}: {'OK' if report.ok else 'NOT OK'}")
+        print(f"planned {f.get('planned_images')} images in {f.get('planned_shards')} shards; "
+              f"{f.get('committed_shards')} shards committed; {f.get('images')} images, "
+              f"{f.get('failures')} failures, {f.get('detections')} detections")
+        for problem in report.problems:
+            print(f"  problem: {problem}")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "verify":
+        try:
+            return _verify(args)
+        except BatchDetectError as exc:
+            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "run":
         from .pipeline import run
 
         progress: dict = {}
 
-        def on_start(images: int, shards: int, actors: int) -> None:
-            print(f"running {images} images in {shards} shards on {actors} actors", file=sys.stderr)
-            progress["bar"] = Progress(images, shards)
+        def on_start(images: int, shards: int, actors: int, done_shards: int, done_images: int) -> None:
+            resumed = f" ({done_shards} already committed, resuming)" if done_shards else ""
+            print(f"running {images} images in {shards} shards{resumed} on {actors} actors", file=sys.stderr)
+            progress["bar"] = Progress(images, shards, done_images=done_images, done_shards=done_shards)
 
         try:
             summary = run(config_from_args(args), on_start=on_start,
@@ -100,12 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("batch-detect: interrupted; the output is incomplete (see its _manifest.json)", file=sys.stderr)
             return 130
+        manifest = summary.manifest
         if args.json:
-            print(json.dumps(summary.manifest, indent=2, sort_keys=True))
+            print(json.dumps(manifest, indent=2, sort_keys=True))
         else:
-            _print_summary(summary.manifest, sys.stdout)
+            _print_summary(manifest, sys.stdout)
             print(f"output: {summary.output}", file=sys.stdout)
-        return 0 if summary.manifest["status"] == "complete" else 1
+        if manifest["status"] != "complete":
+            return 1
+        rate, limit = manifest["counts"]["failure_rate"], args.max_failure_rate
+        if limit is not None and rate > limit:
+            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(manifest["counts"]["failure_types"].items()))
+            print(f"batch-detect: {rate:.1%} of images failed, over --max-failure-rate {limit:g} "
+                  f"({kinds}); the output is complete and committed", file=sys.stderr)
+            return 1
+        return 0
     return 2
 
 

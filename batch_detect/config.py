@@ -33,6 +33,8 @@ class RunConfig:
     cpus_per_actor: int = 1  # also the interpreter's num_threads
     max_shards_in_flight: int = 2  # per actor: the backpressure bound
     overwrite: bool = False
+    resume: bool = False  # re-running the same job into the same output resumes it anyway; this insists
+    max_failure_rate: float | None = None  # exit non-zero (after committing) when failures exceed it
     storage_options: dict = field(default_factory=dict)
 
     def validate(self) -> "RunConfig":
@@ -58,6 +60,10 @@ class RunConfig:
             raise ConfigError(f"--num-actors must be at least 1, got {self.num_actors}")
         if self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
+        if self.overwrite and self.resume:
+            raise ConfigError("--overwrite and --resume contradict each other: pick one")
+        if self.max_failure_rate is not None and not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ConfigError(f"--max-failure-rate must be within [0, 1], got {self.max_failure_rate}")
         if self.max_shards_in_flight < 1:
             raise ConfigError(f"--max-shards-in-flight must be at least 1, got {self.max_shards_in_flight}")
         # Actors run in other processes (and cwds, and nodes): local paths must not stay relative.

@@ -1,5 +1,9 @@
 """The job, start to finish: check everything that can be checked before any actor starts (config,
-model, labels, input, output), plan shards, run them on Ray, and write the manifest last."""
+model, labels, input, output, cluster), plan shards, run the ones not yet committed, manifest last.
+
+Re-running the same command into the same output resumes it: committed shards are skipped, the rest
+are redone under the same deterministic names. A run whose model, plan or settings differ is refused
+unless --overwrite."""
 
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .labels import load_labels
 from .listing import list_input, plan_fingerprint, plan_shards
 from .sink import COMMIT_DIR, MANIFEST, PLAN, OutputStore
+
+# Settings that change what a shard's rows contain: a resumed run must agree on every one.
+_IDENTITY_SETTINGS = ("score_threshold", "resize", "normalization", "max_pixels", "shard_size")
 
 
 @dataclass
@@ -59,17 +66,40 @@ def prepare(config: RunConfig) -> dict:
         store = OutputStore(config.output, so)
     except (ValueError, ImportError, OSError) as exc:
         raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
-    if (store.exists(MANIFEST) or store.exists(COMMIT_DIR)) and not config.overwrite:
-        raise OutputError(
-            f"output {config.output!r} already holds a run (its {MANIFEST} or {COMMIT_DIR}/ exists): "
-            "choose a new --output, or pass --overwrite to replace it"
-        )
     shards = plan_shards(listing.uris, config.shard_size)
+    identity = {"model_sha256": sha256(model_content), "plan_fingerprint": plan_fingerprint(shards),
+                "labels": labels, **{k: getattr(config, k) for k in _IDENTITY_SETTINGS}}
+    previous = _previous_run(store, config, identity)
     return {
         "backend": backend, "model_content": model_content, "info": info, "labels": labels,
-        "listing": listing, "store": store, "shards": shards,
+        "listing": listing, "store": store, "shards": shards, "identity": identity, "previous": previous,
         "timings": {"check_model_s": t_model, "list_s": time.perf_counter() - t0 - t_model},
     }
+
+
+def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict | None:
+    """The manifest of the run to resume, None for a fresh output; refuses a run that differs."""
+    has_manifest = store.exists(MANIFEST)
+    if config.overwrite:
+        return None
+    if not has_manifest:
+        if store.exists(COMMIT_DIR):
+            raise OutputError(f"output {config.output!r} holds committed shards but no {MANIFEST}: choose a "
+                              "new --output, or pass --overwrite to replace it")
+        if config.resume:
+            raise OutputError(f"--resume: output {config.output!r} holds no previous run")
+        return None
+    previous = store.read_json(MANIFEST)
+    before = previous.get("identity", {})
+    changed = sorted(k for k in identity if before.get(k) != identity[k])
+    if changed:
+        what = ", ".join("the input listing (plan)" if k == "plan_fingerprint" else
+                         "the model" if k == "model_sha256" else k for k in changed)
+        raise OutputError(
+            f"output {config.output!r} holds a run made with a different {what}: resuming would mix "
+            "results. Choose a new --output, or pass --overwrite to replace it"
+        )
+    return previous
 
 
 def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
@@ -78,74 +108,82 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
     store: OutputStore = ready["store"]
     shards = ready["shards"]
     listing = ready["listing"]
+    previous = ready["previous"]
+    model_sha = ready["identity"]["model_sha256"]
     manifest = {
-        "run_id": uuid.uuid4().hex,
+        "run_id": previous["run_id"] if previous else uuid.uuid4().hex,
+        "resumes": previous.get("resumes", 0) + 1 if previous else 0,
         "tool": {"name": "batch_detect", "version": __version__},
         "status": "running",
         "started_at": _now(),
-        "model": {"uri": config.model, "sha256": sha256(ready["model_content"]),
-                  "backend": ready["backend"].name, "backend_version": ready["backend"].version,
-                  **ready["info"].describe()},
+        "identity": ready["identity"],
+        "model": {"uri": config.model, "sha256": model_sha, "backend": ready["backend"].name,
+                  "backend_version": ready["backend"].version, **ready["info"].describe()},
         "labels": ready["labels"],
         "config": config.redacted(),
         "plan": {"shard_size": config.shard_size, "num_shards": len(shards), "num_images": len(listing.uris),
-                 "fingerprint": plan_fingerprint(shards), "file": PLAN},
+                 "fingerprint": ready["identity"]["plan_fingerprint"], "file": PLAN},
         "input": {"listed": len(listing.uris), "skipped_non_image": len(listing.skipped),
                   "skipped_examples": listing.skipped[:20]},
     }
-    plan_table = pa.table({
-        "shard_id": [s.shard_id for s in shards for _ in s.uris],
-        "uri": [u for s in shards for u in s.uris],
-    })
-    totals = {"images": 0, "failures": 0, "detections": 0, "shards": 0}
-    failure_types: dict[str, int] = {}
-    first_commit: list[float] = []
+
     t_ray = time.perf_counter()
     # Join the cluster and size the pool before writing anything: a cluster we cannot use leaves no output.
     started_ray = connect(config.address)
     try:
-        num_actors, cluster_cpus = size_pool(config.num_actors, config.cpus_per_actor, len(shards))
+        done_before = store.committed_shards() if previous else {}
+        todo = [s for s in shards if s.shard_id not in done_before]
+        num_actors, cluster_cpus = size_pool(config.num_actors, config.cpus_per_actor, max(len(todo), 1))
+        ray_start_s = time.perf_counter() - t_ray
+        if config.overwrite:
+            store.clear()
+        try:
+            if not previous:
+                store.write_table(PLAN, pa.table({"shard_id": [s.shard_id for s in shards for _ in s.uris],
+                                                  "uri": [u for s in shards for u in s.uris]}))
+            store.write_json(MANIFEST, manifest)
+        except OSError as exc:
+            raise OutputError(f"cannot write to output {config.output!r}: {type(exc).__name__}: {exc}") from None
     except BaseException:
         if started_ray:
             ray.shutdown()
         raise
-    ray_start_s = time.perf_counter() - t_ray
-    if config.overwrite:
-        store.clear()
-    try:
-        store.write_table(PLAN, plan_table)
-        store.write_json(MANIFEST, manifest)
-    except OSError as exc:
-        if started_ray:
-            ray.shutdown()
-        raise OutputError(f"cannot write to output {config.output!r}: {type(exc).__name__}: {exc}") from None
+
+    totals = {"images": 0, "failures": 0, "detections": 0, "shards": 0}
+    failure_types: dict[str, int] = {}
+    first_commit: list[float] = []
+
+    def count(summary: dict) -> None:
+        for k in ("images", "failures", "detections"):
+            totals[k] += summary[k]
+        totals["shards"] += 1
+        for k, v in summary["failure_types"].items():
+            failure_types[k] = failure_types.get(k, 0) + v
+
+    for summary in done_before.values():
+        count(summary)
+
+    def shard_done(summary: dict) -> None:
+        if not first_commit:
+            first_commit.append(time.perf_counter() - t_start)
+        count(summary)
+        if on_shard is not None:
+            on_shard(summary)
 
     try:
         if on_start is not None:
-            on_start(len(listing.uris), len(shards), num_actors)
-
-        def shard_done(summary: dict) -> None:
-            if not first_commit:
-                first_commit.append(time.perf_counter() - t_start)
-            for k in ("images", "failures", "detections"):
-                totals[k] += summary[k]
-            totals["shards"] += 1
-            for k, v in summary["failure_types"].items():
-                failure_types[k] = failure_types.get(k, 0) + v
-            if on_shard is not None:
-                on_shard(summary)
-
+            on_start(len(listing.uris), len(shards), num_actors, len(done_before),
+                     totals["images"] + totals["failures"])
         settings = WorkerSettings(
-            model_url=config.model, model_sha256=sha256(ready["model_content"]),
-            backend=ready["backend"].name, num_threads=config.cpus_per_actor,
-            score_threshold=config.score_threshold, resize=config.resize, normalization=config.normalization,
-            max_pixels=config.max_pixels, labels=ready["labels"], output_url=config.output,
-            storage_options=config.storage_options,
+            model_url=config.model, model_sha256=model_sha, backend=ready["backend"].name,
+            num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
+            normalization=config.normalization, max_pixels=config.max_pixels, labels=ready["labels"],
+            output_url=config.output, storage_options=config.storage_options,
         )
         t_run = time.perf_counter()
-        pool = run_shards(shards, settings, num_actors=num_actors,
-                          cpus_per_actor=config.cpus_per_actor, max_in_flight=config.max_shards_in_flight,
-                          on_shard=shard_done)
+        pool = run_shards(todo, settings, num_actors=num_actors, cpus_per_actor=config.cpus_per_actor,
+                          max_in_flight=config.max_shards_in_flight, on_shard=shard_done) if todo else {
+            "actors": 0, "cpus_per_actor": config.cpus_per_actor, "nodes": []}
         run_s = time.perf_counter() - t_run
     except BaseException as exc:
         manifest.update(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}"[:2000],
@@ -158,17 +196,19 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
 
     committed = store.committed_shards()
     done = totals["images"] + totals["failures"]
-    complete = len(committed) == len(shards) and done == len(listing.uris)
+    complete = all(s.shard_id in committed for s in shards) and done == len(listing.uris)
+    processed_now = sum(len(s.uris) for s in todo)
     manifest.update(
         status="complete" if complete else "incomplete",
         finished_at=_now(),
         cluster={"cpus": cluster_cpus, **pool},
         counts={"listed": len(listing.uris), **totals, "committed_shards": len(committed),
-                "failure_types": failure_types},
+                "skipped_committed_shards": len(done_before), "failure_types": failure_types,
+                "failure_rate": totals["failures"] / max(len(listing.uris), 1)},
         timings={**ready["timings"], "ray_start_s": ray_start_s, "run_s": run_s,
                  "first_shard_committed_s": first_commit[0] if first_commit else None,
                  "total_s": time.perf_counter() - t_start,
-                 "images_per_s": done / run_s if run_s > 0 else None},
+                 "images_per_s": processed_now / run_s if run_s > 0 and processed_now else None},
     )
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)

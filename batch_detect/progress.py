@@ -7,7 +7,8 @@ import time
 
 
 class Progress:
-    def __init__(self, total_images: int, total_shards: int, stream=None, interval_s: float = 5.0):
+    def __init__(self, total_images: int, total_shards: int, stream=None, interval_s: float = 5.0,
+                 done_images: int = 0, done_shards: int = 0):
         self.total = total_images
         self.total_shards = total_shards
         self.stream = stream or sys.stderr
@@ -15,7 +16,9 @@ class Progress:
         self.interval = interval_s
         self.start = time.perf_counter()
         self.last_print = 0.0
-        self.done = self.failed = self.detections = self.shards = 0
+        self.failed = self.detections = 0
+        self.done, self.shards = done_images, done_shards
+        self.base = done_images  # images finished by an earlier attempt: not part of this run's rate
 
     def update(self, summary: dict) -> None:
         self.done += summary["images"] + summary["failures"]
@@ -29,7 +32,7 @@ class Progress:
 
     def _print(self, now: float) -> None:
         elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.base) / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / max(self.total, 1)
         if self.tty:

@@ -29,7 +29,8 @@ ROLES = ("boxes", "classes", "scores", "count")  # TFLite_Detection_PostProcess 
 
 
 class Model:
-    def __init__(self, path: str):
+    def __init__(self, path: str, raw_uint8: bool = False):
+        self.raw_uint8 = raw_uint8
         from ai_edge_litert.interpreter import Interpreter
 
         self.interp = Interpreter(model_path=path, num_threads=2)
@@ -48,6 +49,8 @@ class Model:
         real = pixels.astype(np.float32) / 127.5 - 1.0  # what the float model takes
         if self.input["dtype"] == np.float32:
             return real[None]
+        if self.raw_uint8 and self.input["dtype"] == np.uint8:
+            return pixels.astype(np.uint8)[None]  # what the pipeline feeds when scale ~ 1/127.5
         scale, zero_point = self.input["quantization"]
         info = np.iinfo(self.input["dtype"])
         q = np.clip(np.round(real / scale + zero_point), info.min, info.max)
@@ -105,6 +108,8 @@ def main() -> int:
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--min-recall", type=float, default=0.9)
     parser.add_argument("--min-precision", type=float, default=0.8)
+    parser.add_argument("--raw-uint8", action="store_true",
+                        help="feed raw 0..255 pixels to uint8 inputs instead of quantizing x/127.5-1")
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory() as folder:
@@ -113,7 +118,7 @@ def main() -> int:
               f"score threshold {args.score_threshold}")
         print(f"{'model':<28} {'resize':<10} {'recall':>7} {'precision':>9}")
         for name in MODELS:
-            model = Model(os.path.join(args.models, name))
+            model = Model(os.path.join(args.models, name), args.raw_uint8)
             for mode in MODES:
                 recall, precision = evaluate(model, folder, truth, mode, args.score_threshold)
                 ok &= recall >= args.min_recall and precision >= args.min_precision

@@ -167,7 +167,7 @@ def make_dataset(count: int, seed: int, workers: int):
 
 # (filters, stride, feature level fed to the heads or None)
 BACKBONE = ((16, 2, None), (32, 2, None), (32, 1, None), (64, 2, None), (64, 1, None), (64, 1, 0),
-            (96, 2, None), (96, 1, 1), (96, 2, None), (96, 1, 2))
+            (96, 2, None), (96, 1, 1), (80, 2, None), (80, 1, 2))
 BN_EPS = 1e-3
 
 
@@ -401,7 +401,7 @@ def describe(path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "models"))
-    ap.add_argument("--images", type=int, default=16000, help="training images")
+    ap.add_argument("--images", type=int, default=12000, help="training images")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
