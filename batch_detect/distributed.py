@@ -112,6 +112,12 @@ class DetectorActor:
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
+    def process_part(self, shard_id: str, uris: tuple[str, ...]) -> dict:
+        """Some of a shard's images, rows returned instead of written (used to isolate poison images)."""
+        rows, _ = run_shard(Shard(shard_id, uris), self.detector, self.reader, self.settings.labels, self.pool,
+                            self.settings.prefetch)
+        return {"images": rows.images, "detections": rows.detections, "failures": rows.failures}
+
     def process(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
         rows, timings = run_shard(shard, self.detector, self.reader, self.settings.labels, self.pool,
@@ -131,15 +137,36 @@ def _summary(rows: ShardRows, timings: dict, wall_s: float) -> dict:
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **timings}
 
 
-def crashed_shard_rows(shard: Shard, cause: str, attempts: int) -> ShardRows:
-    """Failure records for a shard no worker could finish, so none of its images is lost."""
-    rows = ShardRows(shard.shard_id)
-    message = f"worker died {attempts} times processing this shard: {cause}"[:2000]
-    for uri in shard.uris:
+def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
+    """Failure records for images that kill the worker process, so none of them is lost."""
+    rows = ShardRows(shard_id)
+    for uri in uris:
         for k, v in zip(("uri", "shard_id", "stage", "error_type", "message"),
-                        (uri, shard.shard_id, "infer", "worker_crashed", message)):
+                        (uri, shard_id, "infer", "worker_crashed",
+                         f"the worker process died while processing this image: {cause}"[:2000])):
             rows.failures[k].append(v)
     return rows
+
+
+@dataclass
+class _Work:
+    shard: Shard
+    uris: tuple[str, ...] | None  # None: the whole shard, committed by the actor; else a part, rows come back
+    attempt: int = 1
+
+
+@dataclass
+class _Isolation:
+    """A shard being bisected after killing workers: its parts' rows, gathered by the driver."""
+
+    rows: ShardRows
+    parts_left: int = 0
+    crashes: int = 0
+
+
+def _halves(uris: tuple[str, ...]) -> list[tuple[str, ...]]:
+    mid = len(uris) // 2
+    return [uris[:mid], uris[mid:]]
 
 
 def run_shards(
@@ -151,9 +178,16 @@ def run_shards(
     max_in_flight: int,
     on_shard: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Process every shard exactly once into committed output; returns pool facts for the manifest."""
+    """Process every shard exactly once into committed output; returns pool facts for the manifest.
+
+    A shard whose actor dies is retried once whole (the death may have nothing to do with it: OOM, a
+    lost node). If it kills a worker again, it is bisected until each image that kills workers stands
+    alone; those become `worker_crashed` failure records and the rest of the shard completes."""
+    # Variables of ours (e.g. the test-only crash hook) reach actors on every node.
+    env = {k: v for k, v in os.environ.items() if k.startswith("BATCH_DETECT_")}
     actor_cls = ray.remote(DetectorActor).options(
-        num_cpus=cpus_per_actor, max_restarts=2, max_task_retries=0, scheduling_strategy="SPREAD"
+        num_cpus=cpus_per_actor, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
+        **({"runtime_env": {"env_vars": env}} if env else {}),
     )
     actors = [actor_cls.remote(settings) for _ in range(num_actors)]
     try:
@@ -167,41 +201,97 @@ def run_shards(
         raise ConfigError(f"detector actors failed to start: {exc}") from None
 
     store = OutputStore(settings.output_url, settings.storage_options)
-    pending: deque[tuple[Shard, int]] = deque((s, 1) for s in shards)
-    inflight: dict = {}  # ObjectRef -> (actor index, shard, attempt)
+    pending: deque[_Work] = deque(_Work(s, None) for s in shards)
+    inflight: dict = {}  # ObjectRef -> (actor index, work)
     load = [0] * num_actors
-    errors = [0] * num_actors
     alive = set(range(num_actors))
+    isolating: dict[str, _Isolation] = {}
+
+    def commit(shard_id: str, rows: ShardRows, timings: dict) -> dict:
+        summary = _summary(rows, timings, 0.0)
+        store.write_shard(shard_id, {"images": rows.images, "detections": rows.detections,
+                                     "failures": rows.failures}, summary)
+        return summary
+
+    def part_done(work: _Work, rows: ShardRows | None) -> None:
+        iso = isolating[work.shard.shard_id]
+        if rows is not None:
+            iso.rows.extend(rows)
+        iso.parts_left -= 1
+        if iso.parts_left == 0:
+            del isolating[work.shard.shard_id]
+            summary = commit(work.shard.shard_id, iso.rows, {"read_decode_s": 0.0, "infer_s": 0.0,
+                                                             "isolated_crashes": iso.crashes})
+            if on_shard is not None:
+                on_shard(summary)
+
+    def split(work: _Work, uris: tuple[str, ...]) -> None:
+        iso = isolating[work.shard.shard_id]
+        for half in _halves(uris):
+            if half:
+                iso.parts_left += 1
+                pending.appendleft(_Work(work.shard, half))
+
     while pending or inflight:
         for i in sorted(alive, key=lambda j: load[j]):
             while pending and load[i] < max_in_flight:
-                shard, attempt = pending.popleft()
-                inflight[actors[i].process.remote(shard)] = (i, shard, attempt)
+                work = pending.popleft()
+                call = (actors[i].process.remote(work.shard) if work.uris is None
+                        else actors[i].process_part.remote(work.shard.shard_id, work.uris))
+                inflight[call] = (i, work)
                 load[i] += 1
         if not inflight:
             raise RuntimeError("every detector actor has died; see the Ray logs for the cause")
         done, _ = ray.wait(list(inflight), num_returns=1)
         for ref in done:
-            i, shard, attempt = inflight.pop(ref)
+            i, work = inflight.pop(ref)
             load[i] -= 1
             try:
-                summary = ray.get(ref)
-            except (RayActorError, WorkerCrashedError, RayTaskError) as exc:
-                errors[i] += 1
-                if isinstance(exc, RayActorError) and errors[i] > 3:
-                    alive.discard(i)
+                result = ray.get(ref)
+            except (RayActorError, WorkerCrashedError) as exc:
                 cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if attempt < MAX_SHARD_ATTEMPTS:
-                    log.warning("shard %s attempt %d failed (%s); retrying", shard.shard_id, attempt, cause)
-                    pending.appendleft((shard, attempt + 1))
+                _check_alive(actors, i, alive)
+                if work.uris is None and work.attempt == 1:
+                    log.warning("actor died on shard %s (%s); retrying it", work.shard.shard_id, cause)
+                    pending.appendleft(_Work(work.shard, None, 2))
                     continue
-                rows = crashed_shard_rows(shard, cause, attempt)
-                summary = _summary(rows, {"read_decode_s": 0.0, "infer_s": 0.0}, 0.0)
-                store.write_shard(shard.shard_id, {"images": rows.images, "detections": rows.detections,
-                                                   "failures": rows.failures}, summary)
-            if on_shard is not None:
-                on_shard(summary)
+                if work.uris is None:  # died twice on the whole shard: from now on it is handled in parts
+                    isolating[work.shard.shard_id] = _Isolation(ShardRows(work.shard.shard_id), parts_left=1)
+                    work = _Work(work.shard, work.shard.uris)
+                uris = work.uris
+                if len(uris) == 1 and work.attempt == 1:
+                    # It may only have been queued behind the real culprit on the same actor: once more.
+                    pending.append(_Work(work.shard, uris, 2))
+                elif len(uris) == 1:
+                    isolating[work.shard.shard_id].crashes += 1
+                    log.warning("image %s kills the worker; recording it as a failure", uris[0])
+                    part_done(work, crashed_rows(work.shard.shard_id, uris, cause))
+                else:
+                    log.warning("shard %s kills workers; isolating the cause among %d images",
+                                work.shard.shard_id, len(uris))
+                    split(work, uris)
+                    part_done(work, None)  # this part is replaced by its two halves
+                continue
+            except RayTaskError as exc:
+                # An exception, not a crash: storage or a bug. Retry, then stop the job saying why.
+                if work.attempt >= MAX_SHARD_ATTEMPTS:
+                    raise RuntimeError(f"shard {work.shard.shard_id} failed {work.attempt} times: {exc}") from None
+                pending.appendleft(_Work(work.shard, work.uris, work.attempt + 1))
+                continue
+            if work.uris is None:
+                if on_shard is not None:
+                    on_shard(result)
+            else:
+                part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
     for a in actors:
         ray.kill(a)
     return {"actors": num_actors, "cpus_per_actor": cpus_per_actor,
             "nodes": sorted({p["node_id"] for p in placements})}
+
+
+def _check_alive(actors: list, i: int, alive: set) -> None:
+    """After a crash, wait for the actor's restart; one that cannot come back leaves the pool."""
+    try:
+        ray.get(actors[i].info.remote(), timeout=ACTOR_START_TIMEOUT_S)
+    except (RayActorError, GetTimeoutError):
+        alive.discard(i)

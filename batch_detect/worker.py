@@ -4,6 +4,8 @@ fsspec release the GIL) while the interpreter works on the previous image, then 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,18 @@ class ShardRows:
             for k, v in zip(_DET_COLS, (outcome.uri, self.shard_id, cid, label, score, *box)):
                 self.detections[k].append(v)
 
+    def extend(self, other: "ShardRows") -> None:
+        for mine, theirs in ((self.images, other.images), (self.detections, other.detections),
+                             (self.failures, other.failures)):
+            for k in mine:
+                mine[k].extend(theirs[k])
+
+    @classmethod
+    def from_columns(cls, shard_id: str, columns: dict) -> "ShardRows":
+        rows = cls(shard_id)
+        rows.images, rows.detections, rows.failures = columns["images"], columns["detections"], columns["failures"]
+        return rows
+
     @property
     def counts(self) -> dict:
         return {
@@ -45,6 +59,9 @@ class ShardRows:
             "failures": len(self.failures["uri"]),
         }
 
+
+# Set only by tests (forwarded to actors by the driver): images whose URI contains it crash the worker.
+_CRASH_ON = os.environ.get("BATCH_DETECT_TEST_CRASH_ON")
 
 _IMAGE_COLS = ("uri", "shard_id", "width", "height", "num_detections", "decode_ms", "infer_ms")
 _DET_COLS = ("uri", "shard_id", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax")
@@ -91,6 +108,9 @@ def run_shard(
             rows.add(failure, labels)
             continue
         t0 = time.perf_counter()
+        if _CRASH_ON and _CRASH_ON in uri:
+            # Test-only fault injection: die the way a segfault in native code would.
+            os.kill(os.getpid(), signal.SIGSEGV)
         rows.add(detector.finish(uri, *prepared), labels)
         timings["infer_s"] += time.perf_counter() - t0
     return rows, timings

@@ -170,3 +170,22 @@ def test_rerun_of_a_complete_output_does_nothing_and_stays_whole(good_output, mo
     with pytest.raises(OutputError, match="different the input listing"):
         run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images,
                       output=out, shard_size=5))
+
+
+def test_poison_image_is_isolated_and_the_rest_of_its_shard_completes(local_ray, models_dir, tmp_path,
+                                                                      monkeypatch):
+    images = tmp_path / "images"
+    truth = write_dataset(str(images), 24, seed=6, sizes=SMALL)
+    # Test-only hook: the worker process SIGSEGVs on this image, as a crash in native code would.
+    monkeypatch.setenv("BATCH_DETECT_TEST_CRASH_ON", "img_00013")
+    out = str(tmp_path / "out")
+    manifest = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=str(images),
+                             output=out, shard_size=8)).manifest
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["failure_types"] == {"infer/worker_crashed": 1}
+    assert manifest["counts"]["images"] == len(truth) - 1
+    import duckdb
+
+    rows = duckdb.execute(f"SELECT uri, stage, error_type FROM read_parquet('{out}/failures/*.parquet')").fetchall()
+    assert [(os.path.basename(u), s, e) for u, s, e in rows] == [("img_00013.jpg", "infer", "worker_crashed")]
+    assert verify(out, str(images)).ok
