@@ -55,3 +55,58 @@ def write_bad_inputs(folder: str) -> dict[str, str]:
         with open(os.path.join(folder, name), "wb") as fh:
             fh.write(data)
     return {name: etype for name, (_, etype) in files.items()}
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's header), data for 1x1."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8  # after the signature: length(4) type(4) data(13) crc(4)
+    data[ihdr + 8: ihdr + 16] = struct.pack(">II", width, height)
+    data[ihdr + 21: ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4: ihdr + 21])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def write_corpus(folder: str) -> dict[str, tuple]:
+    """Awkward real-world files. Returns {name: ("ok", (width, height), boxes or None) | ("fail", error_type)};
+    boxes, where given, are (class_id, xmin, ymin, xmax, ymax) the model must find in the displayed image."""
+    from batch_detect.synthetic import scene_rng, draw_scene
+
+    os.makedirs(folder, exist_ok=True)
+    expected: dict[str, tuple] = {}
+
+    def save(name: str, img: Image.Image, outcome: tuple, **kw) -> None:
+        img.save(os.path.join(folder, name), **kw)
+        expected[name] = outcome
+
+    scene, boxes = draw_scene(scene_rng(4242, 0), 400, 300)
+    gt = [(b.class_id, b.xmin, b.ymin, b.xmax, b.ymax) for b in boxes]
+    # Stored rotated, EXIF orientation 6 ("rotate 90° clockwise to display"): displays as `scene`.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("exif_rotated.jpg", scene.transpose(Image.Transpose.ROTATE_90), ("ok", (400, 300), gt),
+         exif=exif, quality=95)
+    save("rgba.png", scene.convert("RGBA"), ("ok", (400, 300), gt))
+    save("cmyk.jpg", scene.convert("CMYK"), ("ok", (400, 300), None), quality=95)
+    save("palette.gif", scene.convert("P"), ("ok", (400, 300), None))
+    grey16 = (np.asarray(scene.convert("L"), dtype=np.uint16) * 257)
+    save("sixteen_bit.png", Image.fromarray(grey16), ("ok", (400, 300), None))
+    save("animated.gif", scene.convert("P"), ("ok", (400, 300), None), save_all=True,
+         append_images=[Image.new("P", (400, 300))], duration=100, loop=0)
+    save("multipage.tif", scene, ("ok", (400, 300), gt), save_all=True, append_images=[Image.new("RGB", (400, 300))])
+    save("image.webp", scene, ("ok", (400, 300), None), quality=90)
+    save("one_pixel.png", Image.new("RGB", (1, 1), (200, 10, 10)), ("ok", (1, 1), None))
+    with open(os.path.join(folder, "bomb_header.png"), "wb") as fh:
+        fh.write(_png_with_size(100_000, 100_000))
+    expected["bomb_header.png"] = ("fail", "image_too_large")
+    # A HEIF container header: a real format that Pillow cannot decode without a plugin.
+    with open(os.path.join(folder, "unsupported_heic.jpg"), "wb") as fh:
+        fh.write(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    expected["unsupported_heic.jpg"] = ("fail", "unidentified_image")
+    for name, etype in write_bad_inputs(folder).items():
+        expected[name] = ("fail", etype)
+    return expected
