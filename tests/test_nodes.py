@@ -1,0 +1,46 @@
+"""Several nodes on this machine (ray.cluster_utils.Cluster): actors spread over the nodes, and losing a
+node mid-run still completes the job with every image exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from batch_detect.synthetic import write_dataset
+from batch_detect.verify import verify
+
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_loss_driver.py")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nodes") / "images"
+    write_dataset(str(folder), 500, seed=12, sizes=((160, 120), (120, 160)))
+    return str(folder)
+
+
+def run_on_cluster(models_dir, images, out, mode) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, DRIVER, os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
+                             images, out, mode], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_actors_spread_over_nodes_and_a_lost_node_loses_nothing(models_dir, images, tmp_path):
+    out = str(tmp_path / "out")
+    report = run_on_cluster(models_dir, images, out, "remove")
+    manifest = report["manifest"]
+    assert manifest is not None and manifest["status"] == "complete"
+    # both actors started, one on each worker node (the head has no CPUs)
+    assert sorted(manifest["cluster"]["nodes"]) == report["worker_nodes"]
+    assert report["removed_at"] < manifest["plan"]["num_shards"], "the run ended before the node was removed"
+    assert manifest["counts"]["images"] == 500 and manifest["counts"]["failures"] == 0
+    check = verify(out, images)
+    assert check.ok, check.problems
