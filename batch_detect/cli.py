@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .config import IMAGE_EXTENSIONS, NORMALIZATIONS, RunConfig
+from .config import IMAGE_EXTENSIONS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
 from .errors import BatchDetectError
 from .geometry import RESIZE_MODES
 from .progress import Progress
@@ -23,33 +23,37 @@ def _storage_option(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batch-detect", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a TFLite detector over images into Parquet")
-    run.add_argument("--model", required=True, help="path or URL of the .tflite detector")
-    run.add_argument("--input", required=True, help="folder, prefix or glob of images (local or fsspec URL)")
-    run.add_argument("--output", required=True, help="folder or prefix for the Parquet output")
+    # Run options default to "not given" so that a --config file can supply them and flags override it.
+    run = sub.add_parser("run", help="run a TFLite detector over images into Parquet",
+                         argument_default=argparse.SUPPRESS)
+    run.add_argument("--config", help="TOML file with any of these options as keys (flags override it)")
+    run.add_argument("--model", help="path or URL of the .tflite detector (required)")
+    run.add_argument("--input", help="folder, prefix or glob of images, local or fsspec URL (required)")
+    run.add_argument("--output", help="folder or prefix for the Parquet output (required)")
     run.add_argument("--labels", help="labels file: one label per line, or `id label` lines")
-    run.add_argument("--score-threshold", type=float, default=0.25)
-    run.add_argument("--shard-size", type=int, default=64, help="images per shard (unit of work and commit)")
-    run.add_argument("--resize", choices=RESIZE_MODES, default="stretch")
-    run.add_argument("--normalization", choices=NORMALIZATIONS, default="auto",
+    run.add_argument("--score-threshold", type=float, help="default 0.25")
+    run.add_argument("--shard-size", type=int, help="images per shard, the unit of work and commit (default 64)")
+    run.add_argument("--resize", choices=RESIZE_MODES, help="default stretch")
+    run.add_argument("--normalization", choices=NORMALIZATIONS,
                      help="float inputs: pixel range the model expects; integer inputs follow the model's "
-                          "quantization unless forced (auto)")
-    run.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
-    run.add_argument("--extensions", default=",".join(e.lstrip(".") for e in IMAGE_EXTENSIONS),
-                     help="comma-separated file extensions to process; '*' for every file")
-    run.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else an "
-                                                      "embedded local Ray)")
-    run.add_argument("--num-actors", type=int, default=None, help="default: one per --cpus-per-actor CPUs")
-    run.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs (and interpreter threads) per actor")
-    run.add_argument("--max-shards-in-flight", type=int, default=2, help="per actor: the backpressure bound")
-    run.add_argument("--storage-option", action="append", type=_storage_option, default=[],
+                          "quantization unless forced (default auto)")
+    run.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this")
+    run.add_argument("--extensions", help="comma-separated file extensions to process; '*' for every file "
+                                          f"(default {','.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
+    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
+    run.add_argument("--num-actors", type=int, help="default: one per --cpus-per-actor CPUs")
+    run.add_argument("--cpus-per-actor", type=int, help="CPUs (and interpreter threads) per actor (default 1)")
+    run.add_argument("--max-shards-in-flight", type=int, help="per actor: the backpressure bound (default 2)")
+    run.add_argument("--storage-option", action="append", type=_storage_option, dest="storage_options",
                      metavar="KEY=VALUE", help="fsspec storage option (e.g. endpoint_url=...), repeatable")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     run.add_argument("--resume", action="store_true",
                      help="finish a previous run in --output (re-running the same command does this too); "
                           "refused if the model, input or settings changed")
-    run.add_argument("--max-failure-rate", type=float, default=None, metavar="R",
+    run.add_argument("--max-failure-rate", type=float, metavar="R",
                      help="exit 1 (after committing everything) when more than this fraction of images failed")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list, plan, load the model and time it on a sample; print the plan, write nothing")
     run.add_argument("--json", action="store_true", help="print the final manifest as JSON")
 
     ver = sub.add_parser("verify", help="check that an output is whole: every image exactly once, all committed")
@@ -60,22 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CLI_ONLY = ("config", "json", "dry_run", "command")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    extensions = () if args.extensions.strip() == "*" else tuple(
-        e.strip() for e in args.extensions.split(",") if e.strip()
-    )
-    kwargs = dict(
-        model=args.model, input=args.input, output=args.output, labels=args.labels,
-        score_threshold=args.score_threshold, shard_size=args.shard_size, resize=args.resize,
-        normalization=args.normalization, extensions=extensions, address=args.address,
-        num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-        max_shards_in_flight=args.max_shards_in_flight, overwrite=args.overwrite, resume=args.resume,
-        max_failure_rate=args.max_failure_rate,
-        storage_options=dict(args.storage_option),
-    )
-    if args.max_pixels is not None:
-        kwargs["max_pixels"] = args.max_pixels
-    return RunConfig(**kwargs)
+    """RunConfig defaults, then the --config file, then the flags given on the command line."""
+    flags = {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
+    if "storage_options" in flags:
+        flags["storage_options"] = dict(flags["storage_options"])
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    if "storage_options" in values and "storage_options" in flags:
+        flags["storage_options"] = {**values["storage_options"], **flags["storage_options"]}
+    return config_from_values({**values, **flags})
 
 
 def _print_summary(manifest: dict, out) -> None:
@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             progress["bar"] = Progress(images, shards, done_images=done_images, done_shards=done_shards)
 
         try:
-            summary = run(config_from_args(args), on_start=on_start,
+            config = config_from_args(args)
+            if getattr(args, "dry_run", False):
+                from .dryrun import dry_run
+
+                print(dry_run(config))
+                return 0
+            summary = run(config, on_start=on_start,
                           on_shard=lambda s: progress["bar"].update(s))
         except BatchDetectError as exc:
             print(f"batch-detect: error: {exc}", file=sys.stderr)
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"output: {summary.output}", file=sys.stdout)
         if manifest["status"] != "complete":
             return 1
-        rate, limit = manifest["counts"]["failure_rate"], args.max_failure_rate
+        rate, limit = manifest["counts"]["failure_rate"], config.max_failure_rate
         if limit is not None and rate > limit:
             kinds = ", ".join(f"{k}: {v}" for k, v in sorted(manifest["counts"]["failure_types"].items()))
             print(f"batch-detect: {rate:.1%} of images failed, over --max-failure-rate {limit:g} "

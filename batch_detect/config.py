@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import ConfigError
 from .geometry import RESIZE_MODES
@@ -18,9 +20,9 @@ _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|key)
 
 @dataclass
 class RunConfig:
-    model: str
-    input: str
-    output: str
+    model: str = ""
+    input: str = ""
+    output: str = ""
     labels: str | None = None
     score_threshold: float = 0.25
     shard_size: int = 64
@@ -91,3 +93,50 @@ def absolute_local(url: str) -> str:
 
 def redact(options: dict) -> dict:
     return {k: ("***" if _SECRET_KEY.search(str(k)) else v) for k, v in options.items()}
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(RunConfig)]
+
+
+def config_from_values(values: dict, source: str = "settings") -> RunConfig:
+    """A RunConfig from keys named like the fields or the flags (`score-threshold` or `score_threshold`)."""
+    kwargs = {}
+    for key, value in _checked_keys(values, source).items():
+        name = key
+        if name == "extensions" and isinstance(value, str):
+            value = () if value.strip() == "*" else tuple(e.strip() for e in value.split(",") if e.strip())
+        elif name == "extensions":
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return RunConfig(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _checked_keys(values: dict, source: str) -> dict:
+    names = _field_names()
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name == "storage_option":
+            name = "storage_options"
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+        out[name] = value
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    """A TOML job file: every `batch-detect run` option as a key; `[storage_options]` as a table."""
+    try:
+        with open(path, "rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    return _checked_keys(values, path)  # unknown keys are reported against the file

@@ -1,0 +1,67 @@
+"""`batch-detect run --dry-run`: what a run would do and roughly how long it would take, without
+writing anything: the listing and plan, the model's family and I/O, and the model timed on a sample."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+
+from .config import RunConfig
+from .detector import Detector
+from .distributed import connect
+from .pipeline import prepare
+from .reading import Reader
+
+SAMPLE = 16
+
+
+def dry_run(config: RunConfig) -> str:
+    ready = prepare(config)  # every check a run makes before it starts; writes nothing
+    listing, shards, info = ready["listing"], ready["shards"], ready["info"]
+    detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor,
+                        score_threshold=config.score_threshold, resize=config.resize,
+                        normalization=config.normalization, max_pixels=config.max_pixels, model_url=config.model)
+    reader = Reader(config.storage_options)
+    sample = listing.uris[:: max(1, len(listing.uris) // SAMPLE)][:SAMPLE]
+    t0 = time.perf_counter()
+    failures = 0
+    for uri in sample:
+        try:
+            data = reader.read(uri)
+        except Exception:
+            failures += 1
+            continue
+        failures += int(not hasattr(detector.process(uri, data), "detections"))
+    per_image = (time.perf_counter() - t0) / max(len(sample), 1)
+
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        started = connect(config.address)
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        if started:
+            ray.shutdown()
+        where = f"the cluster at {config.address or os.environ['RAY_ADDRESS']}"
+    else:
+        cpus = float(os.cpu_count() or 1)
+        where = "an embedded local Ray on this machine"
+    actors = config.num_actors or max(1, int(cpus // config.cpus_per_actor))
+    actors = min(actors, len(shards))
+    estimate = len(listing.uris) * per_image / actors
+    d = info.describe()
+    i = d["input"]
+    lines = [
+        f"dry run: nothing was written to {config.output}",
+        f"input: {len(listing.uris)} images found at {config.input} "
+        f"({len(listing.skipped)} other files skipped)",
+        f"plan: {len(shards)} shards of up to {config.shard_size} images",
+        f"model: {config.model} ({d['family']}, backend {ready['backend'].name} {ready['backend'].version})",
+        f"  input {i['name']} {i['shape']} {i['dtype']} scale={i['scale']:g} zero_point={i['zero_point']} "
+        f"normalization={i['normalization']}",
+        *[f"  output {o['name']} {o['shape']} {o['dtype']} -> {o['role']}" for o in d["outputs"]],
+        f"sample: {len(sample)} images, {per_image * 1000:.1f} ms each on one CPU "
+        f"({failures} would fail)",
+        f"estimate: {actors} actors on {where} ({cpus:g} CPUs): about {estimate:.0f}s of processing "
+        "plus start-up",
+    ]
+    return "\n".join(lines)
