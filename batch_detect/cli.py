@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             print("batch-detect: interrupted; the output is incomplete (see its _manifest.json)", file=sys.stderr)
             return 130
         manifest = summary.manifest
-        if args.json:
+        if getattr(args, "json", False):
             print(json.dumps(manifest, indent=2, sort_keys=True))
         else:
             _print_summary(manifest, sys.stdout)
