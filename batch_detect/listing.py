@@ -24,6 +24,49 @@ class Shard:
 class Listing:
     uris: list[str]  # sorted, full URIs (protocol included for remote stores)
     skipped: list[str]  # files whose extension is not an image extension
+    duplicates: int = 0  # URIs a manifest listed more than once (each is planned once)
+
+
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> Listing:
+    """A manifest file: text with one URI per line, or CSV/Parquet with a `uri` column. Relative
+    local paths are taken relative to the manifest's folder."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    suffix = posixpath.splitext(path)[1].lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh)
+            if "uri" not in table.column_names:
+                raise InputError(f"manifest {url!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
+            raw = [u for u in table.column("uri").to_pylist() if u]
+        elif suffix == ".csv":
+            import csv
+            import io
+
+            reader = csv.DictReader(io.StringIO(fs.cat_file(path).decode("utf-8")))
+            if "uri" not in (reader.fieldnames or []):
+                raise InputError(f"manifest {url!r} has no 'uri' column in its header ({reader.fieldnames})")
+            raw = [row["uri"].strip() for row in reader if row.get("uri", "").strip()]
+        else:
+            raw = [ln.strip() for ln in fs.cat_file(path).decode("utf-8").splitlines()
+                   if ln.strip() and not ln.lstrip().startswith("#")]
+    except FileNotFoundError:
+        raise InputError(f"manifest {url!r} not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"manifest {url!r} is not UTF-8 text") from None
+    base = posixpath.dirname(_full_uri(fs, path))
+    uris = []
+    for u in raw:
+        if "://" not in u and not u.startswith("/"):
+            u = posixpath.join(base, u)
+        uris.append(u)
+    unique = sorted(set(uris))
+    return Listing(uris=unique, skipped=[], duplicates=len(uris) - len(unique))
 
 
 def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -39,6 +82,13 @@ def list_input(url: str, extensions: tuple[str, ...], storage_options: dict | No
         fs, path = url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as exc:
         raise InputError(f"cannot open input {url!r}: {exc}") from None
+    if posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES and not any(ch in path for ch in _GLOB_CHARS):
+        try:
+            is_file = fs.isfile(path)
+        except OSError:
+            is_file = False
+        if is_file:
+            return read_manifest(url, storage_options)
     try:
         if any(ch in path for ch in _GLOB_CHARS):
             found = fs.glob(path, detail=True)

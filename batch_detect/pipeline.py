@@ -124,6 +124,7 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
         "plan": {"shard_size": config.shard_size, "num_shards": len(shards), "num_images": len(listing.uris),
                  "fingerprint": ready["identity"]["plan_fingerprint"], "file": PLAN},
         "input": {"listed": len(listing.uris), "skipped_non_image": len(listing.skipped),
+                  "manifest_duplicates": listing.duplicates,
                   "skipped_examples": listing.skipped[:20]},
     }
 

@@ -50,3 +50,23 @@ def test_list_glob_and_memory_filesystem(tmp_path):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         list_input(str(tmp_path / "nope"), (".jpg",))
+
+
+def test_manifest_files_give_the_same_plan_as_listing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for rel in ["imgs/a.jpg", "imgs/b.jpg", "imgs/c.png"]:
+        _touch(str(tmp_path / rel))
+    listed = list_input(str(tmp_path / "imgs"), (".jpg", ".png"))
+    (tmp_path / "list.txt").write_text("# images\nimgs/c.png\nimgs/a.jpg\n\nimgs/b.jpg\nimgs/a.jpg\n")
+    (tmp_path / "list.csv").write_text("uri,note\n" + "\n".join(f"{u},x" for u in reversed(listed.uris)) + "\n")
+    pq.write_table(pa.table({"uri": listed.uris[::-1], "id": [1, 2, 3]}), str(tmp_path / "list.parquet"))
+    for name in ("list.txt", "list.csv", "list.parquet"):
+        got = list_input(str(tmp_path / name), (".jpg",))
+        assert got.uris == listed.uris, name
+        assert plan_fingerprint(plan_shards(got.uris, 2)) == plan_fingerprint(plan_shards(listed.uris, 2))
+    assert list_input(str(tmp_path / "list.txt"), ()).duplicates == 1
+    (tmp_path / "bad.csv").write_text("path\nimgs/a.jpg\n")
+    with pytest.raises(InputError, match="no 'uri' column"):
+        list_input(str(tmp_path / "bad.csv"), ())

@@ -47,3 +47,21 @@ def test_bucket_in_bucket_out(local_ray, bucket, tmp_path):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
     assert manifest["config"]["storage_options"]["secret"] == "***"
+
+
+def test_manifest_input_transient_faults_and_a_missing_key(local_ray, bucket, tmp_path):
+    """Input as a manifest in the bucket, read through a proxy that throttles ~5% of GETs: the storage
+    library's retries absorb them (no failure records); a key that does not exist is a `read` failure."""
+    from flaky_proxy import FlakyProxy
+
+    name, options, fs, truth = bucket
+    listed = [f"s3://{name}/in/{k}" for k in sorted(truth)] + [f"s3://{name}/in/deleted_after_listing.jpg"]
+    fs.pipe(f"{name}/list.txt", "\n".join(listed).encode())
+    with FlakyProxy(options["endpoint_url"], fail_fraction=0.05, seed=1) as proxy:
+        flaky = {**options, "endpoint_url": proxy.url}
+        manifest = run(RunConfig(model=f"s3://{name}/models/m.tflite", input=f"s3://{name}/list.txt",
+                                 output=f"s3://{name}/out-flaky", shard_size=4, storage_options=flaky)).manifest
+        assert proxy.injected > 0, "no fault was injected: the test tested nothing"
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["images"] == len(truth)
+    assert manifest["counts"]["failure_types"] == {"read/not_found": 1}

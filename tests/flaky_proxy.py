@@ -1,0 +1,84 @@
+"""A loopback HTTP proxy in front of the S3 server that fails a seeded fraction of object GETs with a
+transient 503 SlowDown, as a throttled or overloaded store does."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class FlakyProxy:
+    def __init__(self, upstream: str, fail_fraction: float, seed: int = 0):
+        target = urlsplit(upstream)
+        self.upstream = (target.hostname, target.port)
+        self.fail_fraction = fail_fraction
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.injected = 0
+        self.object_gets = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                path = urlsplit(self.path).path
+                is_object_get = self.command == "GET" and path.count("/") >= 2 and "?" not in self.path
+                if is_object_get:
+                    with proxy.lock:
+                        proxy.object_gets += 1
+                        fail = proxy.rng.random() < proxy.fail_fraction
+                        proxy.injected += fail
+                    if fail:
+                        self.send_response(503)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                        self.end_headers()
+                        self.wfile.write(SLOW_DOWN)
+                        return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    # HEAD answers carry the object's length with no body: pass that one through
+                    if k.lower() in ("transfer-encoding", "connection") or (
+                            k.lower() == "content-length" and self.command != "HEAD"):
+                        continue
+                    self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "FlakyProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
