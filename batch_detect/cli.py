@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="list, plan, load the model and time it on a sample; print the plan, write nothing")
     run.add_argument("--json", action="store_true", help="print the final manifest as JSON")
 
+    ins = sub.add_parser("inspect", help="explain a model: tensors, ops, detected family, warnings")
+    ins.add_argument("model", help="path or URL of a .tflite file")
+    ins.add_argument("--normalization", choices=NORMALIZATIONS, default="auto")
+    ins.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+
     ver = sub.add_parser("verify", help="check that an output is whole: every image exactly once, all committed")
     ver.add_argument("output", help="the --output of a run")
     ver.add_argument("--input", default=None, help="also check the plan against what this input lists now")
@@ -111,6 +117,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        from .inspect import inspect_model, render
+
+        try:
+            report = inspect_model(args.model, args.normalization, dict(args.storage_option))
+        except BatchDetectError as exc:
+            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(report, indent=2) if args.json else render(report))
+        return 0 if report["family"] else 1
     if args.command == "verify":
         try:
             return _verify(args)
