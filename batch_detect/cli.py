@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-actors", type=int, help="default: one per --cpus-per-actor CPUs")
     run.add_argument("--cpus-per-actor", type=int, help="CPUs (and interpreter threads) per actor (default 1)")
     run.add_argument("--max-shards-in-flight", type=int, help="per actor: the backpressure bound (default 2)")
+    run.add_argument("--memory-per-actor-mb", type=int,
+                     help="memory Ray reserves per actor (default: estimated from the model and prefetch)")
+    run.add_argument("--node-memory-share", type=float,
+                     help="share of each node's Ray memory detector actors may reserve (default 0.8)")
     run.add_argument("--storage-option", action="append", type=_storage_option, dest="storage_options",
                      metavar="KEY=VALUE", help="fsspec storage option (e.g. endpoint_url=...), repeatable")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")

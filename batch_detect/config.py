@@ -34,6 +34,8 @@ class RunConfig:
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
     cpus_per_actor: int = 1  # also the interpreter's num_threads
     max_shards_in_flight: int = 2  # per actor: the backpressure bound
+    memory_per_actor_mb: int | None = None  # None: estimated from the model and the prefetch depth
+    node_memory_share: float = 0.8  # of each node's Ray memory that detector actors may reserve
     overwrite: bool = False
     resume: bool = False  # re-running the same job into the same output resumes it anyway; this insists
     max_failure_rate: float | None = None  # exit non-zero (after committing) when failures exceed it
@@ -62,6 +64,10 @@ class RunConfig:
             raise ConfigError(f"--num-actors must be at least 1, got {self.num_actors}")
         if self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
+        if self.memory_per_actor_mb is not None and self.memory_per_actor_mb < 1:
+            raise ConfigError(f"--memory-per-actor-mb must be positive, got {self.memory_per_actor_mb}")
+        if not 0.0 < self.node_memory_share <= 1.0:
+            raise ConfigError(f"--node-memory-share must be within (0, 1], got {self.node_memory_share}")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume contradict each other: pick one")
         if self.max_failure_rate is not None and not 0.0 <= self.max_failure_rate <= 1.0:

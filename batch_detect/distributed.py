@@ -30,6 +30,8 @@ from .worker import ShardRows, run_shard
 log = logging.getLogger(__name__)
 
 MAX_SHARD_ATTEMPTS = 3
+GROWTH_CHECK_S = 5.0
+PREFETCH = 4  # images read and decoded ahead of the interpreter, per actor
 ACTOR_START_TIMEOUT_S = 180
 
 
@@ -37,6 +39,7 @@ ACTOR_START_TIMEOUT_S = 180
 class WorkerSettings:
     model_url: str
     model_sha256: str
+    memory_per_actor: int
     backend: str
     num_threads: int
     score_threshold: float
@@ -46,7 +49,7 @@ class WorkerSettings:
     labels: list | None
     output_url: str
     storage_options: dict
-    prefetch: int = 4
+    prefetch: int = PREFETCH
 
 
 def connect(address: str | None) -> bool:
@@ -71,17 +74,48 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def size_pool(num_actors: int | None, cpus_per_actor: int, num_shards: int) -> tuple[int, float]:
-    """(actors, cluster CPUs): one actor per `cpus_per_actor` CPUs unless told, never more than shards."""
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+MIB = 1 << 20
+
+
+def estimate_actor_memory(model_bytes: int, input_bytes: int, prefetch: int) -> int:
+    """A detector actor's resident memory, in bytes, for Ray to reserve: a Python worker with numpy,
+    pyarrow and Pillow (~300 MiB), the interpreter (model plus arena, a few times the model), and the
+    images in flight (prefetch + 1 decoded images of up to ~12 MP RGB, plus their input tensors)."""
+    return 300 * MIB + 4 * model_bytes + (prefetch + 1) * (36 * MIB + 2 * input_bytes)
+
+
+def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float) -> dict[str, int]:
+    """Actors each live node can hold: bounded by its CPUs and by a share of its memory."""
+    out = {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        by_cpu = int(res.get("CPU", 0) // cpus_per_actor)
+        by_mem = int(res.get("memory", 0) * share // memory_per_actor)
+        out[node["NodeID"]] = min(by_cpu, by_mem)
+    return out
+
+
+def size_pool(num_actors: int | None, cpus_per_actor: int, memory_per_actor: int, share: float,
+              num_shards: int) -> tuple[int, dict]:
+    """(actors to start, per-node capacity). Auto: what the nodes hold; never more than shards."""
+    capacity = node_capacity(cpus_per_actor, memory_per_actor, share)
+    total = sum(capacity.values())
     if num_actors is None:
-        num_actors = max(1, int(cluster_cpus // cpus_per_actor))
-    if num_actors * cpus_per_actor > cluster_cpus:
+        if total == 0:
+            raise ConfigError(
+                f"no node can hold a detector actor ({cpus_per_actor} CPU, {memory_per_actor / MIB:.0f} MiB "
+                f"within {share:.0%} of its memory): add nodes, or lower --cpus-per-actor / --memory-per-actor-mb"
+            )
+        num_actors = total
+    elif num_actors > total:
         raise ConfigError(
-            f"{num_actors} actors x {cpus_per_actor} CPUs need {num_actors * cpus_per_actor} CPUs but the "
-            f"cluster has {cluster_cpus:g}: lower --num-actors or --cpus-per-actor, or add nodes"
+            f"{num_actors} actors of {cpus_per_actor} CPU and {memory_per_actor / MIB:.0f} MiB do not fit: the "
+            f"cluster's nodes hold {total} ({', '.join(f'{n[:8]}: {c}' for n, c in capacity.items())}). "
+            "Lower --num-actors, --cpus-per-actor or --memory-per-actor-mb, or add nodes"
         )
-    return max(1, min(num_actors, num_shards)), cluster_cpus
+    return max(1, min(num_actors, num_shards)), capacity
 
 
 class DetectorActor:
@@ -177,6 +211,7 @@ def run_shards(
     cpus_per_actor: int,
     max_in_flight: int,
     on_shard: Callable[[dict], None] | None = None,
+    grow: Callable[[], int] | None = None,
 ) -> dict:
     """Process every shard exactly once into committed output; returns pool facts for the manifest.
 
@@ -186,7 +221,8 @@ def run_shards(
     # Variables of ours (e.g. the test-only crash hook) reach actors on every node.
     env = {k: v for k, v in os.environ.items() if k.startswith("BATCH_DETECT_")}
     actor_cls = ray.remote(DetectorActor).options(
-        num_cpus=cpus_per_actor, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
+        num_cpus=cpus_per_actor, memory=settings.memory_per_actor, max_restarts=-1, max_task_retries=0,
+        scheduling_strategy="SPREAD",
         **({"runtime_env": {"env_vars": env}} if env else {}),
     )
     actors = [actor_cls.remote(settings) for _ in range(num_actors)]
@@ -232,7 +268,24 @@ def run_shards(
                 iso.parts_left += 1
                 pending.appendleft(_Work(work.shard, half))
 
+    starting: dict = {}  # info ObjectRef of an actor added mid-run -> its index
+    last_growth_check = time.monotonic()
+    placements = list(placements)
+
+    def add_actors() -> None:
+        """Nodes that joined mid-run (autoscaling) get actors; work goes to them once they answer."""
+        wanted = min(grow() - len(actors), len(pending)) if grow is not None else 0
+        for _ in range(max(0, wanted)):
+            actors.append(actor_cls.remote(settings))
+            load.append(0)
+            starting[actors[-1].info.remote()] = len(actors) - 1
+        if wanted > 0:
+            log.info("the cluster grew: %d more detector actors", wanted)
+
     while pending or inflight:
+        if grow is not None and pending and time.monotonic() - last_growth_check > GROWTH_CHECK_S:
+            last_growth_check = time.monotonic()
+            add_actors()
         for i in sorted(alive, key=lambda j: load[j]):
             while pending and load[i] < max_in_flight:
                 work = pending.popleft()
@@ -240,10 +293,18 @@ def run_shards(
                         else actors[i].process_part.remote(work.shard.shard_id, work.uris))
                 inflight[call] = (i, work)
                 load[i] += 1
-        if not inflight:
+        if not inflight and not starting:
             raise RuntimeError("every detector actor has died; see the Ray logs for the cause")
-        done, _ = ray.wait(list(inflight), num_returns=1)
+        done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=GROWTH_CHECK_S)
         for ref in done:
+            if ref in starting:
+                j = starting.pop(ref)
+                try:
+                    placements.append(ray.get(ref))
+                    alive.add(j)
+                except RayActorError:
+                    pass
+                continue
             i, work = inflight.pop(ref)
             load[i] -= 1
             try:
@@ -285,8 +346,8 @@ def run_shards(
                 part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
     for a in actors:
         ray.kill(a)
-    return {"actors": num_actors, "cpus_per_actor": cpus_per_actor,
-            "nodes": sorted({p["node_id"] for p in placements})}
+    return {"actors": len(actors), "actors_at_start": num_actors, "cpus_per_actor": cpus_per_actor,
+            "memory_per_actor": settings.memory_per_actor, "nodes": sorted({p["node_id"] for p in placements})}
 
 
 def _check_alive(actors: list, i: int, alive: set) -> None:

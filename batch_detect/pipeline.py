@@ -18,7 +18,8 @@ import ray
 from . import __version__
 from .config import RunConfig
 from .detector import inspect_interpreter
-from .distributed import WorkerSettings, connect, run_shards, size_pool
+from .distributed import (MIB, PREFETCH, WorkerSettings, connect, estimate_actor_memory, node_capacity,
+                          run_shards, size_pool)
 from .errors import InputError, ModelError, OutputError
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .labels import load_labels
@@ -134,7 +135,13 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
     try:
         done_before = store.committed_shards() if previous else {}
         todo = [s for s in shards if s.shard_id not in done_before]
-        num_actors, cluster_cpus = size_pool(config.num_actors, config.cpus_per_actor, max(len(todo), 1))
+        info = ready["info"].input
+        input_bytes = info.height * info.width * info.channels * (4 if info.tensor.dtype == "float32" else 1)
+        memory_per_actor = (config.memory_per_actor_mb * MIB if config.memory_per_actor_mb
+                            else estimate_actor_memory(len(ready["model_content"]), input_bytes, PREFETCH))
+        num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor, memory_per_actor,
+                                         config.node_memory_share, max(len(todo), 1))
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
         ray_start_s = time.perf_counter() - t_ray
         if config.overwrite:
             store.clear()
@@ -176,14 +183,21 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
             on_start(len(listing.uris), len(shards), num_actors, len(done_before),
                      totals["images"] + totals["failures"])
         settings = WorkerSettings(
-            model_url=config.model, model_sha256=model_sha, backend=ready["backend"].name,
+            model_url=config.model, model_sha256=model_sha, memory_per_actor=memory_per_actor,
+            backend=ready["backend"].name,
             num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
             normalization=config.normalization, max_pixels=config.max_pixels, labels=ready["labels"],
             output_url=config.output, storage_options=config.storage_options,
         )
+        def grow() -> int:
+            return sum(node_capacity(config.cpus_per_actor, memory_per_actor, config.node_memory_share).values())
+
+        if config.num_actors is not None:
+            grow = None  # the user fixed the pool size
         t_run = time.perf_counter()
         pool = run_shards(todo, settings, num_actors=num_actors, cpus_per_actor=config.cpus_per_actor,
-                          max_in_flight=config.max_shards_in_flight, on_shard=shard_done) if todo else {
+                          max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
+                          grow=grow) if todo else {
             "actors": 0, "cpus_per_actor": config.cpus_per_actor, "nodes": []}
         run_s = time.perf_counter() - t_run
     except BaseException as exc:
@@ -202,7 +216,7 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
     manifest.update(
         status="complete" if complete else "incomplete",
         finished_at=_now(),
-        cluster={"cpus": cluster_cpus, **pool},
+        cluster={"cpus": cluster_cpus, "capacity_at_start": capacity, **pool},
         counts={"listed": len(listing.uris), **totals, "committed_shards": len(committed),
                 "skipped_committed_shards": len(done_before), "failure_types": failure_types,
                 "failure_rate": totals["failures"] / max(len(listing.uris), 1)},

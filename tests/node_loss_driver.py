@@ -17,13 +17,15 @@ from batch_detect.pipeline import run  # noqa: E402
 
 
 def main() -> None:
-    model, images, out, remove = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "remove"
+    model, images, out, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    remove, join = mode == "remove", mode == "join"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=1 if join else 2) for _ in range(1 if join else 2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     result: dict = {}
-    cfg = RunConfig(model=model, input=images, output=out, shard_size=8, num_actors=2)
+    # remove: a fixed pool of 2 (one per node); join: an automatic pool that must grow
+    cfg = RunConfig(model=model, input=images, output=out, shard_size=8, num_actors=None if join else 2)
     thread = threading.Thread(target=lambda: result.update(manifest=run(cfg).manifest))
     thread.start()
     removed_at = None
@@ -33,10 +35,22 @@ def main() -> None:
             time.sleep(0.02)
         removed_at = len(os.listdir(shard_dir)) if os.path.isdir(shard_dir) else 0
         cluster.remove_node(workers[1], allow_graceful=False)
+    if join:
+        shard_dir = os.path.join(out, "_shards")
+        while thread.is_alive() and (not os.path.isdir(shard_dir) or len(os.listdir(shard_dir)) < 3):
+            time.sleep(0.02)
+        removed_at = len(os.listdir(shard_dir)) if os.path.isdir(shard_dir) else 0
+        workers.append(cluster.add_node(num_cpus=1))
     thread.join(600)
     nodes = {n.node_id for n in workers}
-    print("RESULT " + json.dumps({"manifest": result.get("manifest"), "worker_nodes": sorted(nodes),
-                      "removed_at": removed_at}), flush=True)
+    shard_nodes = {}
+    shard_dir = os.path.join(out, "_shards")
+    for name in os.listdir(shard_dir):
+        with open(os.path.join(shard_dir, name)) as fh:
+            node = json.load(fh).get("node_id")
+        shard_nodes[node] = shard_nodes.get(node, 0) + 1
+    print("RESULT " + json.dumps({"manifest": result.get("manifest"), "worker_nodes": [n.node_id for n in workers],
+                                  "removed_at": removed_at, "shards_per_node": shard_nodes}), flush=True)
     ray.shutdown()
     cluster.shutdown()
 

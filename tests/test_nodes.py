@@ -39,8 +39,22 @@ def test_actors_spread_over_nodes_and_a_lost_node_loses_nothing(models_dir, imag
     manifest = report["manifest"]
     assert manifest is not None and manifest["status"] == "complete"
     # both actors started, one on each worker node (the head has no CPUs)
-    assert sorted(manifest["cluster"]["nodes"]) == report["worker_nodes"]
+    assert sorted(manifest["cluster"]["nodes"]) == sorted(report["worker_nodes"])
     assert report["removed_at"] < manifest["plan"]["num_shards"], "the run ended before the node was removed"
     assert manifest["counts"]["images"] == 500 and manifest["counts"]["failures"] == 0
     check = verify(out, images)
     assert check.ok, check.problems
+
+
+def test_a_node_joining_mid_run_gets_work(models_dir, tmp_path):
+    images = tmp_path / "images"
+    write_dataset(str(images), 2400, seed=13, sizes=((160, 120), (120, 160)))
+    out = str(tmp_path / "out")
+    report = run_on_cluster(models_dir, str(images), out, "join")
+    manifest = report["manifest"]
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == 2400
+    first, joined = report["worker_nodes"]
+    assert manifest["cluster"]["actors_at_start"] == 1 and manifest["cluster"]["actors"] == 2
+    assert report["removed_at"] < manifest["plan"]["num_shards"]
+    assert report["shards_per_node"].get(joined, 0) > 0, report["shards_per_node"]
+    assert verify(out, str(images)).ok
