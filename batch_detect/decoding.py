@@ -118,3 +118,95 @@ def decode_ssd(arrays: dict[int, np.ndarray], layout: SsdLayout, score_threshold
         class_ids=np.rint(classes[keep]).astype(np.int32),
         scores=scores[keep].astype(np.float32),
     )
+
+
+@dataclass(frozen=True)
+class YoloLayout:
+    """One raw prediction tensor: YOLOv8-style [1, 4+C, N] (transposed, no objectness) or
+    YOLOv5-style [1, N, 5+C] (objectness first); boxes are xc, yc, w, h, normalised or in pixels."""
+
+    output: TensorSpec
+    transposed: bool
+    objectness: bool
+    num_classes: int
+    family: str = "yolo"
+
+    @property
+    def max_detections(self) -> int:
+        return MAX_DETECTIONS
+
+
+MAX_DETECTIONS = 100
+NMS_IOU = 0.45
+
+
+def identify_outputs(outputs: list[TensorSpec]) -> SsdLayout | YoloLayout:
+    """The detector family, from the outputs' number, shapes and names."""
+    if len(outputs) == 1 and len(outputs[0].shape) == 3 and outputs[0].shape[0] == 1:
+        o = outputs[0]
+        _, a, b = o.shape
+        if b > a > 4:  # [1, 4+C, N]: more predictions than channels
+            return YoloLayout(o, transposed=True, objectness=False, num_classes=a - 4, family="yolov8")
+        if a > b > 5:  # [1, N, 5+C]
+            return YoloLayout(o, transposed=False, objectness=True, num_classes=b - 5, family="yolov5")
+    return identify_ssd_outputs(outputs)
+
+
+def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int) -> np.ndarray:
+    """Class-aware greedy non-maximum suppression; returns kept indices, best first. Boxes of different
+    classes are moved apart so one pass handles every class."""
+    if len(scores) == 0:
+        return np.zeros(0, np.int64)
+    offset = classes.astype(np.float32)[:, None] * (float(boxes_xyxy.max()) + 1.0)
+    b = boxes_xyxy + offset
+    areas = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size and len(keep) < limit:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = (np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0])).clip(0)
+        h = (np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1])).clip(0)
+        inter = w * h
+        overlap = inter / (areas[i] + areas[rest] - inter + 1e-12)
+        order = rest[overlap <= iou]
+    return np.array(keep, np.int64)
+
+
+def decode_yolo(arrays: dict[int, np.ndarray], layout: YoloLayout, score_threshold: float,
+                input_hw: tuple[int, int]) -> Detections:
+    try:
+        pred = layout.output.dequantize(arrays[layout.output.index])[0]
+    except (KeyError, ValueError) as exc:
+        raise PostprocessError(f"model outputs do not match their description: {exc}") from None
+    if layout.transposed:
+        pred = pred.T  # [N, 4+C]
+    if not np.isfinite(pred).all():
+        raise PostprocessError("model produced non-finite predictions", error_type="non_finite_output")
+    boxes = pred[:, :4]
+    cls_scores = pred[:, 5:] if layout.objectness else pred[:, 4:]
+    class_ids = cls_scores.argmax(1)
+    scores = cls_scores[np.arange(len(cls_scores)), class_ids]
+    if layout.objectness:
+        scores = scores * pred[:, 4]
+    keep = np.flatnonzero(scores >= score_threshold)
+    boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+    if len(keep) and float(np.abs(boxes).max()) > 2.0:  # pixel units: normalise by the input size
+        h, w = input_hw
+        boxes = boxes / np.array([w, h, w, h], np.float32)
+    xc, yc, bw, bh = boxes.T if len(boxes) else np.zeros((4, 0), np.float32)
+    xyxy = np.stack([xc - bw / 2, yc - bh / 2, xc + bw / 2, yc + bh / 2], 1) if len(boxes) else np.zeros((0, 4))
+    kept = nms(xyxy, scores, class_ids, NMS_IOU, MAX_DETECTIONS)
+    xyxy = xyxy[kept]
+    return Detections(
+        boxes=xyxy[:, [1, 0, 3, 2]].astype(np.float32),  # → ymin, xmin, ymax, xmax like the SSD op
+        class_ids=class_ids[kept].astype(np.int32),
+        scores=scores[kept].astype(np.float32),
+    )
+
+
+def decode_outputs(arrays, layout, score_threshold: float, input_hw: tuple[int, int]) -> Detections:
+    if isinstance(layout, YoloLayout):
+        return decode_yolo(arrays, layout, score_threshold, input_hw)
+    return decode_ssd(arrays, layout, score_threshold)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decoding import Detections, SsdLayout, confirm_by_values, decode_ssd, identify_ssd_outputs
+from .decoding import (Detections, SsdLayout, YoloLayout, confirm_by_values, decode_outputs,
+                       identify_outputs)
 from .errors import InferenceError, ModelError, failure_fields
 from .interpreter import Backend, TensorSpec, make_interpreter, tensor_specs
 from .preprocess import InputSpec, PixelMapping, build_input, decode_image, pixel_mapping
@@ -19,7 +20,7 @@ from .preprocess import InputSpec, PixelMapping, build_input, decode_image, pixe
 class ModelInfo:
     input: InputSpec
     outputs: tuple[TensorSpec, ...]
-    layout: SsdLayout
+    layout: SsdLayout | YoloLayout
     mapping: PixelMapping
 
     def describe(self) -> dict:
@@ -43,7 +44,9 @@ class ModelInfo:
         }
 
 
-def _role_of(layout: SsdLayout, spec: TensorSpec) -> str:
+def _role_of(layout, spec: TensorSpec) -> str:
+    if isinstance(layout, YoloLayout):
+        return "predictions" if spec.index == layout.output.index else "unused"
     for role in ("boxes", "classes", "scores", "count"):
         if getattr(layout, role).index == spec.index:
             return role
@@ -57,10 +60,13 @@ def inspect_interpreter(interp, normalization: str) -> ModelInfo:
             f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a detector takes one image"
         )
     spec = InputSpec.from_tensor(inputs[0])
-    layout = identify_ssd_outputs(outputs)
-    # SSD exports (TF Object Detection API, Model Maker) expect float input in [-1, 1].
-    mapping = pixel_mapping(spec, normalization, default_normalization="-1,1")
-    layout = confirm_by_values(layout, _probe(interp, spec, mapping, outputs))
+    layout = identify_outputs(outputs)
+    # SSD exports (TF Object Detection API, Model Maker) expect float input in [-1, 1]; YOLO in [0, 1].
+    default = "0,1" if isinstance(layout, YoloLayout) else "-1,1"
+    mapping = pixel_mapping(spec, normalization, default_normalization=default)
+    probe = _probe(interp, spec, mapping, outputs)
+    if isinstance(layout, SsdLayout):
+        layout = confirm_by_values(layout, probe)
     return ModelInfo(input=spec, outputs=tuple(outputs), layout=layout, mapping=mapping)
 
 
@@ -144,7 +150,8 @@ class Detector:
             arrays = self.infer(tensor)
             infer_ms = (time.perf_counter() - t0) * 1000
             stage = "postprocess"
-            raw = decode_ssd(arrays, self.info.layout, self.score_threshold)
+            raw = decode_outputs(arrays, self.info.layout, self.score_threshold,
+                                 (self.info.input.height, self.info.input.width))
             image_yxyx = placement.to_image(raw.boxes)
             keep = (image_yxyx[:, 2] > image_yxyx[:, 0]) & (image_yxyx[:, 3] > image_yxyx[:, 1])
             detections = Detections(

@@ -92,27 +92,35 @@ def pixel_mapping(spec: InputSpec, normalization: str, default_normalization: st
             return PixelMapping(t.dtype, 1.0, float(lo), norm)
         return PixelMapping(t.dtype, a, b, norm)
 
-    def misfit(m: PixelMapping) -> float:
-        # How far the mapped pixel range 0..255 lands from the integer range, in units of that range.
+    def problem(m: PixelMapping) -> str | None:
+        # Pixels 0..255 must land inside the integer range (no clipping) and spread over enough of it
+        # (not squashed into a few levels); calibration often uses only part of the range, which is fine.
         q0, q255 = m.b, 255 * m.a + m.b
-        return (abs(q0 - lo) + abs(q255 - hi)) / (hi - lo)
+        span = hi - lo
+        if min(q0, q255) < lo - 0.02 * span or max(q0, q255) > hi + 0.02 * span:
+            return f"pixels map to {q0:.0f}..{q255:.0f}, outside {t.dtype}'s {lo}..{hi}: they would be clipped"
+        if abs(q255 - q0) < 0.1 * span:
+            return f"pixels map to {q0:.1f}..{q255:.1f}: squashed into {abs(q255 - q0) + 1:.0f} levels"
+        return None
 
     if normalization == "auto":
-        best = min(_NORMALIZATION_AFFINE, key=lambda n: misfit(mapping_for(n)))
-        chosen = mapping_for(best)
-        if misfit(chosen) > 0.2:
-            raise ModelError(
-                f"model input {t.name!r} is {t.dtype} with scale {t.scale:g} and zero point {t.zero_point}, "
-                f"i.e. real values {real_lo:g}..{real_hi:g}, which matches no pixel normalisation "
-                "(-1..1, 0..1, 0..255); pass --normalization explicitly if you know what the model expects"
-            )
-        return chosen
+        # The family's convention first, then the others: the first that fits the quantization wins.
+        order = [default_normalization] + [n for n in _NORMALIZATION_AFFINE if n != default_normalization]
+        for norm in order:
+            if problem(mapping_for(norm)) is None:
+                return mapping_for(norm)
+        raise ModelError(
+            f"model input {t.name!r} is {t.dtype} with scale {t.scale:g} and zero point {t.zero_point}, "
+            f"i.e. real values {real_lo:g}..{real_hi:g}, which fits no pixel normalisation "
+            "(-1..1, 0..1, 0..255); pass --normalization explicitly if you know what the model expects"
+        )
     chosen = mapping_for(normalization)
-    if misfit(chosen) > 0.2:
+    why = problem(chosen)
+    if why is not None:
         raise ModelError(
             f"--normalization {normalization} contradicts the quantization of model input {t.name!r} "
-            f"({t.dtype}, scale {t.scale:g}, zero point {t.zero_point}: real values {real_lo:g}..{real_hi:g}); "
-            "pixels would be clipped or squashed. Use --normalization auto to follow the model."
+            f"({t.dtype}, scale {t.scale:g}, zero point {t.zero_point}: real values {real_lo:g}..{real_hi:g}): "
+            f"{why}. Use --normalization auto to follow the model."
         )
     return chosen
 

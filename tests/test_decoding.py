@@ -95,3 +95,38 @@ def test_non_finite_outputs_become_postprocess_failures():
     with pytest.raises(PostprocessError) as e:
         decode_ssd(arrays, layout, 0.5)
     assert e.value.stage == "postprocess" and e.value.error_type == "non_finite_output"
+
+
+def yolo_spec(shape, dtype="float32", scale=0.0, zp=0):
+    return TensorSpec(0, "output0", shape, shape, dtype, scale, zp)
+
+
+def test_yolov8_transposed_pixels_and_class_aware_nms():
+    from batch_detect.decoding import YoloLayout, decode_outputs, identify_outputs
+
+    layout = identify_outputs([yolo_spec((1, 4 + 3, 12))])
+    assert isinstance(layout, YoloLayout) and layout.transposed and layout.num_classes == 3
+    pred = np.zeros((1, 7, 12), np.float32)
+    # xc, yc, w, h in pixels of a 100x200 (h x w) input; two overlapping boxes of class 1, one of class 2
+    boxes = [(50, 50, 40, 40), (52, 50, 40, 40), (50, 50, 40, 40), (150, 80, 20, 20)]
+    for j, (xc, yc, w, h) in enumerate(boxes):
+        pred[0, :4, j] = (xc, yc, w, h)
+    pred[0, 4 + 1, 0], pred[0, 4 + 1, 1], pred[0, 4 + 2, 2], pred[0, 4 + 0, 3] = 0.9, 0.8, 0.7, 0.6
+    det = decode_outputs({0: pred}, layout, 0.5, (100, 200))
+    # the second class-1 box is suppressed; the class-2 box at the same place is kept
+    assert det.class_ids.tolist() == [1, 2, 0]
+    assert det.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert det.boxes[0].tolist() == pytest.approx([0.3, 0.15, 0.7, 0.35])  # ymin, xmin, ymax, xmax
+
+
+def test_yolov5_objectness_and_quantized_output():
+    from batch_detect.decoding import YoloLayout, decode_outputs, identify_outputs
+
+    layout = identify_outputs([yolo_spec((1, 10, 5 + 2), "uint8", 1 / 255, 0)])
+    assert isinstance(layout, YoloLayout) and layout.objectness and not layout.transposed
+    pred = np.zeros((1, 10, 7), np.uint8)
+    pred[0, 0, :4] = (128, 128, 51, 51)  # normalised xc, yc, w, h ≈ 0.5, 0.5, 0.2, 0.2
+    pred[0, 0, 4], pred[0, 0, 6] = 204, 255  # objectness 0.8 × class-1 score 1.0
+    det = decode_outputs({0: pred}, layout, 0.5, (64, 64))
+    assert det.class_ids.tolist() == [1] and det.scores.tolist() == pytest.approx([0.8], abs=0.01)
+    assert det.boxes[0].tolist() == pytest.approx([0.402, 0.402, 0.602, 0.602], abs=0.01)
