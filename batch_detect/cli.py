@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    rep = sub.add_parser("report", help="summarise a run: numbers in the terminal, an HTML folder with pictures")
+    rep.add_argument("output", help="the --output of a run")
+    rep.add_argument("--html", default=None, help="folder for the HTML report (default: ./report-<run id>)")
+    rep.add_argument("--samples", type=int, default=12, help="images in the gallery")
+    rep.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+
     ver = sub.add_parser("verify", help="check that an output is whole: every image exactly once, all committed")
     ver.add_argument("output", help="the --output of a run")
     ver.add_argument("--input", default=None, help="also check the plan against what this input lists now")
@@ -131,6 +137,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0 if report["family"] else 1
+    if args.command == "report":
+        from .report import render_text, summarize, write_html
+
+        try:
+            summary = summarize(args.output, dict(args.storage_option))
+        except (BatchDetectError, FileNotFoundError) as exc:
+            print(f"batch-detect: error: cannot read {args.output!r} as a run's output: {exc}", file=sys.stderr)
+            return 2
+        print(render_text(summary))
+        folder = args.html or f"report-{summary['manifest']['run_id'][:8]}"
+        print(f"html: {write_html(summary, folder, args.samples, dict(args.storage_option))}")
+        return 0
     if args.command == "verify":
         try:
             return _verify(args)

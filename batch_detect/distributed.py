@@ -30,7 +30,7 @@ from .worker import ShardRows, run_shard
 log = logging.getLogger(__name__)
 
 MAX_SHARD_ATTEMPTS = 3
-GROWTH_CHECK_S = 5.0
+GROWTH_CHECK_S = 2.0  # how often the pool looks for nodes that joined
 PREFETCH = 4  # images read and decoded ahead of the interpreter, per actor
 ACTOR_START_TIMEOUT_S = 180
 

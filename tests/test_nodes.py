@@ -48,7 +48,7 @@ def test_actors_spread_over_nodes_and_a_lost_node_loses_nothing(models_dir, imag
 
 def test_a_node_joining_mid_run_gets_work(models_dir, tmp_path):
     images = tmp_path / "images"
-    write_dataset(str(images), 2400, seed=13, sizes=((160, 120), (120, 160)))
+    write_dataset(str(images), 2400, seed=13, sizes=((320, 240), (240, 320)))
     out = str(tmp_path / "out")
     report = run_on_cluster(models_dir, str(images), out, "join")
     manifest = report["manifest"]

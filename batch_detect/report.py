@@ -1,0 +1,154 @@
+"""`batch-detect report OUTPUT`: a run's numbers in the terminal, and an HTML folder with the same numbers,
+a score histogram and a gallery of images with their boxes drawn (read back from their URIs through
+fsspec), plus failure examples with their messages. Pillow draws everything; no plotting library."""
+
+from __future__ import annotations
+
+import html
+import os
+from collections import Counter
+
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from .preprocess import decode_image
+from .reading import Reader
+from .sink import MANIFEST, OutputStore
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+MAX_SIDE = 640
+
+
+def colour(class_id: int) -> tuple[int, int, int]:
+    return PALETTE[class_id % len(PALETTE)]
+
+
+def _table(store: OutputStore, name: str) -> dict[str, list]:
+    columns: dict[str, list] = {}
+    for path in sorted(store.fs.glob(store.path(name, "*.parquet"))):
+        with store.fs.open(path, "rb") as fh:
+            for k, v in pq.read_table(fh).to_pydict().items():
+                columns.setdefault(k, []).extend(v)
+    return columns
+
+
+def summarize(output: str, storage_options: dict | None = None) -> dict:
+    store = OutputStore(output, storage_options)
+    manifest = store.read_json(MANIFEST)
+    images, dets, fails = (_table(store, n) for n in ("images", "detections", "failures"))
+    scores = dets.get("score", [])
+    bins = [0] * 10
+    for s in scores:
+        bins[min(int(s * 10), 9)] += 1
+    labels = [lab if lab is not None else f"class {cid}" for lab, cid in zip(dets.get("label", []),
+                                                                            dets.get("class_id", []))]
+    return {
+        "manifest": manifest, "images": images, "detections": dets, "failures": fails,
+        "per_class": Counter(labels).most_common(),
+        "score_bins": bins,
+        "failure_types": Counter(f"{s}/{e}" for s, e in zip(fails.get("stage", []), fails.get("error_type", [])))
+        .most_common(),
+        "no_detections": sum(1 for n in images.get("num_detections", []) if n == 0),
+    }
+
+
+def render_text(summary: dict) -> str:
+    m = summary["manifest"]
+    c, t = m.get("counts", {}), m.get("timings", {})
+    rate = t.get("images_per_s")
+    lines = [
+        f"run {m['run_id']} ({m['status']}), model {m['model']['uri']} [{m['model'].get('family')}]",
+        f"images: {c.get('listed')} listed, {c.get('images')} processed, {c.get('failures')} failed, "
+        f"{summary['no_detections']} with no detections",
+        f"throughput: {rate:.1f} images/s" if rate else "throughput: n/a",
+        "detections per class: " + (", ".join(f"{k} {v}" for k, v in summary["per_class"]) or "none"),
+        "scores: " + " ".join(f"{i / 10:.1f}-{(i + 1) / 10:.1f}:{n}" for i, n in enumerate(summary["score_bins"]) if n),
+        "failures: " + (", ".join(f"{k} {v}" for k, v in summary["failure_types"]) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+def draw_boxes(image: Image.Image, boxes: list[tuple]) -> Image.Image:
+    """boxes: (class_id, label, score, xmin, ymin, xmax, ymax) normalised to the image."""
+    image = image.copy()
+    scale = min(1.0, MAX_SIDE / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    draw = ImageDraw.Draw(image)
+    w, h = image.size
+    width = max(2, round(min(w, h) / 150))
+    for class_id, label, score, x0, y0, x1, y1 in boxes:
+        box = (x0 * w, y0 * h, x1 * w, y1 * h)
+        draw.rectangle(box, outline=colour(class_id), width=width)
+        text = f"{label if label is not None else class_id} {score:.2f}"
+        tx, ty = box[0] + width, max(0, box[1] - 12)
+        draw.rectangle((tx - 1, ty, tx + 6 * len(text) + 1, ty + 11), fill=colour(class_id))
+        draw.text((tx, ty), text, fill=(255, 255, 255))
+    return image
+
+
+def histogram_png(bins: list[int], path: str) -> None:
+    w, h, pad = 420, 200, 24
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    top = max(bins) or 1
+    bar = (w - 2 * pad) / len(bins)
+    for i, n in enumerate(bins):
+        x0 = pad + i * bar
+        y = h - pad - (h - 2 * pad) * n / top
+        draw.rectangle((x0 + 2, y, x0 + bar - 2, h - pad), fill=(0, 130, 200))
+        draw.text((x0 + 2, h - pad + 4), f"{i / 10:.1f}", fill=(0, 0, 0))
+        if n:
+            draw.text((x0 + 2, y - 12), str(n), fill=(0, 0, 0))
+    img.save(path)
+
+
+def write_html(summary: dict, folder: str, samples: int = 12, storage_options: dict | None = None) -> str:
+    os.makedirs(os.path.join(folder, "gallery"), exist_ok=True)
+    histogram_png(summary["score_bins"], os.path.join(folder, "scores.png"))
+    dets = summary["detections"]
+    by_uri: dict[str, list] = {}
+    for row in zip(dets.get("uri", []), dets.get("class_id", []), dets.get("label", []), dets.get("score", []),
+                   dets.get("xmin", []), dets.get("ymin", []), dets.get("xmax", []), dets.get("ymax", [])):
+        by_uri.setdefault(row[0], []).append(row[1:])
+    # Best-scoring images first, then some without detections: what a reviewer wants to see.
+    ranked = sorted(by_uri, key=lambda u: (-max(b[2] for b in by_uri[u]), u))
+    empty = sorted(u for u, n in zip(summary["images"].get("uri", []), summary["images"].get("num_detections", []))
+                   if n == 0)
+    chosen = ranked[: max(1, samples - min(len(empty), samples // 4))] + empty[: samples // 4]
+    reader = Reader(storage_options)
+    cards = []
+    for i, uri in enumerate(chosen[:samples]):
+        try:
+            decoded = decode_image(reader.read(uri), 10**9)
+        except Exception as exc:  # the input may have moved since the run
+            cards.append(f"<figure><figcaption>{html.escape(uri)}: cannot read back ({html.escape(str(exc))})"
+                         "</figcaption></figure>")
+            continue
+        name = f"gallery/{i:03d}.png"
+        draw_boxes(decoded.image, by_uri.get(uri, [])).save(os.path.join(folder, name))
+        caption = ", ".join(f"{b[1] if b[1] is not None else b[0]} {b[2]:.2f}" for b in by_uri.get(uri, [])) or "no detections"
+        cards.append(f'<figure><img src="{name}" alt="{html.escape(uri)}"><figcaption>'
+                     f"{html.escape(os.path.basename(uri))}: {html.escape(caption)}</figcaption></figure>")
+    fails = summary["failures"]
+    failure_rows = "".join(
+        f"<tr><td>{html.escape(u)}</td><td>{html.escape(s)}</td><td>{html.escape(e)}</td><td>{html.escape(m)}</td></tr>"
+        for u, s, e, m in list(zip(fails.get("uri", []), fails.get("stage", []), fails.get("error_type", []),
+                                   fails.get("message", [])))[:20])
+    text = html.escape(render_text(summary))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>batch_detect report {html.escape(summary['manifest']['run_id'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} pre{{background:#f4f4f4;padding:1em}}
+.gallery{{display:flex;flex-wrap:wrap;gap:1em}} figure{{margin:0;max-width:320px}} img{{max-width:320px}}
+table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:4px;font-size:90%}}</style></head>
+<body><h1>batch_detect report</h1>
+<pre>{text}</pre>
+<h2>Score distribution</h2><img src="scores.png" alt="score histogram">
+<h2>Gallery</h2><div class="gallery">{''.join(cards)}</div>
+<h2>Failures</h2><table><tr><td>uri</td><td>stage</td><td>error type</td><td>message</td></tr>{failure_rows}</table>
+</body></html>"""
+    index = os.path.join(folder, "index.html")
+    with open(index, "w") as fh:
+        fh.write(page)
+    return index
