@@ -65,3 +65,28 @@ def test_manifest_input_transient_faults_and_a_missing_key(local_ray, bucket, tm
     assert manifest["status"] == "complete"
     assert manifest["counts"]["images"] == len(truth)
     assert manifest["counts"]["failure_types"] == {"read/not_found": 1}
+
+
+def test_cli_secret_never_reaches_logs(bucket, tmp_path):
+    """The CLI with credentials on the command line: the secret is in no log line, Ray log file,
+    manifest or Parquet file."""
+    import glob
+    import subprocess
+    import sys
+
+    name, options, fs, truth = bucket
+    args = [sys.executable, "-m", "batch_detect", "run", "--model", f"s3://{name}/models/m.tflite",
+            "--input", f"s3://{name}/in/", "--output", f"s3://{name}/out-cli", "--shard-size", "8",
+            "--storage-option", f"key={options['key']}", "--storage-option", f"secret={SECRET}",
+            "--storage-option", f"endpoint_url={options['endpoint_url']}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert SECRET not in result.stdout + result.stderr
+    for path in glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True):
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as fh:
+            assert SECRET.encode() not in fh.read(), f"secret in Ray log {path}"
+    for path in fs.find(f"{name}/out-cli"):
+        assert SECRET.encode() not in fs.cat_file(path), f"secret in {path}"
