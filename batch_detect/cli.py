@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    cmp_ = sub.add_parser("compare", help="how far a model's detections drift from a reference model's")
+    cmp_.add_argument("--model", required=True, help="the model under test (e.g. the quantized one)")
+    cmp_.add_argument("--reference", required=True, help="the model to compare against (e.g. the float one)")
+    cmp_.add_argument("--input", required=True, help="images to compare on (folder, prefix, glob, manifest)")
+    cmp_.add_argument("--labels", default=None)
+    cmp_.add_argument("--sample", type=int, default=200, help="images to use, spread over the input (0: all)")
+    cmp_.add_argument("--score-threshold", type=float, default=0.25)
+    cmp_.add_argument("--resize", choices=RESIZE_MODES, default="stretch")
+    cmp_.add_argument("--out", default=None, help="folder for compare.parquet (per image) and compare.json")
+    cmp_.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+
     rep = sub.add_parser("report", help="summarise a run: numbers in the terminal, an HTML folder with pictures")
     rep.add_argument("output", help="the --output of a run")
     rep.add_argument("--html", default=None, help="folder for the HTML report (default: ./report-<run id>)")
@@ -137,6 +148,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0 if report["family"] else 1
+    if args.command == "compare":
+        from .compare import compare, render, write
+        from .labels import load_labels
+
+        so = dict(args.storage_option)
+        try:
+            result = compare(args.model, args.reference, args.input, sample=args.sample,
+                             score_threshold=args.score_threshold, resize=args.resize,
+                             labels=load_labels(args.labels, so) if args.labels else None, storage_options=so)
+        except BatchDetectError as exc:
+            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            return 2
+        print(render(result))
+        if args.out:
+            write(result, args.out)
+            print(f"written: {args.out}/compare.parquet, {args.out}/compare.json")
+        return 0
     if args.command == "report":
         from .report import render_text, summarize, write_html
 
