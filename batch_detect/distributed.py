@@ -269,6 +269,7 @@ def run_shards(
                 pending.appendleft(_Work(work.shard, half))
 
     starting: dict = {}  # info ObjectRef of an actor added mid-run -> its index
+    no_actor_since: float | None = None
     last_growth_check = time.monotonic()
     placements = list(placements)
 
@@ -293,7 +294,11 @@ def run_shards(
                         else actors[i].process_part.remote(work.shard.shard_id, work.uris))
                 inflight[call] = (i, work)
                 load[i] += 1
-        if not inflight and not starting:
+        if alive or inflight:
+            no_actor_since = None
+        elif no_actor_since is None:
+            no_actor_since = time.monotonic()
+        if not inflight and (not starting or time.monotonic() - no_actor_since > ACTOR_START_TIMEOUT_S):
             raise RuntimeError("every detector actor has died; see the Ray logs for the cause")
         done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=GROWTH_CHECK_S)
         for ref in done:
