@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test venv fixtures clean
+.PHONY: demo test venv fixtures bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ $(TFLITE_STAMP):
 
 test: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python -m pytest -q
+
+# Throughput: this job vs the Ray Data recipe vs the naive loop vs the machine's limit (benchmarks/results/).
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python benchmarks/bench.py
 
 # Regenerate the committed fixture models (needs TensorFlow; ~15 min on 2 cores).
 fixtures:
