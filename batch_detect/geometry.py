@@ -63,3 +63,12 @@ def resize_to_input(image: Image.Image, width: int, height: int, mode: str) -> t
     canvas = Image.new("RGB", (width, height), LETTERBOX_FILL)
     canvas.paste(image if image.size == (new_w, new_h) else image.resize((new_w, new_h), RESAMPLE), (left, top))
     return canvas, Placement(left / width, top / height, new_w / width, new_h / height)
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (xmin, ymin, xmax, ymax) boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -8,13 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from batch_detect.geometry import box_iou as iou  # noqa: F401  (one definition, used by the tests)
 
 
 def recall_precision(truth: dict, predicted: dict, threshold: float = 0.5) -> tuple[float, float]:

@@ -15,16 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from batch_detect.detector import Detector  # noqa: E402
+from batch_detect.geometry import box_iou as iou  # noqa: E402
 from batch_detect.interpreter import load_backend, read_model  # noqa: E402
 from batch_detect.synthetic import write_dataset  # noqa: E402
 
 
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def evaluate(model: str, folder: str, truth: dict, resize: str, threshold: float) -> tuple[float, float]:
