@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="float inputs: pixel range the model expects; integer inputs follow the model's "
                           "quantization unless forced (default auto)")
     run.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this")
+    run.add_argument("--no-jpeg-draft", action="store_false", dest="jpeg_draft",
+                     help="decode JPEGs at full size (default: at the smallest libjpeg scale not below the model input)")
     run.add_argument("--extensions", help="comma-separated file extensions to process; '*' for every file "
                                           f"(default {','.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")

@@ -29,6 +29,7 @@ class RunConfig:
     resize: str = "stretch"
     normalization: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_draft: bool = True  # decode large JPEGs at reduced scale (never below the model input)
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # () means every file
     address: str | None = None
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster

@@ -111,18 +111,20 @@ class Detector:
         normalization: str,
         max_pixels: int,
         model_url: str = "model",
+        jpeg_draft: bool = True,
     ):
         self.interpreter = make_interpreter(backend, model_content, num_threads, model_url)
         self.info = inspect_interpreter(self.interpreter, normalization)
         self.score_threshold = score_threshold
         self.resize = resize
         self.max_pixels = max_pixels
+        self.draft_size = (self.info.input.width, self.info.input.height) if jpeg_draft else None
         self._output_indices = [o.index for o in self.info.outputs]
 
     def prepare(self, data: bytes):
         """Decode and build the input tensor (thread-safe: no interpreter state is touched)."""
         t0 = time.perf_counter()
-        decoded = decode_image(data, self.max_pixels)
+        decoded = decode_image(data, self.max_pixels, self.draft_size)
         tensor, placement = build_input(decoded, self.info.input, self.info.mapping, self.resize)
         return decoded.width, decoded.height, tensor, placement, (time.perf_counter() - t0) * 1000
 

@@ -46,6 +46,7 @@ class WorkerSettings:
     resize: str
     normalization: str
     max_pixels: int
+    jpeg_draft: bool
     labels: list | None
     output_url: str
     storage_options: dict
@@ -137,6 +138,7 @@ class DetectorActor:
             normalization=settings.normalization,
             max_pixels=settings.max_pixels,
             model_url=settings.model_url,
+            jpeg_draft=settings.jpeg_draft,
         )
         self.settings = settings
         self.reader = Reader(settings.storage_options)

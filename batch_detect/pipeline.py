@@ -27,7 +27,7 @@ from .listing import list_input, plan_fingerprint, plan_shards
 from .sink import COMMIT_DIR, MANIFEST, PLAN, OutputStore
 
 # Settings that change what a shard's rows contain: a resumed run must agree on every one.
-_IDENTITY_SETTINGS = ("score_threshold", "resize", "normalization", "max_pixels", "shard_size")
+_IDENTITY_SETTINGS = ("score_threshold", "resize", "normalization", "max_pixels", "shard_size", "jpeg_draft")
 
 
 @dataclass
@@ -186,7 +186,8 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
             model_url=config.model, model_sha256=model_sha, memory_per_actor=memory_per_actor,
             backend=ready["backend"].name,
             num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
-            normalization=config.normalization, max_pixels=config.max_pixels, labels=ready["labels"],
+            normalization=config.normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
+            labels=ready["labels"],
             output_url=config.output, storage_options=config.storage_options,
         )
         def grow() -> int:

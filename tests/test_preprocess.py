@@ -124,3 +124,17 @@ def test_letterbox_placement_roundtrip():
     assert np.allclose(placement.to_image(placement.to_input(boxes)), boxes, atol=1e-6)
     # boxes reaching into the padding are clipped to the image
     assert placement.to_image(np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)).tolist() == [[0, 0, 1, 1]]
+
+
+def test_jpeg_draft_decodes_smaller_but_reports_the_full_size():
+    big = Image.fromarray(np.random.default_rng(3).integers(0, 255, (1080, 1920, 3), np.uint8))
+    data = encode(big, "JPEG", quality=90)
+    drafted = decode_image(data, 10**8, draft_size=(300, 300))
+    assert (drafted.width, drafted.height) == (1920, 1080)
+    assert drafted.image.size == (960, 540)  # 1/2 scale: 1/4 would go below 300 pixels
+    full = decode_image(data, 10**8)
+    assert full.image.size == (1920, 1080)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = decode_image(encode(big, "JPEG", exif=exif), 10**8, draft_size=(300, 300))
+    assert (rotated.width, rotated.height) == (1080, 1920) and rotated.image.size == (540, 960)
