@@ -27,7 +27,12 @@ def probe(python: str, backend: str, model: str, images: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("model", ["shapes_ssd_uint8.tflite", "shapes_ssd_float32.tflite"])
+# Float kernels agree to rounding. Quantized kernels differ between the runtimes (XNNPACK vs the
+# reference int8 ops) by an LSB or two of an int8 logit: about 0.02 of a sigmoid score near 0.8 each.
+TOLERANCE = {"shapes_ssd_float32.tflite": 1e-3, "shapes_ssd_uint8.tflite": 0.05}
+
+
+@pytest.mark.parametrize("model", sorted(TOLERANCE))
 def test_litert_and_tflite_runtime_agree(tmp_path, models_dir, model):
     if not os.path.exists(TFLITE_PYTHON):
         msg = f"no tflite-runtime environment at {TFLITE_PYTHON} (make test creates .venv-tflite)"
@@ -46,4 +51,4 @@ def test_litert_and_tflite_runtime_agree(tmp_path, models_dir, model):
         assert len(dets) == len(other), name
         for a, b in zip(sorted(dets), sorted(other)):
             assert a[0] == b[0]
-            assert a[1:] == pytest.approx(b[1:], abs=0.02)
+            assert a[1:] == pytest.approx(b[1:], abs=TOLERANCE[model])
