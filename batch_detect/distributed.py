@@ -353,8 +353,11 @@ def run_shards(
                 part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
     for a in actors:
         ray.kill(a)
+    per_node: dict[str, int] = {}
+    for p in placements:
+        per_node[p["node_id"]] = per_node.get(p["node_id"], 0) + 1
     return {"actors": len(actors), "actors_at_start": num_actors, "cpus_per_actor": cpus_per_actor,
-            "memory_per_actor": settings.memory_per_actor, "nodes": sorted({p["node_id"] for p in placements})}
+            "memory_per_actor": settings.memory_per_actor, "nodes": sorted(per_node), "actors_per_node": per_node}
 
 
 def _check_alive(actors: list, i: int, alive: set) -> None:

@@ -18,14 +18,15 @@ from batch_detect.pipeline import run  # noqa: E402
 
 def main() -> None:
     model, images, out, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    remove, join = mode == "remove", mode == "join"
+    remove, join, hetero = mode == "remove", mode == "join", mode == "hetero"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1 if join else 2) for _ in range(1 if join else 2)]
+    cpus = [1] if join else [1, 3] if hetero else [2, 2]
+    workers = [cluster.add_node(num_cpus=n) for n in cpus]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     result: dict = {}
     # remove: a fixed pool of 2 (one per node); join: an automatic pool that must grow
-    cfg = RunConfig(model=model, input=images, output=out, shard_size=8, num_actors=None if join else 2)
+    cfg = RunConfig(model=model, input=images, output=out, shard_size=8, num_actors=2 if remove else None)
     thread = threading.Thread(target=lambda: result.update(manifest=run(cfg).manifest))
     thread.start()
     removed_at = None
@@ -37,7 +38,7 @@ def main() -> None:
         cluster.remove_node(workers[1], allow_graceful=False)
     if join:
         shard_dir = os.path.join(out, "_shards")
-        while thread.is_alive() and (not os.path.isdir(shard_dir) or len(os.listdir(shard_dir)) < 3):
+        while thread.is_alive() and (not os.path.isdir(shard_dir) or len(os.listdir(shard_dir)) < 1):
             time.sleep(0.02)
         removed_at = len(os.listdir(shard_dir)) if os.path.isdir(shard_dir) else 0
         workers.append(cluster.add_node(num_cpus=1))

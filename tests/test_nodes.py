@@ -48,13 +48,23 @@ def test_actors_spread_over_nodes_and_a_lost_node_loses_nothing(models_dir, imag
 
 def test_a_node_joining_mid_run_gets_work(models_dir, tmp_path):
     images = tmp_path / "images"
-    write_dataset(str(images), 2400, seed=13, sizes=((320, 240), (240, 320)))
+    write_dataset(str(images), 4800, seed=13, sizes=((320, 240), (240, 320)))
     out = str(tmp_path / "out")
     report = run_on_cluster(models_dir, str(images), out, "join")
     manifest = report["manifest"]
-    assert manifest["status"] == "complete" and manifest["counts"]["images"] == 2400
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == 4800
     first, joined = report["worker_nodes"]
     assert manifest["cluster"]["actors_at_start"] == 1 and manifest["cluster"]["actors"] == 2
     assert report["removed_at"] < manifest["plan"]["num_shards"]
+    print(f"shards per node: {report['shards_per_node']}")
     assert report["shards_per_node"].get(joined, 0) > 0, report["shards_per_node"]
     assert verify(out, str(images)).ok
+
+
+def test_heterogeneous_nodes_get_actors_by_their_cpus(models_dir, images, tmp_path):
+    out = str(tmp_path / "out")
+    report = run_on_cluster(models_dir, images, out, "hetero")
+    manifest = report["manifest"]
+    small, big = report["worker_nodes"]  # 1 CPU and 3 CPUs
+    assert manifest["cluster"]["actors_per_node"] == {small: 1, big: 3}
+    assert manifest["status"] == "complete" and verify(out, images).ok
