@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .config import IMAGE_EXTENSIONS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
+from .config import IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
 from .errors import BatchDetectError
 from .geometry import RESIZE_MODES
 from .progress import Progress
@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode JPEGs at full size (default: at the smallest libjpeg scale not below the model input)")
     run.add_argument("--extensions", help="comma-separated file extensions to process; '*' for every file "
                                           f"(default {','.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
+    run.add_argument("--input-format", choices=INPUT_FORMATS,
+                     help="files (images), tar (WebDataset-style shards, one shard per tar) or parquet (rows "
+                          "with an image-bytes column); default auto")
+    run.add_argument("--image-column", help="Parquet input: the column holding encoded image bytes")
+    run.add_argument("--id-column", help="Parquet input: the column that names each image in the output "
+                                         "(default: <file>#<row>)")
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--num-actors", type=int, help="default: one per --cpus-per-actor CPUs")
     run.add_argument("--cpus-per-actor", type=int, help="CPUs (and interpreter threads) per actor (default 1)")
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_start(images: int, shards: int, actors: int, done_shards: int, done_images: int) -> None:
             resumed = f" ({done_shards} already committed, resuming)" if done_shards else ""
-            print(f"running {images} images in {shards} shards{resumed} on {actors} actors", file=sys.stderr)
+            what = f"{images} images" if images is not None else "tar shards"
+            print(f"running {what} in {shards} shards{resumed} on {actors} actors", file=sys.stderr)
             progress["bar"] = Progress(images, shards, done_images=done_images, done_shards=done_shards)
 
         try:

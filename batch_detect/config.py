@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .geometry import RESIZE_MODES
 
 NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
+INPUT_FORMATS = ("auto", "files", "tar", "parquet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Pillow's own decompression-bomb threshold: larger images are refused, not decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -30,7 +31,10 @@ class RunConfig:
     normalization: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_draft: bool = True  # decode large JPEGs at reduced scale (never below the model input)
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # () means every file
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # () means every file (or every tar member)
+    input_format: str = "auto"  # files | tar | parquet; auto: parquet with image_column, tar for .tar inputs
+    image_column: str | None = None  # Parquet input: the column holding encoded image bytes
+    id_column: str | None = None  # Parquet input: the column whose value names each image in the output
     address: str | None = None
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
     cpus_per_actor: int = 1  # also the interpreter's num_threads
@@ -69,6 +73,14 @@ class RunConfig:
             raise ConfigError(f"--memory-per-actor-mb must be positive, got {self.memory_per_actor_mb}")
         if not 0.0 < self.node_memory_share <= 1.0:
             raise ConfigError(f"--node-memory-share must be within (0, 1], got {self.node_memory_share}")
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        if self.input_format == "parquet" and not self.image_column:
+            raise ConfigError("--input-format parquet needs --image-column: the column holding the image bytes")
+        if self.image_column and self.input_format not in ("auto", "parquet"):
+            raise ConfigError(f"--image-column reads Parquet input; it contradicts --input-format {self.input_format}")
+        if self.id_column and not self.image_column:
+            raise ConfigError("--id-column names rows of Parquet input: give --image-column too")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume contradict each other: pick one")
         if self.max_failure_rate is not None and not 0.0 <= self.max_failure_rate <= 1.0:

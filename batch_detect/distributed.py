@@ -50,6 +50,8 @@ class WorkerSettings:
     labels: list | None
     output_url: str
     storage_options: dict
+    extensions: tuple[str, ...] = ()  # which tar members are images
+    image_column: str | None = None  # Parquet input: the column of image bytes
     prefetch: int = PREFETCH
 
 
@@ -148,16 +150,19 @@ class DetectorActor:
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
-    def process_part(self, shard_id: str, uris: tuple[str, ...]) -> dict:
+    def _run(self, shard: Shard):
+        s = self.settings
+        return run_shard(shard, self.detector, self.reader, s.labels, self.pool, s.prefetch, s.extensions,
+                         s.image_column)
+
+    def process_part(self, part: Shard) -> dict:
         """Some of a shard's images, rows returned instead of written (used to isolate poison images)."""
-        rows, _ = run_shard(Shard(shard_id, uris), self.detector, self.reader, self.settings.labels, self.pool,
-                            self.settings.prefetch)
+        rows, _ = self._run(part)
         return {"images": rows.images, "detections": rows.detections, "failures": rows.failures}
 
     def process(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
-        rows, timings = run_shard(shard, self.detector, self.reader, self.settings.labels, self.pool,
-                                  self.settings.prefetch)
+        rows, timings = self._run(shard)
         summary = _summary(rows, timings, time.perf_counter() - t0)
         self.store.write_shard(shard.shard_id, {"images": rows.images, "detections": rows.detections,
                                                 "failures": rows.failures}, summary)
@@ -187,7 +192,7 @@ def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
 @dataclass
 class _Work:
     shard: Shard
-    uris: tuple[str, ...] | None  # None: the whole shard, committed by the actor; else a part, rows come back
+    part: Shard | None  # None: the whole shard, committed by the actor; else a slice of it, rows come back
     attempt: int = 1
 
 
@@ -198,11 +203,6 @@ class _Isolation:
     rows: ShardRows
     parts_left: int = 0
     crashes: int = 0
-
-
-def _halves(uris: tuple[str, ...]) -> list[tuple[str, ...]]:
-    mid = len(uris) // 2
-    return [uris[:mid], uris[mid:]]
 
 
 def run_shards(
@@ -263,10 +263,10 @@ def run_shards(
             if on_shard is not None:
                 on_shard(summary)
 
-    def split(work: _Work, uris: tuple[str, ...]) -> None:
+    def split(work: _Work) -> None:
         iso = isolating[work.shard.shard_id]
-        for half in _halves(uris):
-            if half:
+        for half in work.part.halves():
+            if half.uris:
                 iso.parts_left += 1
                 pending.appendleft(_Work(work.shard, half))
 
@@ -292,8 +292,8 @@ def run_shards(
         for i in sorted(alive, key=lambda j: load[j]):
             while pending and load[i] < max_in_flight:
                 work = pending.popleft()
-                call = (actors[i].process.remote(work.shard) if work.uris is None
-                        else actors[i].process_part.remote(work.shard.shard_id, work.uris))
+                call = (actors[i].process.remote(work.shard) if work.part is None
+                        else actors[i].process_part.remote(work.part))
                 inflight[call] = (i, work)
                 load[i] += 1
         if alive or inflight:
@@ -319,17 +319,17 @@ def run_shards(
             except (RayActorError, WorkerCrashedError) as exc:
                 cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 _check_alive(actors, i, alive)
-                if work.uris is None and work.attempt == 1:
+                if work.part is None and work.attempt == 1:
                     log.warning("actor died on shard %s (%s); retrying it", work.shard.shard_id, cause)
                     pending.appendleft(_Work(work.shard, None, 2))
                     continue
-                if work.uris is None:  # died twice on the whole shard: from now on it is handled in parts
+                if work.part is None:  # died twice on the whole shard: from now on it is handled in parts
                     isolating[work.shard.shard_id] = _Isolation(ShardRows(work.shard.shard_id), parts_left=1)
-                    work = _Work(work.shard, work.shard.uris)
-                uris = work.uris
+                    work = _Work(work.shard, work.shard)
+                uris = work.part.uris
                 if len(uris) == 1 and work.attempt == 1:
                     # It may only have been queued behind the real culprit on the same actor: once more.
-                    pending.append(_Work(work.shard, uris, 2))
+                    pending.append(_Work(work.shard, work.part, 2))
                 elif len(uris) == 1:
                     isolating[work.shard.shard_id].crashes += 1
                     log.warning("image %s kills the worker; recording it as a failure", uris[0])
@@ -337,16 +337,16 @@ def run_shards(
                 else:
                     log.warning("shard %s kills workers; isolating the cause among %d images",
                                 work.shard.shard_id, len(uris))
-                    split(work, uris)
+                    split(work)
                     part_done(work, None)  # this part is replaced by its two halves
                 continue
             except RayTaskError as exc:
                 # An exception, not a crash: storage or a bug. Retry, then stop the job saying why.
                 if work.attempt >= MAX_SHARD_ATTEMPTS:
                     raise RuntimeError(f"shard {work.shard.shard_id} failed {work.attempt} times: {exc}") from None
-                pending.appendleft(_Work(work.shard, work.uris, work.attempt + 1))
+                pending.appendleft(_Work(work.shard, work.part, work.attempt + 1))
                 continue
-            if work.uris is None:
+            if work.part is None:
                 if on_shard is not None:
                     on_shard(result)
             else:

@@ -13,28 +13,35 @@ from .detector import Detector
 from .distributed import connect
 from .pipeline import prepare
 from .reading import Reader
+from .worker import shard_items
 
 SAMPLE = 16
 
 
 def dry_run(config: RunConfig) -> str:
     ready = prepare(config)  # every check a run makes before it starts; writes nothing
-    listing, shards, info = ready["listing"], ready["shards"], ready["info"]
+    plan, shards, info = ready["plan"], ready["shards"], ready["info"]
     detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor,
                         score_threshold=config.score_threshold, resize=config.resize,
                         normalization=config.normalization, max_pixels=config.max_pixels, model_url=config.model)
     reader = Reader(config.storage_options)
-    sample = listing.uris[:: max(1, len(listing.uris) // SAMPLE)][:SAMPLE]
+    # The sample: images spread over the plan (files, Parquet rows), or the first tar's first members.
+    picked = shards[:: max(1, len(shards) // SAMPLE)][:SAMPLE]
     t0 = time.perf_counter()
-    failures = 0
-    for uri in sample:
-        try:
-            data = reader.read(uri)
-        except Exception:
-            failures += 1
-            continue
-        failures += int(not hasattr(detector.process(uri, data), "detections"))
-    per_image = (time.perf_counter() - t0) / max(len(sample), 1)
+    failures = sampled = 0
+    for shard in picked:
+        for uri, get_bytes in shard_items(shard, reader, config.extensions, config.image_column, {}):
+            try:
+                data = get_bytes()
+            except Exception:
+                data = None
+            failures += int(data is None or not hasattr(detector.process(uri, data), "detections"))
+            sampled += 1
+            if sampled >= SAMPLE or plan.form != "tar":
+                break
+        if sampled >= SAMPLE:
+            break
+    per_image = (time.perf_counter() - t0) / max(sampled, 1)
 
     if config.address or os.environ.get("RAY_ADDRESS"):
         started = connect(config.address)
@@ -47,21 +54,24 @@ def dry_run(config: RunConfig) -> str:
         where = "an embedded local Ray on this machine"
     actors = config.num_actors or max(1, int(cpus // config.cpus_per_actor))
     actors = min(actors, len(shards))
-    estimate = len(listing.uris) * per_image / actors
+    images = plan.num_items if plan.form != "tar" else None
+    estimate = (images or 0) * per_image / actors
     d = info.describe()
     i = d["input"]
     lines = [
         f"dry run: nothing was written to {config.output}",
-        f"input: {len(listing.uris)} images found at {config.input} "
-        f"({len(listing.skipped)} other files skipped)",
-        f"plan: {len(shards)} shards of up to {config.shard_size} images",
+        f"input ({plan.form}): {f'{images} images' if images is not None else f'{len(shards)} tar shards'} "
+        f"found at {config.input} ({len(plan.skipped)} other files skipped)",
+        f"plan: {len(shards)} shards" + (f" of up to {config.shard_size} images" if images is not None else ""),
         f"model: {config.model} ({d['family']}, backend {ready['backend'].name} {ready['backend'].version})",
         f"  input {i['name']} {i['shape']} {i['dtype']} scale={i['scale']:g} zero_point={i['zero_point']} "
         f"normalization={i['normalization']}",
         *[f"  output {o['name']} {o['shape']} {o['dtype']} -> {o['role']}" for o in d["outputs"]],
-        f"sample: {len(sample)} images, {per_image * 1000:.1f} ms each on one CPU "
+        f"sample: {sampled} images, {per_image * 1000:.1f} ms each on one CPU "
         f"({failures} would fail)",
-        f"estimate: {actors} actors on {where} ({cpus:g} CPUs): about {estimate:.0f}s of processing "
-        "plus start-up",
+        (f"estimate: {actors} actors on {where} ({cpus:g} CPUs): about {estimate:.0f}s of processing "
+         "plus start-up") if images is not None else
+        f"estimate: {actors} actors on {where} ({cpus:g} CPUs): {per_image * 1000 / actors:.1f} ms per image "
+        "(tar members are counted while streaming)",
     ]
     return "\n".join(lines)

@@ -23,11 +23,12 @@ from .distributed import (MIB, PREFETCH, WorkerSettings, connect, estimate_actor
 from .errors import InputError, ModelError, OutputError
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .labels import load_labels
-from .listing import list_input, plan_fingerprint, plan_shards
+from .listing import plan_fingerprint, plan_input
 from .sink import COMMIT_DIR, MANIFEST, PLAN, OutputStore
 
 # Settings that change what a shard's rows contain: a resumed run must agree on every one.
-_IDENTITY_SETTINGS = ("score_threshold", "resize", "normalization", "max_pixels", "shard_size", "jpeg_draft")
+_IDENTITY_SETTINGS = ("score_threshold", "resize", "normalization", "max_pixels", "shard_size", "jpeg_draft",
+                      "image_column")
 
 
 @dataclass
@@ -59,21 +60,23 @@ def prepare(config: RunConfig) -> dict:
         raise ModelError(f"model {config.model!r}: {exc}") from None
     labels = load_labels(config.labels, so) if config.labels else None
     t_model = time.perf_counter() - t0
-    listing = list_input(config.input, config.extensions, so)
-    if not listing.uris:
-        hint = f" ({len(listing.skipped)} files skipped for their extension)" if listing.skipped else ""
+    plan = plan_input(config.input, form=config.input_format, extensions=config.extensions,
+                      shard_size=config.shard_size, image_column=config.image_column, id_column=config.id_column,
+                      storage_options=so)
+    if not plan.shards:
+        hint = f" ({len(plan.skipped)} files skipped for their extension)" if plan.skipped else ""
         raise InputError(f"no images found at {config.input!r}{hint}; accepted: {', '.join(config.extensions)}")
     try:
         store = OutputStore(config.output, so)
     except (ValueError, ImportError, OSError) as exc:
         raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
-    shards = plan_shards(listing.uris, config.shard_size)
+    shards = plan.shards
     identity = {"model_sha256": sha256(model_content), "plan_fingerprint": plan_fingerprint(shards),
                 "labels": labels, **{k: getattr(config, k) for k in _IDENTITY_SETTINGS}}
     previous = _previous_run(store, config, identity)
     return {
         "backend": backend, "model_content": model_content, "info": info, "labels": labels,
-        "listing": listing, "store": store, "shards": shards, "identity": identity, "previous": previous,
+        "plan": plan, "store": store, "shards": shards, "identity": identity, "previous": previous,
         "timings": {"check_model_s": t_model, "list_s": time.perf_counter() - t0 - t_model},
     }
 
@@ -108,7 +111,8 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
     ready = prepare(config)
     store: OutputStore = ready["store"]
     shards = ready["shards"]
-    listing = ready["listing"]
+    plan = ready["plan"]
+    planned = plan.num_items  # images; for tar input, tars
     previous = ready["previous"]
     model_sha = ready["identity"]["model_sha256"]
     manifest = {
@@ -122,11 +126,13 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
                   "backend_version": ready["backend"].version, **ready["info"].describe()},
         "labels": ready["labels"],
         "config": config.redacted(),
-        "plan": {"shard_size": config.shard_size, "num_shards": len(shards), "num_images": len(listing.uris),
+        "plan": {"form": plan.form, "shard_size": config.shard_size, "num_shards": len(shards),
+                 "num_images": None if plan.form == "tar" else planned,
+                 "num_tars": planned if plan.form == "tar" else None,
                  "fingerprint": ready["identity"]["plan_fingerprint"], "file": PLAN},
-        "input": {"listed": len(listing.uris), "skipped_non_image": len(listing.skipped),
-                  "manifest_duplicates": listing.duplicates,
-                  "skipped_examples": listing.skipped[:20]},
+        "input": {"form": plan.form, "listed": planned, "skipped_non_image": len(plan.skipped),
+                  "manifest_duplicates": plan.duplicates,
+                  "skipped_examples": plan.skipped[:20]},
     }
 
     t_ray = time.perf_counter()
@@ -170,6 +176,7 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
 
     for summary in done_before.values():
         count(summary)
+    done_earlier = totals["images"] + totals["failures"]
 
     def shard_done(summary: dict) -> None:
         if not first_commit:
@@ -180,14 +187,14 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
 
     try:
         if on_start is not None:
-            on_start(len(listing.uris), len(shards), num_actors, len(done_before),
+            on_start(None if plan.form == "tar" else planned, len(shards), num_actors, len(done_before),
                      totals["images"] + totals["failures"])
         settings = WorkerSettings(
             model_url=config.model, model_sha256=model_sha, memory_per_actor=memory_per_actor,
             backend=ready["backend"].name,
             num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
             normalization=config.normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
-            labels=ready["labels"],
+            labels=ready["labels"], extensions=config.extensions, image_column=config.image_column,
             output_url=config.output, storage_options=config.storage_options,
         )
         def grow() -> int:
@@ -203,7 +210,7 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
         run_s = time.perf_counter() - t_run
     except BaseException as exc:
         manifest.update(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}"[:2000],
-                        counts={**totals, "listed": len(listing.uris)})
+                        counts={**totals, "listed": planned})
         store.write_json(MANIFEST, manifest)
         raise
     finally:
@@ -212,15 +219,16 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
 
     committed = store.committed_shards()
     done = totals["images"] + totals["failures"]
-    complete = all(s.shard_id in committed for s in shards) and done == len(listing.uris)
-    processed_now = sum(len(s.uris) for s in todo)
+    # A tar's image count is known only once streamed: there, every shard committed is the whole check.
+    complete = all(s.shard_id in committed for s in shards) and (plan.form == "tar" or done == planned)
+    processed_now = done - done_earlier
     manifest.update(
         status="complete" if complete else "incomplete",
         finished_at=_now(),
         cluster={"cpus": cluster_cpus, "capacity_at_start": capacity, **pool},
-        counts={"listed": len(listing.uris), **totals, "committed_shards": len(committed),
+        counts={"listed": planned, **totals, "committed_shards": len(committed),
                 "skipped_committed_shards": len(done_before), "failure_types": failure_types,
-                "failure_rate": totals["failures"] / max(len(listing.uris), 1)},
+                "failure_rate": totals["failures"] / max(done, 1)},
         timings={**ready["timings"], "ray_start_s": ray_start_s, "run_s": run_s,
                  "first_shard_committed_s": first_commit[0] if first_commit else None,
                  "total_s": time.perf_counter() - t_start,

@@ -7,7 +7,7 @@ import time
 
 
 class Progress:
-    def __init__(self, total_images: int, total_shards: int, stream=None, interval_s: float = 5.0,
+    def __init__(self, total_images: int | None, total_shards: int, stream=None, interval_s: float = 5.0,
                  done_images: int = 0, done_shards: int = 0):
         self.total = total_images
         self.total_shards = total_shards
@@ -33,19 +33,26 @@ class Progress:
     def _print(self, now: float) -> None:
         elapsed = max(now - self.start, 1e-9)
         rate = (self.done - self.base) / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.done / max(self.total, 1)
+        if self.total is None:  # tar input: images are counted while streaming, progress is by shard
+            frac = self.shards / max(self.total_shards, 1)
+            eta = elapsed * (1 - frac) / frac if frac > 0 else float("inf")
+            total = "?"
+        else:
+            frac = self.done / max(self.total, 1)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            total = self.total
+        pct = 100.0 * frac
         if self.tty:
             width = 24
-            filled = int(width * self.done / max(self.total, 1))
+            filled = int(width * frac)
             bar = "#" * filled + "-" * (width - filled)
-            line = (f"\r[{bar}] {self.done}/{self.total} images {pct:5.1f}% | {rate:6.1f} img/s | "
+            line = (f"\r[{bar}] {self.done}/{total} images {pct:5.1f}% | {rate:6.1f} img/s | "
                     f"failures {self.failed} | shards {self.shards}/{self.total_shards} | ETA {eta:5.0f}s")
             self.stream.write(line)
             if self.shards == self.total_shards:
                 self.stream.write("\n")
         else:
-            self.stream.write(f"progress: {self.done}/{self.total} images ({pct:.1f}%), {rate:.1f} img/s, "
+            self.stream.write(f"progress: {self.done}/{total} images ({pct:.1f}%), {rate:.1f} img/s, "
                               f"failures {self.failed}, shards {self.shards}/{self.total_shards}, "
                               f"ETA {eta:.0f}s\n")
         self.stream.flush()

@@ -12,7 +12,7 @@ class Reader:
         self._options = storage_options or {}
         self._fs = {}
 
-    def _fs_for(self, uri: str):
+    def filesystem(self, uri: str):
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
         if protocol not in self._fs:
             self._fs[protocol] = url_to_fs(uri, **self._options)[0]
@@ -20,7 +20,7 @@ class Reader:
 
     def read(self, uri: str) -> bytes:
         try:
-            fs = self._fs_for(uri)
+            fs = self.filesystem(uri)
             return fs.cat_file(fs._strip_protocol(uri))
         except FileNotFoundError:
             raise ReadError("file not found (deleted after listing?)", error_type="not_found") from None

@@ -11,6 +11,9 @@ from collections import Counter
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from .containers import iter_parquet, iter_tar, raising
+from .errors import ReadError
+from .listing import Shard
 from .preprocess import decode_image
 from .reading import Reader
 from .sink import MANIFEST, OutputStore
@@ -104,6 +107,30 @@ def histogram_png(bins: list[int], path: str) -> None:
     img.save(path)
 
 
+def _read_back(uris: list[str], manifest: dict, reader: Reader) -> dict:
+    """A bytes getter per chosen image: files are read directly; tar members by streaming each tar
+    holding one once; Parquet rows by their `<file>#<row>` name (rows named by an id column are not
+    read back, as the output does not record their file)."""
+    form = manifest.get("plan", {}).get("form", "files")
+    cfg = manifest.get("config", {})
+    getters = {}
+    if form == "files":
+        return {u: (lambda u=u: reader.read(u)) for u in uris}
+    wanted = set(uris)
+    if form == "tar":
+        for tar in sorted({u.split("#", 1)[0] for u in uris}):
+            for uri, get in iter_tar(tar, reader.filesystem(tar), tuple(cfg.get("extensions", ())), {}):
+                if uri in wanted:
+                    getters[uri] = get
+    elif form == "parquet" and not cfg.get("id_column"):
+        for uri in uris:
+            source, row = uri.rsplit("#", 1)
+            part = Shard("report", (uri,), form="parquet", source=source, start=int(row))
+            getters.update(iter_parquet(part, reader.filesystem(source), cfg.get("image_column")))
+    missing = ReadError(f"{form} input: this image cannot be read back for the gallery")
+    return {u: getters.get(u, raising(missing)) for u in uris}
+
+
 def write_html(summary: dict, folder: str, samples: int = 12, storage_options: dict | None = None) -> str:
     os.makedirs(os.path.join(folder, "gallery"), exist_ok=True)
     histogram_png(summary["score_bins"], os.path.join(folder, "scores.png"))
@@ -117,11 +144,12 @@ def write_html(summary: dict, folder: str, samples: int = 12, storage_options: d
     empty = sorted(u for u, n in zip(summary["images"].get("uri", []), summary["images"].get("num_detections", []))
                    if n == 0)
     chosen = ranked[: max(1, samples - min(len(empty), samples // 4))] + empty[: samples // 4]
-    reader = Reader(storage_options)
+    chosen = chosen[:samples]
+    blobs = _read_back(chosen, summary["manifest"], Reader(storage_options))
     cards = []
-    for i, uri in enumerate(chosen[:samples]):
+    for i, uri in enumerate(chosen):
         try:
-            decoded = decode_image(reader.read(uri), 10**9)
+            decoded = decode_image(blobs[uri](), 10**9)
         except Exception as exc:  # the input may have moved since the run
             cards.append(f"<figure><figcaption>{html.escape(uri)}: cannot read back ({html.escape(str(exc))})"
                          "</figcaption></figure>")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .listing import list_input
+from .listing import plan_input
 from .schema import TABLES
 from .sink import MANIFEST, PLAN, OutputStore
 
@@ -83,15 +83,24 @@ def verify(output: str, input_url: str | None = None, storage_options: dict | No
     if stray:
         report.fail(f"files for shards not in the plan: {_examples(stray)}")
 
-    images = _read_column(store, "images", ["uri", "num_detections"], report)
-    failures = _read_column(store, "failures", ["uri", "stage", "error_type"], report)
+    images = _read_column(store, "images", ["uri", "shard_id", "num_detections"], report)
+    failures = _read_column(store, "failures", ["uri", "shard_id", "stage", "error_type"], report)
     detections = _read_column(store, "detections", ["uri"], report)
     done = Counter(images["uri"]) + Counter(failures["uri"])
     report.facts.update(images=len(images["uri"]), failures=len(failures["uri"]),
                         detections=len(detections["uri"]))
     twice = [u for u, n in done.items() if n > 1]
-    missing = [u for u in planned if u not in done]
-    extra = [u for u in done if u not in planned]
+    if manifest.get("plan", {}).get("form") == "tar":
+        # The plan lists tars; their members are found while streaming. Each row must come from its
+        # shard's tar, and each tar must have left at least one row (an empty tar is a failure record).
+        tar_of = dict(zip(plan["shard_id"], plan["uri"]))
+        rows = list(zip(images["uri"] + failures["uri"], images["shard_id"] + failures["shard_id"]))
+        extra = [u for u, sid in rows if sid not in tar_of or not (u == tar_of[sid] or u.startswith(tar_of[sid] + "#"))]
+        seen = {sid for _, sid in rows}
+        missing = [tar_of[sid] for sid in committed & shards if sid not in seen]
+    else:
+        missing = [u for u in planned if u not in done]
+        extra = [u for u in done if u not in planned]
     if twice:
         report.fail(f"{len(twice)} images appear more than once in images/failures: {_examples(twice)}")
     if missing:
@@ -111,8 +120,11 @@ def verify(output: str, input_url: str | None = None, storage_options: dict | No
                                                                               failures["error_type"])))
     if input_url is not None:
         cfg = manifest.get("config", {})
-        listing = list_input(input_url, tuple(cfg.get("extensions", ())), storage_options)
-        now = set(listing.uris)
+        again = plan_input(input_url, form=manifest.get("plan", {}).get("form") or "files",
+                           extensions=tuple(cfg.get("extensions", ())), shard_size=cfg.get("shard_size", 64),
+                           image_column=cfg.get("image_column"), id_column=cfg.get("id_column"),
+                           storage_options=storage_options)
+        now = {u for shard in again.shards for u in shard.uris}
         new, gone = now - set(planned), set(planned) - now
         report.facts["input_listed"] = len(now)
         if new:

@@ -10,7 +10,10 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator
 
+from .containers import Item, iter_parquet, iter_tar
 from .detector import Detector, ImageFailure, ImageResult
 from .errors import failure_fields
 from .listing import Shard
@@ -68,6 +71,17 @@ _DET_COLS = ("uri", "shard_id", "class_id", "label", "score", "xmin", "ymin", "x
 _FAIL_COLS = ("uri", "shard_id", "stage", "error_type", "message")
 
 
+def shard_items(shard: Shard, reader: Reader, extensions: tuple[str, ...], image_column: str | None,
+                stats: dict) -> Iterator[Item]:
+    """(uri, bytes getter) for each image of a shard. Files are read on the prefetch threads (the getter
+    reads); tar members and Parquet cells arrive from one sequential stream (the getter hands them over)."""
+    if shard.form == "tar":
+        return iter_tar(shard.source, reader.filesystem(shard.source), extensions, stats)
+    if shard.form == "parquet":
+        return iter_parquet(shard, reader.filesystem(shard.source), image_column)
+    return ((uri, partial(reader.read, uri)) for uri in shard.uris)
+
+
 def run_shard(
     shard: Shard,
     detector: Detector,
@@ -75,16 +89,18 @@ def run_shard(
     labels: list[str] | None,
     pool: ThreadPoolExecutor,
     prefetch: int,
+    extensions: tuple[str, ...] = (),
+    image_column: str | None = None,
 ) -> tuple[ShardRows, dict]:
     rows = ShardRows(shard.shard_id)
     timings = {"read_decode_s": 0.0, "infer_s": 0.0}
 
-    def load(uri: str):
+    def load(uri: str, get_bytes):
         # read + decode + tensor, off the inference thread; exceptions travel back as values
         t0 = time.perf_counter()
         stage = "read"
         try:
-            data = reader.read(uri)
+            data = get_bytes()
             stage = "decode"
             prepared = detector.prepare(data)
             return prepared, None, time.perf_counter() - t0
@@ -92,16 +108,16 @@ def run_shard(
             return None, ImageFailure(uri, *failure_fields(exc, stage)), time.perf_counter() - t0
 
     window: deque = deque()
-    uris = iter(shard.uris)
-    for uri in uris:
-        window.append((uri, pool.submit(load, uri)))
+    items = shard_items(shard, reader, extensions, image_column, timings)
+    for uri, get_bytes in items:
+        window.append((uri, pool.submit(load, uri, get_bytes)))
         if len(window) >= prefetch:
             break
     while window:
         uri, future = window.popleft()
-        nxt = next(uris, None)
+        nxt = next(items, None)
         if nxt is not None:
-            window.append((nxt, pool.submit(load, nxt)))
+            window.append((nxt[0], pool.submit(load, *nxt)))
         prepared, failure, spent = future.result()
         timings["read_decode_s"] += spent
         if failure is not None:

@@ -1,0 +1,194 @@
+"""Images inside containers: tar shards (WebDataset style) and Parquet files with an image-bytes
+column. Planned from the container (a tar is one shard; Parquet rows are cut into shards by row
+range) and streamed inside the actor as (item uri, bytes): never extracted to disk, never all in memory.
+
+Item URIs say where an image came from: `<tar uri>#<member name>`; for Parquet the id column's value,
+or `<file uri>#<row>` without one.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections import Counter
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from .errors import InputError, ReadError
+from .listing import Shard
+
+# An item is its uri and a callable giving its bytes (or raising the ReadError that becomes its record).
+Item = tuple[str, Callable[[], bytes]]
+_STREAM_BLOCK = 8 * 2**20  # readahead when streaming a tar from object storage
+
+
+def _value(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
+
+
+def raising(error: ReadError) -> Callable[[], bytes]:
+    def fail() -> bytes:
+        raise error
+    return fail
+
+
+# --- tar --------------------------------------------------------------------------------------------
+
+
+def plan_tars(tar_uris: list[str]) -> list[Shard]:
+    """One shard per tar, in sorted order."""
+    return [Shard(f"shard-{i:06d}", (uri,), form="tar", source=uri) for i, uri in enumerate(sorted(tar_uris))]
+
+
+def unsafe_member_name(name: str) -> bool:
+    """Names that would land outside the folder if extracted: absolute, `..`, or a drive letter."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
+
+
+def iter_tar(tar_uri: str, fs, extensions: tuple[str, ...], stats: dict) -> Iterator[Item]:
+    """Stream a tar's image members. Non-image members (a WebDataset's .json/.cls/.txt) are counted in
+    `stats["skipped_members"]`. A member name that escapes the archive, a link, a repeated name, and a
+    tar that is cut short or corrupt become failure records; a tar with no image member is one too, so
+    every planned tar leaves at least one row."""
+    seen: Counter = Counter()
+    yielded = 0
+    stats.setdefault("skipped_members", 0)
+    try:
+        fh = fs.open(fs._strip_protocol(tar_uri), "rb", block_size=_STREAM_BLOCK)
+    except FileNotFoundError:
+        yield tar_uri, raising(ReadError("tar shard not found (deleted after listing?)", error_type="not_found"))
+        return
+    except PermissionError:
+        yield tar_uri, raising(ReadError("permission denied", error_type="permission_denied"))
+        return
+    except Exception as exc:
+        yield tar_uri, raising(ReadError(f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        with fh, tarfile.open(fileobj=fh, mode="r|*") as archive:
+            for member in archive:
+                if member.isdir():
+                    continue
+                name = member.name
+                if extensions and posixpath.splitext(name)[1].lower() not in extensions:
+                    stats["skipped_members"] += 1
+                    continue
+                seen[name] += 1
+                uri = f"{tar_uri}#{name}"
+                yielded += 1
+                if seen[name] > 1:
+                    yield f"{uri}#{seen[name]}", raising(ReadError(
+                        f"member {name!r} appears {seen[name]} times in the tar; only the first is processed",
+                        error_type="duplicate_member"))
+                elif unsafe_member_name(name):
+                    yield uri, raising(ReadError(
+                        f"member name {name!r} escapes the archive (absolute or '..'); refused",
+                        error_type="unsafe_member_name"))
+                elif not member.isfile():
+                    yield uri, raising(ReadError("member is a link or device, not a file", error_type="not_a_file"))
+                else:
+                    data = archive.extractfile(member).read()
+                    yield uri, _value(data)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        yielded += 1
+        after = f" after {yielded - 1} members" if yielded > 1 else ""
+        yield tar_uri, raising(ReadError(f"tar shard is corrupt or cut short{after}: {type(exc).__name__}: {exc}",
+                                        error_type="corrupt_archive"))
+        return
+    if yielded == 0:
+        yield tar_uri, raising(ReadError(
+            f"tar shard holds no image members ({stats['skipped_members']} other members); accepted "
+            f"extensions: {', '.join(extensions)}", error_type="empty_archive"))
+
+
+# --- Parquet ----------------------------------------------------------------------------------------
+
+
+def _binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+
+
+def plan_parquet(file_uris: list[str], image_column: str, id_column: str | None, shard_size: int,
+                 storage_options: dict | None = None) -> list[Shard]:
+    """Shards of rows: each file's rows cut into `shard_size` ranges. Reads only footers and the id
+    column. Repeated ids are refused: result rows could not be told apart."""
+    shards: list[Shard] = []
+    all_ids: Counter = Counter()
+    for uri in sorted(file_uris):
+        fs, path = url_to_fs(uri, **(storage_options or {}))
+        try:
+            with fs.open(path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                schema = pf.schema_arrow
+                if image_column not in schema.names:
+                    raise InputError(f"{uri!r} has no column {image_column!r} (--image-column); its columns: "
+                                     f"{', '.join(schema.names)}")
+                if not _binary(schema.field(image_column).type):
+                    raise InputError(f"column {image_column!r} of {uri!r} is {schema.field(image_column).type}, "
+                                     "not binary: --image-column must hold the encoded image bytes")
+                if id_column is not None:
+                    if id_column not in schema.names:
+                        raise InputError(f"{uri!r} has no column {id_column!r} (--id-column); its columns: "
+                                         f"{', '.join(schema.names)}")
+                    col = pf.read(columns=[id_column]).column(id_column)
+                    ids = [None if v is None else str(v) for v in col.to_pylist()]
+                    if None in ids:
+                        raise InputError(f"column {id_column!r} of {uri!r} has null ids (row {ids.index(None)}); "
+                                         "every row needs an id")
+                else:
+                    ids = [f"{uri}#{row}" for row in range(pf.metadata.num_rows)]
+        except FileNotFoundError:
+            raise InputError(f"Parquet input {uri!r} not found") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"cannot read Parquet input {uri!r}: {exc}") from None
+        all_ids.update(ids)
+        for lo in range(0, len(ids), shard_size):
+            shards.append(Shard(f"shard-{len(shards):06d}", tuple(ids[lo:lo + shard_size]), form="parquet",
+                                source=uri, start=lo))
+    duplicates = {i: n for i, n in all_ids.items() if n > 1}
+    if duplicates:
+        example = ", ".join(repr(i) for i in sorted(duplicates)[:5])
+        raise InputError(f"--id-column {id_column!r} has {len(duplicates)} repeated ids (e.g. {example}): ids must "
+                         "be unique so each result row names one image; choose another id column or none")
+    return shards
+
+
+def iter_parquet(shard: Shard, fs, image_column: str, batch_rows: int = 32) -> Iterator[Item]:
+    """The shard's rows, read in small batches from the row groups that hold them."""
+    stop = shard.start + len(shard.uris)
+    ids = iter(shard.uris)
+    try:
+        with fs.open(fs._strip_protocol(shard.source), "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            offset = 0
+            for rg in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(rg).num_rows
+                lo, hi = max(shard.start, offset), min(stop, offset + n)
+                if lo < hi:
+                    row = offset
+                    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=[image_column]):
+                        values = batch.column(0).to_pylist()
+                        for i, data in enumerate(values):
+                            if lo <= row + i < hi:
+                                item = next(ids)
+                                yield item, (_value(data) if data else raising(ReadError(
+                                    f"row {row + i} of {shard.source} has no image bytes in {image_column!r}",
+                                    error_type="empty_cell")))
+                        row += len(values)
+                        if row >= hi:
+                            break
+                offset += n
+                if offset >= stop:
+                    break
+    except Exception as exc:
+        error = ReadError(f"cannot read rows of {shard.source}: {type(exc).__name__}: {exc}")
+        for item in ids:  # the rows not yet yielded: each becomes a record
+            yield item, raising(error)
+        return
+    for item in ids:  # the file has fewer rows than planned: it changed since listing
+        yield item, raising(ReadError(f"{shard.source} has fewer rows than when the job was planned",
+                                     error_type="not_found"))
