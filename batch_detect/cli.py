@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode JPEGs at full size (default: at the smallest libjpeg scale not below the model input)")
     run.add_argument("--extensions", help="comma-separated file extensions to process; '*' for every file "
                                           f"(default {','.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
+    run.add_argument("--batch-size", type=int,
+                     help="images per invoke when the model's batch dimension is dynamic (default 1; a fixed "
+                          "batch runs 1, noted in the manifest)")
     run.add_argument("--input-format", choices=INPUT_FORMATS,
                      help="files (images), tar (WebDataset-style shards, one shard per tar) or parquet (rows "
                           "with an image-bytes column); default auto")

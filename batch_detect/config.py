@@ -35,6 +35,7 @@ class RunConfig:
     input_format: str = "auto"  # files | tar | parquet; auto: parquet with image_column, tar for .tar inputs
     image_column: str | None = None  # Parquet input: the column holding encoded image bytes
     id_column: str | None = None  # Parquet input: the column whose value names each image in the output
+    batch_size: int = 1  # images per invoke when the model's batch dimension is dynamic; else 1
     address: str | None = None
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
     cpus_per_actor: int = 1  # also the interpreter's num_threads
@@ -63,6 +64,8 @@ class RunConfig:
             raise ConfigError(
                 f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
             )
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_pixels < 1:
             raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.num_actors is not None and self.num_actors < 1:

@@ -120,6 +120,7 @@ class Detector:
         self.max_pixels = max_pixels
         self.draft_size = (self.info.input.width, self.info.input.height) if jpeg_draft else None
         self._output_indices = [o.index for o in self.info.outputs]
+        self.batch = 1
 
     def prepare(self, data: bytes):
         """Decode and build the input tensor (thread-safe: no interpreter state is touched)."""
@@ -128,13 +129,46 @@ class Detector:
         tensor, placement = build_input(decoded, self.info.input, self.info.mapping, self.resize)
         return decoded.width, decoded.height, tensor, placement, (time.perf_counter() - t0) * 1000
 
-    def infer(self, tensor: np.ndarray) -> dict[int, np.ndarray]:
+    def set_batch(self, size: int) -> int:
+        """Run `size` images per invoke when the model's batch dimension is dynamic (shape signature
+        -1); a fixed batch stays 1. Returns the batch size in effect."""
+        spec = self.info.input.tensor
+        if size <= 1 or spec.shape_signature[0] != -1:
+            return self.batch
         try:
-            self.interpreter.set_tensor(self.info.input.tensor.index, tensor)
+            self.interpreter.resize_tensor_input(spec.index, [size, *spec.shape[1:]])
+            self.interpreter.allocate_tensors()
+            shapes = [tuple(d["shape"]) for d in self.interpreter.get_output_details()]
+        except Exception:
+            shapes = []
+        if shapes and all(s and s[0] == size for s in shapes):
+            self.batch = size
+        else:  # outputs that do not follow the input's batch: keep one image per invoke
+            self.interpreter.resize_tensor_input(spec.index, list(spec.shape))
+            self.interpreter.allocate_tensors()
+        return self.batch
+
+    def infer(self, tensor: np.ndarray) -> dict[int, np.ndarray]:
+        return self.infer_batch([tensor])[0]
+
+    def infer_batch(self, tensors: list[np.ndarray]) -> list[dict[int, np.ndarray]]:
+        """One invoke for up to `batch` images ([1,H,W,C] each); a short batch is padded with zeros,
+        so the interpreter is never re-allocated mid-run. Per image outputs keep a leading 1."""
+        n = len(tensors)
+        try:
+            if self.batch == 1:
+                batch = tensors[0]
+            else:
+                batch = np.zeros((self.batch, *tensors[0].shape[1:]), tensors[0].dtype)
+                np.concatenate(tensors, axis=0, out=batch[:n])
+            self.interpreter.set_tensor(self.info.input.tensor.index, batch)
             self.interpreter.invoke()
-            return {i: self.interpreter.get_tensor(i) for i in self._output_indices}
+            outputs = {i: self.interpreter.get_tensor(i) for i in self._output_indices}
         except Exception as exc:
             raise InferenceError(f"{type(exc).__name__}: {exc}") from None
+        if self.batch == 1:
+            return [outputs]
+        return [{i: a[k:k + 1] for i, a in outputs.items()} for k in range(n)]
 
     def process(self, uri: str, data: bytes) -> ImageResult | ImageFailure:
         """Run one image; every per-image problem comes back as an ImageFailure with its stage."""
@@ -146,12 +180,29 @@ class Detector:
             return ImageFailure(uri, *failure_fields(exc, stage))
 
     def finish(self, uri, width, height, tensor, placement, decode_ms) -> ImageResult | ImageFailure:
-        stage = "infer"
+        return self.finish_batch([(uri, width, height, tensor, placement, decode_ms)])[0]
+
+    def finish_batch(self, items: list[tuple]) -> list[ImageResult | ImageFailure]:
+        """Infer and post-process prepared images, `batch` per invoke. If a batched invoke fails, its
+        images are run one by one, so only the image at fault becomes a failure record."""
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            arrays = self.infer(tensor)
-            infer_ms = (time.perf_counter() - t0) * 1000
-            stage = "postprocess"
+            outputs = self.infer_batch([item[3] for item in items])
+        except InferenceError as exc:
+            if len(items) == 1:
+                return [ImageFailure(items[0][0], *failure_fields(exc, "infer"))]
+            batch, self.batch = self.batch, 1
+            try:
+                return [r for item in items for r in self.finish_batch([item])]
+            finally:
+                self.batch = batch
+        infer_ms = (time.perf_counter() - t0) * 1000 / len(items)
+        return [self._postprocess(*item[:3], item[4], item[5], arrays, infer_ms)
+                for item, arrays in zip(items, outputs)]
+
+    def _postprocess(self, uri, width, height, placement, decode_ms, arrays, infer_ms) -> ImageResult | ImageFailure:
+        stage = "postprocess"
+        try:
             raw = decode_outputs(arrays, self.info.layout, self.score_threshold,
                                  (self.info.input.height, self.info.input.width))
             image_yxyx = placement.to_image(raw.boxes)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
 from .detector import Detector
 from .errors import ClusterError, ConfigError
@@ -52,6 +52,7 @@ class WorkerSettings:
     storage_options: dict
     extensions: tuple[str, ...] = ()  # which tar members are images
     image_column: str | None = None  # Parquet input: the column of image bytes
+    batch_size: int = 1  # images per invoke, where the model's batch dimension is dynamic
     prefetch: int = PREFETCH
 
 
@@ -142,6 +143,7 @@ class DetectorActor:
             model_url=settings.model_url,
             jpeg_draft=settings.jpeg_draft,
         )
+        self.detector.set_batch(settings.batch_size)
         self.settings = settings
         self.reader = Reader(settings.storage_options)
         self.store = OutputStore(settings.output_url, settings.storage_options)
@@ -362,7 +364,15 @@ def run_shards(
 
 def _check_alive(actors: list, i: int, alive: set) -> None:
     """After a crash, wait for the actor's restart; one that cannot come back leaves the pool."""
-    try:
-        ray.get(actors[i].info.remote(), timeout=ACTOR_START_TIMEOUT_S)
-    except (RayActorError, GetTimeoutError):
-        alive.discard(i)
+    deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+    while True:
+        try:
+            ray.get(actors[i].info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ActorUnavailableError:  # still restarting: ask again until the deadline
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        except (RayActorError, GetTimeoutError):
+            break
+    alive.discard(i)

@@ -123,7 +123,9 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
         "started_at": _now(),
         "identity": ready["identity"],
         "model": {"uri": config.model, "sha256": model_sha, "backend": ready["backend"].name,
-                  "backend_version": ready["backend"].version, **ready["info"].describe()},
+                  "backend_version": ready["backend"].version, **ready["info"].describe(),
+                  "batch": config.batch_size if ready["info"].input.tensor.shape_signature[0] == -1 else 1,
+                  "batch_dimension": "dynamic" if ready["info"].input.tensor.shape_signature[0] == -1 else "fixed"},
         "labels": ready["labels"],
         "config": config.redacted(),
         "plan": {"form": plan.form, "shard_size": config.shard_size, "num_shards": len(shards),
@@ -195,6 +197,7 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
             num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
             normalization=config.normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
             labels=ready["labels"], extensions=config.extensions, image_column=config.image_column,
+            batch_size=config.batch_size,
             output_url=config.output, storage_options=config.storage_options,
         )
         def grow() -> int:

@@ -109,24 +109,34 @@ def run_shard(
 
     window: deque = deque()
     items = shard_items(shard, reader, extensions, image_column, timings)
-    for uri, get_bytes in items:
-        window.append((uri, pool.submit(load, uri, get_bytes)))
-        if len(window) >= prefetch:
-            break
-    while window:
-        uri, future = window.popleft()
-        nxt = next(items, None)
-        if nxt is not None:
+    depth = max(prefetch, 2 * detector.batch)  # a full batch ready while the previous one runs
+
+    def refill() -> None:
+        while len(window) < depth:
+            nxt = next(items, None)
+            if nxt is None:
+                return
             window.append((nxt[0], pool.submit(load, *nxt)))
-        prepared, failure, spent = future.result()
-        timings["read_decode_s"] += spent
-        if failure is not None:
-            rows.add(failure, labels)
+
+    refill()
+    while window:
+        batch = []
+        while window and len(batch) < detector.batch:
+            uri, future = window.popleft()
+            refill()
+            prepared, failure, spent = future.result()
+            timings["read_decode_s"] += spent
+            if failure is not None:
+                rows.add(failure, labels)
+            else:
+                batch.append((uri, *prepared))
+        if not batch:
             continue
         t0 = time.perf_counter()
-        if _CRASH_ON and _CRASH_ON in uri:
+        if _CRASH_ON and any(_CRASH_ON in item[0] for item in batch):
             # Test-only fault injection: die the way a segfault in native code would.
             os.kill(os.getpid(), signal.SIGSEGV)
-        rows.add(detector.finish(uri, *prepared), labels)
+        for outcome in detector.finish_batch(batch):
+            rows.add(outcome, labels)
         timings["infer_s"] += time.perf_counter() - t0
     return rows, timings
