@@ -22,7 +22,8 @@ def dry_run(config: RunConfig) -> str:
     listing, shards, info = ready["listing"], ready["shards"], ready["info"]
     detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor,
                         score_threshold=config.score_threshold, resize=config.resize,
-                        normalization=config.normalization, max_pixels=config.max_pixels, model_url=config.model)
+                        normalization=config.pixel_normalization, max_pixels=config.max_pixels,
+                        model_url=config.model, output_format=config.output_format)
     reader = Reader(config.storage_options)
     sample = listing.uris[:: max(1, len(listing.uris) // SAMPLE)][:SAMPLE]
     t0 = time.perf_counter()
