@@ -104,6 +104,7 @@ def test_class_ids_outside_the_labels_get_null_and_a_warning(local_ray, models_d
     assert all(r["label"] is None for r in beyond)
     assert all(r["label"] == ["circle", "square"][r["class_id"]] for r in rows if r["class_id"] < 2)
     assert manifest["counts"]["unlabelled_class_ids"] == {"2": len(beyond)}
+    print(manifest["warnings"][0])
     assert len(manifest["warnings"]) == 1 and f"{len(beyond)} detections have class ids" in manifest["warnings"][0]
     assert "2: " in manifest["warnings"][0] and str(short) in manifest["warnings"][0]
     on_disk = json.load(open(os.path.join(out, "_manifest.json")))
