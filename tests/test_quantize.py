@@ -20,8 +20,9 @@ from helpers import recall_precision
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 NO_TF_REASON = (f"TensorFlow is not importable in {sys.executable} (CI's venv has no TF: the [quantize] extra); "
                 "run with an interpreter that has it, e.g. /work/tfvenv/bin/python -m pytest tests/test_quantize.py")
-# The fixture's uint8 PTQ against its float parent measures 1.000/0.996/0.004 (README); this model, measured:
-# recall 1.000, precision 1.000, mean |dscore| 0.007 (int8). A wrong scale or zero point loses boxes.
+# The fixture's uint8 PTQ against its float parent measures 1.000/0.996/0.004 (README); this model measures
+# recall 1.000, precision 1.000, mean |dscore| 0.004 here (0.007 on another 60 scenes with 50 calibration
+# images). The bounds leave room for that; a wrong scale or zero point loses boxes and moves scores > 0.1.
 MIN_RECALL, MIN_PRECISION, MAX_DSCORE = 0.95, 0.95, 0.03
 
 
