@@ -8,6 +8,7 @@ import json
 import sys
 
 from .config import IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
+from .decoding import OUTPUT_FORMATS
 from .errors import BatchDetectError
 from .geometry import RESIZE_MODES
 from .progress import Progress
@@ -37,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--normalization", choices=NORMALIZATIONS,
                      help="float inputs: pixel range the model expects; integer inputs follow the model's "
                           "quantization unless forced (default auto)")
+    run.add_argument("--input-mean", metavar="M[,M,M]",
+                     help="float inputs: (pixel - mean) / std per RGB channel, in pixel units (0..255); "
+                          "with --input-std, instead of --normalization")
+    run.add_argument("--input-std", metavar="S[,S,S]", help="see --input-mean")
+    run.add_argument("--output-format", choices=OUTPUT_FORMATS,
+                     help="decode the outputs as this family instead of detecting it (default auto)")
     run.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this")
     run.add_argument("--no-jpeg-draft", action="store_false", dest="jpeg_draft",
                      help="decode JPEGs at full size (default: at the smallest libjpeg scale not below the model input)")
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="explain a model: tensors, ops, detected family, warnings")
     ins.add_argument("model", help="path or URL of a .tflite file")
     ins.add_argument("--normalization", choices=NORMALIZATIONS, default="auto")
+    ins.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
     ins.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -85,8 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--sample", type=int, default=200, help="images to use, spread over the input (0: all)")
     cmp_.add_argument("--score-threshold", type=float, default=0.25)
     cmp_.add_argument("--resize", choices=RESIZE_MODES, default="stretch")
+    cmp_.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
     cmp_.add_argument("--out", default=None, help="folder for compare.parquet (per image) and compare.json")
     cmp_.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+
+    q = sub.add_parser("quantize", help="int8 post-training quantization of a SavedModel/Keras detector, "
+                                        "calibrated on your images, then compared with the float model")
+    q.add_argument("--saved-model", required=True, help="SavedModel folder or .keras file (float detector)")
+    q.add_argument("--input", required=True, help="images to calibrate and compare on (folder, prefix, glob, manifest)")
+    q.add_argument("--output", required=True, help="the quantized .tflite to write (a float32 reference "
+                                                   "OUT.float32.tflite and the report OUT.compare/ go next to it)")
+    q.add_argument("--samples", type=int, default=100, help="calibration images, spread over the input (default 100)")
+    q.add_argument("--io", choices=("int8", "uint8", "float32"), default="int8",
+                   help="dtype of the model's input (and YOLO output) tensors; inside it is int8 (default int8)")
+    q.add_argument("--normalization", choices=NORMALIZATIONS, default="auto",
+                   help="pixel range the float model expects (default: the family's, YOLO 0,1, SSD -1,1)")
+    q.add_argument("--input-mean", default=None, metavar="M[,M,M]", help="instead of --normalization: pixel units")
+    q.add_argument("--input-std", default=None, metavar="S[,S,S]")
+    q.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
+    q.add_argument("--resize", choices=RESIZE_MODES, default="stretch")
+    q.add_argument("--compare-sample", type=int, default=200, help="images for the drift check (0: all)")
+    q.add_argument("--score-threshold", type=float, default=0.25, help="for the drift check")
+    q.add_argument("--labels", default=None, help="labels file, for names in the drift report")
+    q.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
 
     rep = sub.add_parser("report", help="summarise a run: numbers in the terminal, an HTML folder with pictures")
     rep.add_argument("output", help="the --output of a run")
@@ -103,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CLI_ONLY = ("config", "json", "dry_run", "command")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .labels import load_labels
+    from .quantize import quantize
+
+    so = dict(args.storage_option)
+    # The same checks as a run's config for the shared settings (mean/std, output format).
+    norm = RunConfig(model="-", input="-", output="-", normalization=args.normalization,
+                     input_mean=args.input_mean, input_std=args.input_std,
+                     output_format=args.output_format).validate()
+    quantize(args.saved_model, args.input, args.output, samples=args.samples, io=args.io,
+             normalization=norm.pixel_normalization, resize=args.resize, output_format=args.output_format,
+             compare_sample=args.compare_sample, score_threshold=args.score_threshold,
+             labels=load_labels(args.labels, so) if args.labels else None, storage_options=so)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -124,6 +169,8 @@ def _print_summary(manifest: dict, out) -> None:
     if c["failure_types"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(c["failure_types"].items()))
         print(f"failures by stage/type: {kinds}", file=out)
+    for warning in manifest.get("warnings", []):
+        print(f"warning: {warning}", file=out)
     rate = t["images_per_s"]
     print(f"time: {t['total_s']:.1f}s total, {t['run_s']:.1f}s processing"
           + (f" ({rate:.1f} images/s)" if rate else "")
@@ -153,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         from .inspect import inspect_model, render
 
         try:
-            report = inspect_model(args.model, args.normalization, dict(args.storage_option))
+            report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format)
         except BatchDetectError as exc:
             print(f"batch-detect: error: {exc}", file=sys.stderr)
             return 2
@@ -167,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = compare(args.model, args.reference, args.input, sample=args.sample,
                              score_threshold=args.score_threshold, resize=args.resize,
+                             output_format=args.output_format,
                              labels=load_labels(args.labels, so) if args.labels else None, storage_options=so)
         except BatchDetectError as exc:
             print(f"batch-detect: error: {exc}", file=sys.stderr)
@@ -176,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             write(result, args.out)
             print(f"written: {args.out}/compare.parquet, {args.out}/compare.json")
         return 0
+    if args.command == "quantize":
+        try:
+            return _quantize(args)
+        except BatchDetectError as exc:
+            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "report":
         from .report import render_text, summarize, write_html
 

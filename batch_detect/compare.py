@@ -48,13 +48,13 @@ def match(a, b, threshold: float = 0.5) -> list[tuple[int, int]]:
 
 def compare(model: str, reference: str, input_url: str, *, sample: int = 200, score_threshold: float = 0.25,
             resize: str = "stretch", normalization: str = "auto", labels: list | None = None,
-            storage_options: dict | None = None) -> dict:
+            storage_options: dict | None = None, output_format: str = "auto") -> dict:
     backend = load_backend()
 
     def detector(url: str) -> Detector:
         return Detector(backend, read_model(url, storage_options), num_threads=os.cpu_count() or 1,
                         score_threshold=score_threshold, resize=resize, normalization=normalization,
-                        max_pixels=10**9, model_url=url)
+                        max_pixels=10**9, model_url=url, output_format=output_format)
 
     det_a, det_b = detector(model), detector(reference)
     uris = list_input(input_url, (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"),

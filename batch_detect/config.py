@@ -8,8 +8,10 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
+from .decoding import OUTPUT_FORMATS
 from .errors import ConfigError
 from .geometry import RESIZE_MODES
+from .preprocess import mean_std_spec
 
 NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")
@@ -29,6 +31,9 @@ class RunConfig:
     shard_size: int = 64
     resize: str = "stretch"
     normalization: str = "auto"
+    input_mean: list[float] | None = None  # float inputs: (pixel - mean) / std, in pixel units (0..255)
+    input_std: list[float] | None = None
+    output_format: str = "auto"  # force the decoder family: auto, ssd, yolov8, yolov5
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_draft: bool = True  # decode large JPEGs at reduced scale (never below the model input)
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # () means every file (or every tar member)
@@ -66,6 +71,24 @@ class RunConfig:
             )
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        self.input_mean, self.input_std = (_floats(v, f"--input-{n}") for v, n in
+                                           ((self.input_mean, "mean"), (self.input_std, "std")))
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ConfigError("--input-mean and --input-std go together: give both (pixel units, e.g. "
+                              "--input-mean 123.675,116.28,103.53 --input-std 58.395,57.12,57.375)")
+        if self.input_mean is not None:
+            if self.normalization != "auto":
+                raise ConfigError(f"--normalization {self.normalization} and --input-mean/--input-std both say how "
+                                  "to scale pixels: give one of them")
+            for name, values in (("--input-mean", self.input_mean), ("--input-std", self.input_std)):
+                if len(values) not in (1, 3):
+                    raise ConfigError(f"{name} takes 1 value or 3 (one per RGB channel), got {len(values)}")
+            if any(s <= 0 for s in self.input_std):
+                raise ConfigError(f"--input-std values must be positive, got {self.input_std}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ConfigError(
+                f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}"
+            )
         if self.max_pixels < 1:
             raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.num_actors is not None and self.num_actors < 1:
@@ -96,12 +119,30 @@ class RunConfig:
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
         return self
 
+    @property
+    def pixel_normalization(self) -> str:
+        """What the detector is told: the named range, or the mean/std spec for float inputs."""
+        if self.input_mean is not None and self.input_std is not None:
+            return mean_std_spec(self.input_mean, self.input_std)
+        return self.normalization
+
     def redacted(self) -> dict:
         """The config as written to the manifest: storage option values that look secret are hidden."""
         out = asdict(self)
         out["extensions"] = list(self.extensions)
         out["storage_options"] = redact(self.storage_options)
         return out
+
+
+def _floats(value, name: str) -> list[float] | None:
+    """1 or more numbers from a list, a number, or a comma-separated string."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        return [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} takes numbers (comma-separated), got {value!r}") from None
 
 
 def absolute_local(url: str) -> str:

@@ -140,8 +140,14 @@ MAX_DETECTIONS = 100
 NMS_IOU = 0.45
 
 
-def identify_outputs(outputs: list[TensorSpec]) -> SsdLayout | YoloLayout:
-    """The detector family, from the outputs' number, shapes and names."""
+OUTPUT_FORMATS = ("auto", "ssd", "yolov8", "yolov5")
+
+
+def identify_outputs(outputs: list[TensorSpec], output_format: str = "auto") -> SsdLayout | YoloLayout:
+    """The detector family, from the outputs' number, shapes and names, or the one forced by
+    `output_format` (refused when the outputs cannot be read that way)."""
+    if output_format != "auto":
+        return _forced(outputs, output_format)
     if len(outputs) == 1 and len(outputs[0].shape) == 3 and outputs[0].shape[0] == 1:
         o = outputs[0]
         _, a, b = o.shape
@@ -150,6 +156,32 @@ def identify_outputs(outputs: list[TensorSpec]) -> SsdLayout | YoloLayout:
         if a > b > 5:  # [1, N, 5+C]
             return YoloLayout(o, transposed=False, objectness=True, num_classes=b - 5, family="yolov5")
     return identify_ssd_outputs(outputs)
+
+
+def _forced(outputs: list[TensorSpec], output_format: str) -> SsdLayout | YoloLayout:
+    if output_format not in OUTPUT_FORMATS:
+        raise ModelError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    shapes = ", ".join(f"{o.name} {list(o.shape)}" for o in outputs)
+    if output_format == "ssd":
+        try:
+            return identify_ssd_outputs(outputs)
+        except ModelError as exc:
+            raise ModelError(f"--output-format ssd does not fit this model: {exc}") from None
+    want = "[1, 4+C, N]" if output_format == "yolov8" else "[1, N, 5+C]"
+    if len(outputs) != 1 or len(outputs[0].shape) != 3 or outputs[0].shape[0] != 1:
+        raise ModelError(f"--output-format {output_format} needs one output {want}; the model has "
+                         f"{len(outputs)}: {shapes}. Use --output-format auto to detect the family")
+    o = outputs[0]
+    _, a, b = o.shape
+    if output_format == "yolov8":
+        if a <= 4 or b < 1:
+            raise ModelError(f"--output-format yolov8 needs {want} with at least one class; {shapes} has "
+                             f"{a} channels. Use --output-format auto to detect the family")
+        return YoloLayout(o, transposed=True, objectness=False, num_classes=a - 4, family="yolov8")
+    if b <= 5 or a < 1:
+        raise ModelError(f"--output-format yolov5 needs {want} with at least one class; {shapes} has "
+                         f"{b} values per prediction. Use --output-format auto to detect the family")
+    return YoloLayout(o, transposed=False, objectness=True, num_classes=b - 5, family="yolov5")
 
 
 def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int) -> np.ndarray:

@@ -53,14 +53,14 @@ def _role_of(layout, spec: TensorSpec) -> str:
     return "unused"
 
 
-def inspect_interpreter(interp, normalization: str) -> ModelInfo:
+def inspect_interpreter(interp, normalization: str, output_format: str = "auto") -> ModelInfo:
     inputs, outputs = tensor_specs(interp)
     if len(inputs) != 1:
         raise ModelError(
             f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a detector takes one image"
         )
     spec = InputSpec.from_tensor(inputs[0])
-    layout = identify_outputs(outputs)
+    layout = identify_outputs(outputs, output_format)
     # SSD exports (TF Object Detection API, Model Maker) expect float input in [-1, 1]; YOLO in [0, 1].
     default = "0,1" if isinstance(layout, YoloLayout) else "-1,1"
     mapping = pixel_mapping(spec, normalization, default_normalization=default)
@@ -112,9 +112,10 @@ class Detector:
         max_pixels: int,
         model_url: str = "model",
         jpeg_draft: bool = True,
+        output_format: str = "auto",
     ):
         self.interpreter = make_interpreter(backend, model_content, num_threads, model_url)
-        self.info = inspect_interpreter(self.interpreter, normalization)
+        self.info = inspect_interpreter(self.interpreter, normalization, output_format)
         self.score_threshold = score_threshold
         self.resize = resize
         self.max_pixels = max_pixels

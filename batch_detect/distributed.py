@@ -54,6 +54,7 @@ class WorkerSettings:
     image_column: str | None = None  # Parquet input: the column of image bytes
     batch_size: int = 1  # images per invoke, where the model's batch dimension is dynamic
     prefetch: int = PREFETCH
+    output_format: str = "auto"
 
 
 def connect(address: str | None) -> bool:
@@ -142,6 +143,7 @@ class DetectorActor:
             max_pixels=settings.max_pixels,
             model_url=settings.model_url,
             jpeg_draft=settings.jpeg_draft,
+            output_format=settings.output_format,
         )
         self.detector.set_batch(settings.batch_size)
         self.settings = settings
@@ -176,7 +178,12 @@ def _summary(rows: ShardRows, timings: dict, wall_s: float) -> dict:
     for stage, etype in zip(rows.failures["stage"], rows.failures["error_type"]):
         key = f"{stage}/{etype}"
         breakdown[key] = breakdown.get(key, 0) + 1
+    unlabelled: dict[str, int] = {}
+    for cid, label in zip(rows.detections["class_id"], rows.detections["label"]):
+        if label is None:
+            unlabelled[str(cid)] = unlabelled.get(str(cid), 0) + 1
     return {"shard_id": rows.shard_id, **rows.counts, "failure_types": breakdown, "wall_s": wall_s,
+            "unlabelled_class_ids": unlabelled,
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **timings}
 
 

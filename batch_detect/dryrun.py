@@ -23,7 +23,8 @@ def dry_run(config: RunConfig) -> str:
     plan, shards, info = ready["plan"], ready["shards"], ready["info"]
     detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor,
                         score_threshold=config.score_threshold, resize=config.resize,
-                        normalization=config.normalization, max_pixels=config.max_pixels, model_url=config.model)
+                        normalization=config.pixel_normalization, max_pixels=config.max_pixels,
+                        model_url=config.model, output_format=config.output_format)
     reader = Reader(config.storage_options)
     # The sample: images spread over the plan (files, Parquet rows), or the first tar's first members.
     picked = shards[:: max(1, len(shards) // SAMPLE)][:SAMPLE]

@@ -34,6 +34,10 @@ class ModelError(BatchDetectError):
     """The model cannot be used: missing, not a TFLite file, or not a detector we can decode."""
 
 
+class MissingExtra(BatchDetectError):
+    """An optional dependency is not installed; the message names the extra that provides it."""
+
+
 # --- per-image: each becomes one failure record ----------------------------------------------------
 
 

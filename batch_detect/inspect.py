@@ -8,6 +8,7 @@ from collections import Counter
 from .detector import inspect_interpreter
 from .errors import ModelError
 from .interpreter import load_backend, make_interpreter, read_model, sha256, tensor_specs
+from .labels import embedded_labels
 
 # Ops that mean the graph still holds resource variables: their values may never be initialised in
 # TFLite, so outputs are garbage (freeze variables before converting).
@@ -21,7 +22,8 @@ def _ops(interp) -> list[str]:
         return []
 
 
-def inspect_model(url: str, normalization: str = "auto", storage_options: dict | None = None) -> dict:
+def inspect_model(url: str, normalization: str = "auto", storage_options: dict | None = None,
+                  output_format: str = "auto") -> dict:
     backend = load_backend()
     content = read_model(url, storage_options)
     # XNNPACK replaces what it can with DELEGATE nodes; a plain resolver shows the model's own ops.
@@ -37,10 +39,14 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
         "outputs": [_tensor(t) for t in outputs],
         "ops": dict(sorted(Counter(ops).items())),
         "custom_ops": sorted({o for o in ops if not o.isupper() or o.startswith("TFLite")}),
+        "labels": None,
         "family": None,
         "why_not": None,
         "warnings": [],
     }
+    found = embedded_labels(content)
+    if found is not None:
+        report["labels"] = {"file": found[1], "count": len(found[0]), "labels": found[0]}
     warn = report["warnings"]
     if _VARIABLE_OPS & set(ops):
         warn.append("the model holds resource variables (" + ", ".join(sorted(_VARIABLE_OPS & set(ops)))
@@ -55,7 +61,7 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
     if {"float32"} < dtypes and any(t.dtype in ("uint8", "int8") for t in outputs):
         warn.append("quantized outputs: they are dequantized with each tensor's scale and zero point")
     try:
-        info = inspect_interpreter(interp, normalization)
+        info = inspect_interpreter(interp, normalization, output_format)
         report["family"] = info.layout.family
         report["decoding"] = info.describe()
     except ModelError as exc:
@@ -91,6 +97,11 @@ def render(report: dict) -> str:
     lines.append("ops: " + ", ".join(f"{k}×{v}" for k, v in report["ops"].items()))
     if report["custom_ops"]:
         lines.append("custom ops: " + ", ".join(report["custom_ops"]))
+    if report["labels"]:
+        lab = report["labels"]
+        shown = ", ".join(str(x) for x in lab["labels"][:20]) + (", …" if lab["count"] > 20 else "")
+        lines.append(f"labels: {lab['count']} embedded in the model ({lab['file']}; used when --labels is not "
+                     f"given): {shown}")
     if report["family"]:
         dec = report["decoding"]
         roles = ", ".join(f"{o['role']}={o['name']}" for o in dec["outputs"])

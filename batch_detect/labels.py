@@ -1,8 +1,12 @@
-"""Labels files: one label per line (line number = class id), or `id label` lines."""
+"""Labels files: one label per line (line number = class id), or `id label` lines; or the labels file a
+TFLite model with metadata carries in the zip appended to its flatbuffer."""
 
 from __future__ import annotations
 
+import io
+import posixpath
 import re
+import zipfile
 
 from fsspec.core import url_to_fs
 
@@ -36,3 +40,23 @@ def load_labels(url: str, storage_options: dict | None = None) -> list[str | Non
     if not labels:
         raise ConfigError(f"labels file {url!r} is empty")
     return labels
+
+
+def embedded_labels(model_content: bytes) -> tuple[list[str | None], str] | None:
+    """(labels, file name) from the zip a TFLite model with metadata carries after its flatbuffer
+    (the metadata writers put the associated labels file there), or None when it has none. The file
+    whose name says "label" wins (labelmap.txt, labels.txt, ...); else a lone .txt file."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(model_content)) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            texts = [n for n in names if n.lower().endswith(".txt")]
+            chosen = [n for n in texts if "label" in posixpath.basename(n).lower()] or (
+                texts if len(texts) == 1 else [])
+            if not chosen:
+                return None
+            name = sorted(chosen)[0]
+            text = zf.read(name).decode("utf-8")
+    except (zipfile.BadZipFile, UnicodeDecodeError, KeyError, OSError, ValueError):
+        return None  # no zip, or no readable labels in it: the model is used without labels
+    labels = parse_labels(text)
+    return (labels, name) if labels else None

@@ -22,13 +22,15 @@ from .distributed import (MIB, PREFETCH, WorkerSettings, connect, estimate_actor
                           run_shards, size_pool)
 from .errors import InputError, ModelError, OutputError
 from .interpreter import load_backend, make_interpreter, read_model, sha256
-from .labels import load_labels
+from .labels import embedded_labels, load_labels
 from .listing import plan_fingerprint, plan_input
 from .sink import COMMIT_DIR, MANIFEST, PLAN, OutputStore
 
 # Settings that change what a shard's rows contain: a resumed run must agree on every one.
 _IDENTITY_SETTINGS = ("score_threshold", "resize", "normalization", "max_pixels", "shard_size", "jpeg_draft",
-                      "image_column")
+                      "image_column", "input_mean", "input_std", "output_format")
+# Identity keys added later: a manifest without one was made with its default (so it still resumes).
+_IDENTITY_DEFAULTS = {"input_mean": None, "input_std": None, "output_format": "auto", "image_column": None}
 
 
 @dataclass
@@ -53,12 +55,15 @@ def prepare(config: RunConfig) -> dict:
     backend = load_backend()
     model_content = read_model(config.model, so)
     try:
-        info = inspect_interpreter(make_interpreter(backend, model_content, 1, config.model), config.normalization)
+        info = inspect_interpreter(make_interpreter(backend, model_content, 1, config.model),
+                                   config.pixel_normalization, config.output_format)
     except ModelError as exc:
         if config.model in str(exc):
             raise
         raise ModelError(f"model {config.model!r}: {exc}") from None
-    labels = load_labels(config.labels, so) if config.labels else None
+    labels, labels_source = (load_labels(config.labels, so), config.labels) if config.labels else (None, None)
+    if labels is None and (found := embedded_labels(model_content)) is not None:
+        labels, labels_source = found[0], f"embedded in the model ({found[1]})"
     t_model = time.perf_counter() - t0
     plan = plan_input(config.input, form=config.input_format, extensions=config.extensions,
                       shard_size=config.shard_size, image_column=config.image_column, id_column=config.id_column,
@@ -76,6 +81,7 @@ def prepare(config: RunConfig) -> dict:
     previous = _previous_run(store, config, identity)
     return {
         "backend": backend, "model_content": model_content, "info": info, "labels": labels,
+        "labels_source": labels_source,
         "plan": plan, "store": store, "shards": shards, "identity": identity, "previous": previous,
         "timings": {"check_model_s": t_model, "list_s": time.perf_counter() - t0 - t_model},
     }
@@ -95,7 +101,7 @@ def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict
         return None
     previous = store.read_json(MANIFEST)
     before = previous.get("identity", {})
-    changed = sorted(k for k in identity if before.get(k) != identity[k])
+    changed = sorted(k for k in identity if before.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k])
     if changed:
         what = ", ".join("the input listing (plan)" if k == "plan_fingerprint" else
                          "the model" if k == "model_sha256" else k for k in changed)
@@ -104,6 +110,18 @@ def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict
             "results. Choose a new --output, or pass --overwrite to replace it"
         )
     return previous
+
+
+def _warnings(manifest: dict, labels: list | None) -> list[str]:
+    out = []
+    ids = manifest["counts"]["unlabelled_class_ids"]
+    if ids:
+        n = sum(ids.values())
+        which = ", ".join(f"{k}: {v}" for k, v in sorted(ids.items(), key=lambda kv: int(kv[0])))
+        out.append(f"{n} detections have class ids the {len(labels)} labels do not name (class id: detections "
+                   f"{which}); their label is null. Check that the labels ({manifest['labels_source']}) "
+                   "belong to this model")
+    return out
 
 
 def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
@@ -127,6 +145,7 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
                   "batch": config.batch_size if ready["info"].input.tensor.shape_signature[0] == -1 else 1,
                   "batch_dimension": "dynamic" if ready["info"].input.tensor.shape_signature[0] == -1 else "fixed"},
         "labels": ready["labels"],
+        "labels_source": ready["labels_source"],
         "config": config.redacted(),
         "plan": {"form": plan.form, "shard_size": config.shard_size, "num_shards": len(shards),
                  "num_images": None if plan.form == "tar" else planned,
@@ -167,6 +186,7 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
 
     totals = {"images": 0, "failures": 0, "detections": 0, "shards": 0}
     failure_types: dict[str, int] = {}
+    unlabelled: dict[str, int] = {}  # class id -> detections whose id is outside the labels
     first_commit: list[float] = []
 
     def count(summary: dict) -> None:
@@ -175,6 +195,8 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
         totals["shards"] += 1
         for k, v in summary["failure_types"].items():
             failure_types[k] = failure_types.get(k, 0) + v
+        for k, v in summary.get("unlabelled_class_ids", {}).items():
+            unlabelled[k] = unlabelled.get(k, 0) + v
 
     for summary in done_before.values():
         count(summary)
@@ -195,7 +217,8 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
             model_url=config.model, model_sha256=model_sha, memory_per_actor=memory_per_actor,
             backend=ready["backend"].name,
             num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
-            normalization=config.normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
+            normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
+            output_format=config.output_format,
             labels=ready["labels"], extensions=config.extensions, image_column=config.image_column,
             batch_size=config.batch_size,
             output_url=config.output, storage_options=config.storage_options,
@@ -231,11 +254,13 @@ def run(config: RunConfig, on_start=None, on_shard=None) -> RunSummary:
         cluster={"cpus": cluster_cpus, "capacity_at_start": capacity, **pool},
         counts={"listed": planned, **totals, "committed_shards": len(committed),
                 "skipped_committed_shards": len(done_before), "failure_types": failure_types,
-                "failure_rate": totals["failures"] / max(done, 1)},
+                "failure_rate": totals["failures"] / max(done, 1),
+                "unlabelled_class_ids": unlabelled if ready["labels"] is not None else {}},
         timings={**ready["timings"], "ray_start_s": ray_start_s, "run_s": run_s,
                  "first_shard_committed_s": first_commit[0] if first_commit else None,
                  "total_s": time.perf_counter() - t_start,
                  "images_per_s": processed_now / run_s if run_s > 0 and processed_now else None},
     )
+    manifest["warnings"] = _warnings(manifest, ready["labels"])
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)

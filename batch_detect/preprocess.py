@@ -46,12 +46,13 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class PixelMapping:
-    """tensor = pixel * a + b, then rounded and clipped for integer inputs."""
+    """tensor = pixel * a + b, then rounded and clipped for integer inputs. For float inputs with a
+    per-channel mean/std, a and b are tuples (one value per channel)."""
 
     dtype: str
-    a: float
-    b: float
-    normalization: str  # the real-valued range the model sees: "-1,1", "0,1" or "0,255"
+    a: float | tuple[float, ...]
+    b: float | tuple[float, ...]
+    normalization: str  # "-1,1", "0,1", "0,255", or "mean=...;std=..." (pixel units)
 
     @property
     def is_integer_shift(self) -> bool:
@@ -59,7 +60,7 @@ class PixelMapping:
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         if self.dtype == "float32":
-            return pixels.astype(np.float32) * np.float32(self.a) + np.float32(self.b)
+            return pixels.astype(np.float32) * np.asarray(self.a, np.float32) + np.asarray(self.b, np.float32)
         lo, hi = _INT_RANGE[self.dtype]
         if self.is_integer_shift:
             shift = int(round(self.b))
@@ -69,10 +70,53 @@ class PixelMapping:
         return np.clip(np.rint(pixels.astype(np.float32) * self.a + self.b), lo, hi).astype(self.dtype)
 
 
+def mean_std_spec(mean, std) -> str:
+    """The normalization string for `(pixel - mean) / std`, mean and std in pixel units (0..255)."""
+    return "mean=" + ",".join(f"{float(v):g}" for v in mean) + ";std=" + ",".join(f"{float(v):g}" for v in std)
+
+
+def parse_mean_std(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) from a "mean=a[,b,c];std=x[,y,z]" normalization, None for the named ranges."""
+    if not normalization.startswith("mean="):
+        return None
+    try:
+        mean_part, std_part = normalization.split(";")
+        mean = tuple(float(v) for v in mean_part[len("mean="):].split(","))
+        if not std_part.startswith("std="):
+            raise ValueError("std missing")
+        std = tuple(float(v) for v in std_part[len("std="):].split(","))
+    except ValueError:
+        raise ModelError(f"normalization {normalization!r} is not 'mean=M[,M,M];std=S[,S,S]'") from None
+    return mean, std
+
+
+def _mean_std_mapping(spec: InputSpec, normalization: str, mean, std) -> PixelMapping:
+    t = spec.tensor
+    if t.dtype != "float32":
+        raise ModelError(
+            f"--input-mean/--input-std apply to float inputs; model input {t.name!r} is {t.dtype} and its "
+            f"scale {t.scale:g} / zero point {t.zero_point} decide how pixels map to it. Drop them"
+        )
+    for name, values in (("--input-mean", mean), ("--input-std", std)):
+        if len(values) not in (1, spec.channels):
+            raise ModelError(f"{name} has {len(values)} values; model input {t.name!r} has {spec.channels} "
+                             f"channel(s): give 1 or {spec.channels}")
+    if any(s <= 0 for s in std):
+        raise ModelError(f"--input-std values must be positive, got {','.join(f'{s:g}' for s in std)}")
+    mean_b = np.broadcast_to(np.asarray(mean, np.float64), (max(len(mean), len(std)),))
+    std_b = np.broadcast_to(np.asarray(std, np.float64), mean_b.shape)
+    a = tuple(float(1.0 / s) for s in std_b)
+    b = tuple(float(-m / s) for m, s in zip(mean_b, std_b))
+    return PixelMapping("float32", a if len(a) > 1 else a[0], b if len(b) > 1 else b[0], normalization)
+
+
 def pixel_mapping(spec: InputSpec, normalization: str, default_normalization: str = "-1,1") -> PixelMapping:
     """How 0..255 pixels become this input. For integer inputs the model's scale and zero point
     decide; a normalisation that contradicts them is a quantization mistake, reported here."""
     t = spec.tensor
+    mean_std = parse_mean_std(normalization)
+    if mean_std is not None:
+        return _mean_std_mapping(spec, normalization, *mean_std)
     if t.dtype == "float32":
         norm = default_normalization if normalization == "auto" else normalization
         a, b = _NORMALIZATION_AFFINE[norm]

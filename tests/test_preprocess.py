@@ -138,3 +138,79 @@ def test_jpeg_draft_decodes_smaller_but_reports_the_full_size():
     exif[0x0112] = 6
     rotated = decode_image(encode(big, "JPEG", exif=exif), 10**8, draft_size=(300, 300))
     assert (rotated.width, rotated.height) == (1080, 1920) and rotated.image.size == (540, 960)
+
+
+def test_mean_std_for_float_inputs_per_channel():
+    from batch_detect.preprocess import mean_std_spec
+
+    s = spec("float32")
+    norm = mean_std_spec([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
+    m = pixel_mapping(s, norm)
+    assert m.normalization == norm
+    decoded = decode_image(encode(gradient()), 10**6)
+    tensor, _ = build_input(decoded, s, m, "stretch")
+    expected = (np.asarray(gradient(), np.float32) - [123.675, 116.28, 103.53]) / [58.395, 57.12, 57.375]
+    assert tensor.dtype == np.float32
+    np.testing.assert_allclose(tensor[0], expected, rtol=1e-5, atol=1e-5)
+    # one value for every channel: mean 127.5, std 127.5 is the -1..1 range
+    one = pixel_mapping(s, mean_std_spec([127.5], [127.5]))
+    np.testing.assert_allclose(one.apply(np.asarray(gradient())), pixel_mapping(s, "-1,1").apply(np.asarray(gradient())),
+                               atol=1e-6)
+
+
+def test_mean_std_refused_where_it_cannot_apply():
+    from batch_detect.preprocess import mean_std_spec
+
+    with pytest.raises(ModelError, match="apply to float inputs.*uint8"):
+        pixel_mapping(spec("uint8", scale=1 / 255, zp=0), mean_std_spec([127.5], [127.5]))
+    with pytest.raises(ModelError, match="3 values.*1 channel"):
+        pixel_mapping(spec("float32", shape=(1, 8, 8, 1)), mean_std_spec([1, 2, 3], [1, 1, 1]))
+
+
+def test_mean_std_settings_are_checked(tmp_path):
+    from batch_detect.config import RunConfig, config_from_values, load_config_file
+    from batch_detect.errors import ConfigError
+
+    def cfg(**kw):
+        return RunConfig(model="m", input="i", output="o", **kw).validate()
+
+    assert cfg(input_mean="123.675,116.28,103.53", input_std="58.395,57.12,57.375").pixel_normalization == \
+        "mean=123.675,116.28,103.53;std=58.395,57.12,57.375"
+    assert cfg().pixel_normalization == "auto" and cfg(normalization="0,1").pixel_normalization == "0,1"
+    with pytest.raises(ConfigError, match="go together"):
+        cfg(input_mean="127.5")
+    with pytest.raises(ConfigError, match="give one of them"):
+        cfg(input_mean="127.5", input_std="127.5", normalization="-1,1")
+    with pytest.raises(ConfigError, match="positive"):
+        cfg(input_mean="0", input_std="0")
+    with pytest.raises(ConfigError, match="1 value or 3"):
+        cfg(input_mean="1,2", input_std="1")
+    with pytest.raises(ConfigError, match="takes numbers"):
+        cfg(input_mean="a,b,c", input_std="1")
+    toml = tmp_path / "job.toml"
+    toml.write_text('model = "m"\ninput = "i"\noutput = "o"\ninput_mean = [0.0, 0.0, 0.0]\ninput_std = 255\n')
+    c = config_from_values(load_config_file(str(toml))).validate()
+    assert c.pixel_normalization == "mean=0,0,0;std=255"
+
+
+def test_mean_std_reaches_the_detector(models_dir):
+    """The float fixture was trained on -1..1: mean 127.5 / std 127.5 gives the same detections, and a
+    wrong mean/std changes them (the option is really used)."""
+    import os
+
+    from batch_detect.detector import Detector
+    from batch_detect.interpreter import load_backend, read_model
+    from batch_detect.synthetic import draw_scene, scene_rng
+
+    content = read_model(os.path.join(models_dir, "shapes_ssd_float32.tflite"))
+
+    def detect(norm):
+        det = Detector(load_backend(), content, num_threads=1, score_threshold=0.3, resize="stretch",
+                       normalization=norm, max_pixels=10**8)
+        image, _ = draw_scene(scene_rng(99, 0), 320, 240)
+        return det.process("x.png", encode(image)).detections
+
+    ref, same, wrong = detect("-1,1"), detect("mean=127.5;std=127.5"), detect("mean=0;std=255")
+    assert len(ref.scores) >= 1
+    np.testing.assert_allclose(same.scores, ref.scores, atol=1e-5)
+    assert len(wrong.scores) != len(ref.scores) or not np.allclose(wrong.scores, ref.scores, atol=0.05)

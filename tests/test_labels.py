@@ -1,0 +1,114 @@
+"""Labels: the labels file a TFLite model with metadata carries in a zip after its flatbuffer is used when
+--labels is not given (and shown by inspect); class ids the labels do not name get a null label, are
+counted in the manifest and warned about, and never stop a run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from batch_detect.cli import _print_summary
+from batch_detect.config import RunConfig
+from batch_detect.interpreter import load_backend, make_interpreter, read_model
+from batch_detect.labels import embedded_labels
+from batch_detect.pipeline import run
+from batch_detect.synthetic import write_dataset
+
+# Not the committed names, so the test knows which labels a run used.
+EMBEDDED = ["round", "box", "wedge"]
+
+
+def with_metadata_zip(src: str, dst: str, files: dict[str, str]) -> str:
+    """A copy of `src` with a zip appended, as the TFLite metadata writers store associated files."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    with open(src, "rb") as fh, open(dst, "wb") as out:
+        out.write(fh.read() + buf.getvalue())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("labels") / "images"
+    write_dataset(str(folder), 24, seed=2024)
+    return str(folder)
+
+
+@pytest.fixture
+def labelled_model(models_dir, tmp_path):
+    return with_metadata_zip(os.path.join(models_dir, "shapes_ssd_uint8.tflite"), str(tmp_path / "meta.tflite"),
+                             {"README.md": "not labels\n", "labelmap.txt": "\n".join(EMBEDDED) + "\n"})
+
+
+def test_embedded_labels_are_found_and_the_model_still_loads(labelled_model, models_dir, tmp_path):
+    content = read_model(labelled_model)
+    assert embedded_labels(content) == (EMBEDDED, "labelmap.txt")
+    interp = make_interpreter(load_backend(), content, 1, labelled_model)  # trailing zip is ignored by TFLite
+    assert len(interp.get_output_details()) == 4
+    assert embedded_labels(read_model(os.path.join(models_dir, "shapes_ssd_uint8.tflite"))) is None
+    # a zip with one .txt not named like labels: taken; with two such: neither is guessed
+    base = os.path.join(models_dir, "shapes_ssd_uint8.tflite")
+    one = with_metadata_zip(base, str(tmp_path / "one.tflite"), {"classes.txt": "a\nb\n"})
+    assert embedded_labels(read_model(one)) == (["a", "b"], "classes.txt")
+    two = with_metadata_zip(base, str(tmp_path / "two.tflite"), {"a.txt": "a\n", "b.txt": "b\n"})
+    assert embedded_labels(read_model(two)) is None
+
+    shown = subprocess.run([sys.executable, "-m", "batch_detect", "inspect", labelled_model],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "labels: 3 embedded in the model (labelmap.txt" in shown.stdout and "round, box, wedge" in shown.stdout
+    as_json = json.loads(subprocess.run([sys.executable, "-m", "batch_detect", "inspect", labelled_model, "--json"],
+                                        capture_output=True, text=True, timeout=120).stdout)
+    assert as_json["labels"]["labels"] == EMBEDDED and as_json["family"] == "ssd_postprocess"
+
+
+def labels_of(out: str) -> list:
+    return pq.read_table(os.path.join(out, "detections"), columns=["class_id", "label"]).to_pylist()
+
+
+def test_a_run_uses_embedded_labels_unless_given(local_ray, labelled_model, models_dir, images, tmp_path):
+    out = str(tmp_path / "embedded")
+    manifest = run(RunConfig(model=labelled_model, input=images, output=out, score_threshold=0.3)).manifest
+    assert manifest["status"] == "complete" and manifest["labels"] == EMBEDDED
+    assert manifest["labels_source"] == "embedded in the model (labelmap.txt)"
+    rows = labels_of(out)
+    assert rows and all(r["label"] == EMBEDDED[r["class_id"]] for r in rows)
+    assert manifest["counts"]["unlabelled_class_ids"] == {} and manifest["warnings"] == []
+
+    given = str(tmp_path / "given")
+    manifest = run(RunConfig(model=labelled_model, input=images, output=given, score_threshold=0.3,
+                             labels=os.path.join(models_dir, "shapes_labels.txt"))).manifest
+    assert manifest["labels"] == ["circle", "square", "triangle"]
+    assert {r["label"] for r in labels_of(given)} <= {"circle", "square", "triangle"}
+
+
+def test_class_ids_outside_the_labels_get_null_and_a_warning(local_ray, models_dir, images, tmp_path):
+    short = tmp_path / "two_labels.txt"
+    short.write_text("circle\nsquare\n")  # the model also predicts class 2 (triangle)
+    out = str(tmp_path / "out")
+    manifest = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), labels=str(short),
+                             input=images, output=out, score_threshold=0.3, shard_size=8)).manifest
+    assert manifest["status"] == "complete" and manifest["counts"]["failures"] == 0
+    rows = labels_of(out)
+    beyond = [r for r in rows if r["class_id"] >= 2]
+    assert beyond, "the synthetic scenes hold triangles: class 2 must be detected"
+    assert all(r["label"] is None for r in beyond)
+    assert all(r["label"] == ["circle", "square"][r["class_id"]] for r in rows if r["class_id"] < 2)
+    assert manifest["counts"]["unlabelled_class_ids"] == {"2": len(beyond)}
+    print(manifest["warnings"][0])
+    assert len(manifest["warnings"]) == 1 and f"{len(beyond)} detections have class ids" in manifest["warnings"][0]
+    assert "2: " in manifest["warnings"][0] and str(short) in manifest["warnings"][0]
+    on_disk = json.load(open(os.path.join(out, "_manifest.json")))
+    assert on_disk["warnings"] == manifest["warnings"]
+    text = io.StringIO()
+    _print_summary(manifest, text)
+    assert "warning: " + manifest["warnings"][0] in text.getvalue()
