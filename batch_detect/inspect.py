@@ -40,6 +40,7 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
         "ops": dict(sorted(Counter(ops).items())),
         "custom_ops": sorted({o for o in ops if not o.isupper() or o.startswith("TFLite")}),
         "labels": None,
+        "batch": ("dynamic" if len(inputs) == 1 and inputs[0].shape_signature[:1] == (-1,) else "fixed"),
         "family": None,
         "why_not": None,
         "warnings": [],
@@ -102,6 +103,8 @@ def render(report: dict) -> str:
         shown = ", ".join(str(x) for x in lab["labels"][:20]) + (", …" if lab["count"] > 20 else "")
         lines.append(f"labels: {lab['count']} embedded in the model ({lab['file']}; used when --labels is not "
                      f"given): {shown}")
+    lines.append("batch: dynamic: --batch-size N runs N images per invoke" if report["batch"] == "dynamic"
+                 else "batch: fixed: one image per invoke")
     if report["family"]:
         dec = report["decoding"]
         roles = ", ".join(f"{o['role']}={o['name']}" for o in dec["outputs"])

@@ -6,6 +6,9 @@ anchor decoding now happens in the graph. The serving signature takes `image` [1
 probabilities): the layout `batch_detect/decoding.py` decodes as yolov8, with no custom op.
 
     PYTHONPATH=. python tools/make_yolo_savedmodel.py --out /tmp/shapes_yolo_savedmodel
+    # the committed dynamic-batch model (batching tests):
+    PYTHONPATH=.:tools python tools/make_yolo_savedmodel.py --out /tmp/yolo_dyn --dynamic-batch \
+        --tflite models/shapes_yolov8_dynbatch_float32.tflite
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ def weights_from_fixture(path: str = FLOAT_FIXTURE) -> list[np.ndarray]:
     return ws
 
 
-def build(out: str, weights: list[np.ndarray] | None = None) -> str:
+def build(out: str, weights: list[np.ndarray] | None = None, dynamic_batch: bool = False) -> str:
     consts = [tf.constant(w) for w in (weights if weights is not None else weights_from_fixture())]
     anchors = tf.constant(ANCHORS)  # ycenter, xcenter, h, w
     scales = tf.constant(SCALES)
 
     class YoloShapes(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([1, SIZE, SIZE, 3], tf.float32, name="image")])
+        @tf.function(input_signature=[tf.TensorSpec([None if dynamic_batch else 1, SIZE, SIZE, 3], tf.float32,
+                                                    name="image")])
         def detect(self, image):
             enc, logits = network(image * 2.0 - 1.0, consts)  # the network was trained on -1..1
             enc = enc / scales
@@ -75,8 +79,14 @@ def build(out: str, weights: list[np.ndarray] | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the SavedModel")
+    parser.add_argument("--dynamic-batch", action="store_true", help="batch dimension None (-1 in TFLite)")
+    parser.add_argument("--tflite", help="also convert it to this float32 .tflite file")
     args = parser.parse_args()
-    print(build(args.out))
+    print(build(args.out, dynamic_batch=args.dynamic_batch))
+    if args.tflite:
+        with open(args.tflite, "wb") as fh:
+            fh.write(tf.lite.TFLiteConverter.from_saved_model(args.out).convert())
+        print(args.tflite)
 
 
 if __name__ == "__main__":
