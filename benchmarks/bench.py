@@ -9,7 +9,7 @@
 Throughput is the marginal rate: (large - small) images / (wall(large) - wall(small)), so start-up (reported on
 its own) does not blur it. Peak RSS is summed over the benchmarked process tree (driver, raylet, workers).
 
-    python benchmarks/bench.py [--small 600 --large 2400] [--model benchmarks/models/ssd_mobilenet_v2_300_uint8.tflite]
+    python benchmarks/bench.py [--models ssd,yolo] [--scale 0.25] [--memory-run 2000,20000]
 """
 
 from __future__ import annotations
@@ -82,9 +82,25 @@ def tree_rss(root: int) -> int:
     return total
 
 
+def cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (all cores), from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def shm_used() -> int:
+    """Bytes in use in /dev/shm, where Ray's object store keeps its objects."""
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall time and peak process-tree RSS of a command."""
-    peak = [0]
+    """Wall time, machine CPU seconds, peak process-tree RSS and peak /dev/shm growth of a command."""
+    peak = [0, 0]
+    shm0 = shm_used()
+    cpu0 = cpu_busy_s()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     done = threading.Event()
@@ -92,24 +108,29 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     def watch():
         while not done.is_set():
             peak[0] = max(peak[0], tree_rss(proc.pid))
+            peak[1] = max(peak[1], shm_used() - shm0)
             time.sleep(0.25)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     out = proc.communicate()[0].decode(errors="replace")
     wall = time.perf_counter() - t0
+    cpu = cpu_busy_s() - cpu0
     done.set()
     watcher.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{out[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mb": peak[0] / 2**20, "log": out[-2000:]}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak[0] / 2**20, "peak_shm_mb": peak[1] / 2**20,
+            "log": out[-2000:]}
 
 
 def limit(model: str, paths: list[str], cores: int) -> dict:
+    """Decode+preprocess and invoke, each timed alone on one thread over the same images (every size
+    equally). Throughput is set by the mean cost, so the limit uses means (medians reported too)."""
     backend = load_backend()
     det = Detector(backend, read_model(model), num_threads=1, score_threshold=0.5, resize="stretch",
                    normalization="auto", max_pixels=10**9)
-    datas = [open(p, "rb").read() for p in paths[:60]]
+    datas = [open(p, "rb").read() for p in paths[:100]]
     t_dec = []
     tensors = []
     for data in datas:
@@ -123,54 +144,101 @@ def limit(model: str, paths: list[str], cores: int) -> dict:
         t0 = time.perf_counter()
         det.infer(tensor)
         t_inv.append(time.perf_counter() - t0)
-    dec, inv = statistics.median(t_dec), statistics.median(t_inv)
-    return {"decode_ms": dec * 1000, "invoke_ms": inv * 1000, "images_per_s": cores / (dec + inv)}
+    dec, inv = statistics.mean(t_dec), statistics.mean(t_inv)
+    return {"decode_ms": dec * 1000, "invoke_ms": inv * 1000, "images_per_s": cores / (dec + inv),
+            "decode_median_ms": statistics.median(t_dec) * 1000, "invoke_median_ms": statistics.median(t_inv) * 1000,
+            "images_per_s_from_medians": cores / (statistics.median(t_dec) + statistics.median(t_inv))}
 
 
 def marginal(small: dict, large: dict, n_small: int, n_large: int) -> float:
     return (n_large - n_small) / max(large["wall_s"] - small["wall_s"], 1e-9)
 
 
+MODELS = {  # name -> (file, small, large): the YOLO model costs ~8x the SSD per image, so fewer images
+    "ssd": ("ssd_mobilenet_v2_300_uint8.tflite", 600, 2400),
+    "yolo": ("yolov8n_style_320_float32.tflite", 150, 450),
+}
+
+
+def bench_model(name: str, model: str, n_small: int, n_large: int, systems: list[str], paths: list[str],
+                work: str, env: dict, cores: int, shard_size: int) -> dict:
+    lists = {n: manifest(paths[:n], os.path.join(work, f"{name}_list_{n}.txt")) for n in (n_small, n_large)}
+    results: dict = {"model": os.path.relpath(model, ROOT), "small": n_small, "large": n_large, "systems": {}}
+    if "limit" in systems:
+        results["systems"]["limit"] = limit(model, paths, cores)
+    py = sys.executable
+    runners = {
+        "job": lambda n: [py, "-m", "batch_detect", "run", "--model", model, "--input", lists[n],
+                          "--output", os.path.join(work, f"{name}_job_{n}"), "--shard-size", str(shard_size),
+                          "--score-threshold", "0.5",
+                          "--overwrite"],
+        "naive": lambda n: [py, os.path.join(ROOT, "benchmarks", "naive_loop.py"), model, lists[n]],
+        "raydata": lambda n: [py, os.path.join(ROOT, "benchmarks", "raydata_recipe.py"), model, lists[n],
+                              os.path.join(work, f"{name}_raydata_{n}")],
+    }
+    for system in [s for s in systems if s in runners]:
+        small = timed(runners[system](n_small), env)
+        large = timed(runners[system](n_large), env)
+        rate = marginal(small, large, n_small, n_large)
+        results["systems"][system] = {
+            "images_per_s": rate,
+            "startup_s": max(small["wall_s"] - n_small / rate, 0.0),
+            # machine CPU per extra image: what the system spends beyond decode + invoke
+            "cpu_ms_per_image": 1000 * (large["cpu_s"] - small["cpu_s"]) / (n_large - n_small),
+            "cpu_busy": (large["cpu_s"] - small["cpu_s"]) / (cores * max(large["wall_s"] - small["wall_s"], 1e-9)),
+            "wall_small_s": small["wall_s"], "wall_large_s": large["wall_s"],
+            "peak_rss_mb_small": small["peak_rss_mb"], "peak_rss_mb_large": large["peak_rss_mb"],
+            "peak_shm_mb_large": large["peak_shm_mb"],
+        }
+        if system == "job":
+            m = json.load(open(os.path.join(work, f"{name}_job_{n_large}", "_manifest.json")))
+            results["systems"][system]["first_shard_committed_s"] = m["timings"]["first_shard_committed_s"]
+    return results
+
+
+def memory_run(model: str, counts: list[int], paths_for, work: str, env: dict, shard_size: int) -> dict:
+    """This job's peak memory at two dataset sizes: it must not grow with the dataset."""
+    py = sys.executable
+    out = {}
+    for n in counts:
+        listing = manifest(paths_for(n), os.path.join(work, f"mem_list_{n}.txt"))
+        r = timed([py, "-m", "batch_detect", "run", "--model", model, "--input", listing, "--output",
+                   os.path.join(work, f"mem_job_{n}"), "--shard-size", str(shard_size), "--score-threshold", "0.5",
+                   "--overwrite"], env)
+        out[str(n)] = {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "peak_shm_mb": r["peak_shm_mb"]}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", type=int, default=600)
-    parser.add_argument("--large", type=int, default=2400)
-    parser.add_argument("--model", default=os.path.join(ROOT, "benchmarks", "models", "ssd_mobilenet_v2_300_uint8.tflite"))
+    parser.add_argument("--models", default="ssd,yolo", help=f"any of {', '.join(MODELS)}")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the image counts (quick runs: 0.25)")
+    parser.add_argument("--memory-run", default="2000,20000", help="job peak memory at these sizes ('' to skip)")
+    parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--data", default=os.path.join(ROOT, "benchmarks", "data"))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--systems", default="limit,job,naive,raydata")
     args = parser.parse_args()
     systems = args.systems.split(",")
     cores = os.cpu_count() or 1
-    paths = make_images(os.path.join(args.data, "images"), args.large)
+    mem_counts = [int(x) for x in args.memory_run.split(",") if x]
+    largest = max([int(MODELS[m][2] * args.scale) for m in args.models.split(",")] + mem_counts)
+    paths = make_images(os.path.join(args.data, "images"), largest)
     work = tempfile.mkdtemp(prefix="bench-")
-    lists = {n: manifest(paths[:n], os.path.join(work, f"list_{n}.txt")) for n in (args.small, args.large)}
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
-    results: dict = {"cores": cores, "model": os.path.relpath(args.model, ROOT), "small": args.small,
-                     "large": args.large, "systems": {}}
-    if "limit" in systems:
-        results["systems"]["limit"] = limit(args.model, paths, cores)
-    py = sys.executable
-    runners = {
-        "job": lambda n: [py, "-m", "batch_detect", "run", "--model", args.model, "--input", lists[n],
-                          "--output", os.path.join(work, f"job_{n}"), "--shard-size", "32", "--overwrite"],
-        "naive": lambda n: [py, os.path.join(ROOT, "benchmarks", "naive_loop.py"), args.model, lists[n]],
-        "raydata": lambda n: [py, os.path.join(ROOT, "benchmarks", "raydata_recipe.py"), args.model, lists[n],
-                              os.path.join(work, f"raydata_{n}")],
-    }
-    for name in [s for s in systems if s in runners]:
-        small = timed(runners[name](args.small), env)
-        large = timed(runners[name](args.large), env)
-        rate = marginal(small, large, args.small, args.large)
-        results["systems"][name] = {
-            "images_per_s": rate,
-            "startup_s": max(small["wall_s"] - args.small / rate, 0.0),
-            "wall_small_s": small["wall_s"], "wall_large_s": large["wall_s"],
-            "peak_rss_mb_small": small["peak_rss_mb"], "peak_rss_mb_large": large["peak_rss_mb"],
-        }
-        if name == "job":
-            m = json.load(open(os.path.join(work, f"job_{args.large}", "_manifest.json")))
-            results["systems"][name]["first_shard_committed_s"] = m["timings"]["first_shard_committed_s"]
+    results: dict = {"cores": cores, "shard_size": args.shard_size, "models": {}}
+    for name in args.models.split(","):
+        file, small, large = MODELS[name]
+        model = os.path.join(ROOT, "benchmarks", "models", file)
+        if not os.path.exists(model):
+            print(f"skipping {name}: {model} is missing (python tools/make_benchmark_models.py --out "
+                  "benchmarks/models/ makes it)", file=sys.stderr)
+            continue
+        results["models"][name] = bench_model(name, model, int(small * args.scale), int(large * args.scale),
+                                              systems, paths, work, env, cores, args.shard_size)
+    if mem_counts:
+        ssd = os.path.join(ROOT, "benchmarks", "models", MODELS["ssd"][0])
+        results["memory"] = memory_run(ssd, mem_counts, lambda n: paths[:n], work, env, args.shard_size)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as fh:
         json.dump(results, fh, indent=2)
@@ -181,25 +249,41 @@ def main() -> int:
     return 0
 
 
-def render(r: dict) -> str:
-    s = r["systems"]
-    lim = s.get("limit", {}).get("images_per_s")
-    lines = [f"{r['cores']} cores, model {r['model']}, marginal rate between {r['small']} and {r['large']} images", "",
-             "| system | images/s | vs limit | start-up s | peak RSS MB (large) |", "|---|---|---|---|---|"]
-    if lim:
-        lines.append(f"| limit: cores / (decode {s['limit']['decode_ms']:.1f} ms + invoke {s['limit']['invoke_ms']:.1f} ms)"
-                     f" | {lim:.1f} | 1.00 | | |")
-    for name in ("job", "raydata", "naive"):
-        if name in s:
-            v = s[name]
-            ratio = f"{v['images_per_s'] / lim:.2f}" if lim else ""
-            lines.append(f"| {name} | {v['images_per_s']:.1f} | {ratio} | {v['startup_s']:.1f} | {v['peak_rss_mb_large']:.0f} |")
-    if "job" in s:
-        job = s["job"]
-        for other in ("raydata", "naive"):
-            if other in s:
-                lines.append(f"\njob / {other}: {job['images_per_s'] / s[other]['images_per_s']:.2f}x")
-        lines.append(f"\nfirst shard committed after {job.get('first_shard_committed_s', float('nan')):.1f} s (embedded Ray)")
+def render(results: dict) -> str:
+    lines = [f"{results['cores']} cores; marginal rate between the small and the large image set; shard size "
+             f"{results['shard_size']}"]
+    for name, r in results["models"].items():
+        s = r["systems"]
+        lim = s.get("limit", {}).get("images_per_s")
+        lines += ["", f"### {name}: `{r['model']}`, {r['small']} → {r['large']} images", "",
+                  "| system | images/s | vs limit | CPU ms per image | CPU busy | start-up s | peak RSS MB | "
+                  "object store (shm) peak MB |", "|---|---|---|---|---|---|---|---|"]
+        if lim:
+            li = s["limit"]
+            lines.append(f"| limit: cores / (decode {li['decode_ms']:.1f} ms + invoke {li['invoke_ms']:.1f} ms, means) "
+                         f"| {lim:.1f} | 1.00 | {li['decode_ms'] + li['invoke_ms']:.1f} | | | | |")
+        for system in ("job", "raydata", "naive"):
+            if system in s:
+                v = s[system]
+                ratio = f"{v['images_per_s'] / lim:.2f}" if lim else ""
+                lines.append(f"| {system} | {v['images_per_s']:.1f} | {ratio} | {v['cpu_ms_per_image']:.1f} | "
+                             f"{v['cpu_busy']:.0%} | {v['startup_s']:.1f} | {v['peak_rss_mb_large']:.0f} | "
+                             f"{v['peak_shm_mb_large']:.0f} |")
+        if "job" in s:
+            job = s["job"]
+            lines.append("")
+            for other in ("raydata", "naive"):
+                if other in s:
+                    lines.append(f"job / {other}: {job['images_per_s'] / s[other]['images_per_s']:.2f}x  ")
+            lines.append(f"first shard committed after {job.get('first_shard_committed_s', float('nan')):.1f} s "
+                         "(embedded Ray)")
+    if results.get("memory"):
+        m = results["memory"]
+        sizes = sorted(m, key=int)
+        lines += ["", "### this job's peak memory against dataset size (SSD model)", "",
+                  "| images | wall s | peak RSS MB (all processes) | object store (shm) peak MB |", "|---|---|---|---|"]
+        lines += [f"| {n} | {m[n]['wall_s']:.0f} | {m[n]['peak_rss_mb']:.0f} | {m[n]['peak_shm_mb']:.0f} |" for n in sizes]
+        lines.append(f"\npeak RSS {sizes[-1]} / {sizes[0]}: {m[sizes[-1]]['peak_rss_mb'] / m[sizes[0]]['peak_rss_mb']:.2f}x")
     return "\n".join(lines)
 
 
