@@ -40,7 +40,7 @@ fixtures: fixtures-venv
 	PYTHONPATH=. .venv-fixtures/bin/python tools/make_fixture_models.py --out models/
 	$(MAKE) family-fixtures
 
-# Only the YOLOv8 (float32, int8), YOLOv5 and TF1-order SSD fixtures (~10 min on 2 cores), then the check.
+# Only the YOLOv8 (float32, int8), YOLOv5 and TF1-order SSD fixtures (~7 min on 2 cores), then the check.
 family-fixtures: fixtures-venv
 	PYTHONPATH=. .venv-fixtures/bin/python tools/make_family_models.py --out models/
 	PYTHONPATH=. $(BIN)/python tools/check_fixture_models.py
