@@ -20,6 +20,9 @@ from batch_detect.interpreter import load_backend, read_model  # noqa: E402
 from batch_detect.synthetic import write_dataset  # noqa: E402
 
 
+# The SSD fixtures (make_fixture_models.py), then the other families (make_family_models.py).
+MODELS = ("shapes_ssd_float32.tflite", "shapes_ssd_uint8.tflite", "shapes_ssd_tf1order_uint8.tflite",
+          "shapes_yolov8_float32.tflite", "shapes_yolov8_int8.tflite", "shapes_yolov5_float32.tflite")
 
 
 def evaluate(model: str, folder: str, truth: dict, resize: str, threshold: float) -> tuple[float, float]:
@@ -49,16 +52,18 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--min-recall", type=float, default=0.9)
+    parser.add_argument("--model", action="append", help="check only this file in --models (repeatable)")
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory() as folder:
         truth = write_dataset(folder, args.count, seed=1234)
-        print(f"{'model':<28} {'resize':<10} {'recall':>7} {'precision':>9}")
-        for model in ("shapes_ssd_float32.tflite", "shapes_ssd_uint8.tflite"):
+        print(f"{'model':<34} {'resize':<10} {'recall':>7} {'precision':>9}")
+        for model in args.model or MODELS:
+            path = os.path.join(args.models, model)
             for resize in ("stretch", "letterbox"):
-                r, p = evaluate(os.path.join(args.models, model), folder, truth, resize, args.score_threshold)
+                r, p = evaluate(path, folder, truth, resize, args.score_threshold)
                 ok &= r >= args.min_recall
-                print(f"{model:<28} {resize:<10} {r:7.3f} {p:9.3f}")
+                print(f"{model:<34} {resize:<10} {r:7.3f} {p:9.3f}")
     return 0 if ok else 1
 
 
