@@ -29,10 +29,11 @@ $(TFLITE_STAMP):
 test: $(STAMP) $(TFLITE_STAMP)
 	$(BIN)/python -m pytest -q
 
-# Throughput: this job vs the Ray Data recipe vs the naive loop vs the machine's limit (benchmarks/results/).
+# Throughput (SSD and YOLO models) and memory (2k vs 20k images): this job vs the Ray Data recipe vs the naive loop vs the limit; ~8 min.
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/listing_memory.py
 
 # Regenerate the committed fixture models (needs TensorFlow; ~15 min on 2 cores for the SSDs, then
 # family-fixtures, whose TF1-order SSD is re-exported from shapes_ssd_float32.tflite).

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .config import IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
+from .config import _SECRET_KEY, IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
 from .decoding import OUTPUT_FORMATS
 from .errors import BatchDetectError
 from .geometry import RESIZE_MODES
@@ -18,7 +18,29 @@ def _storage_option(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--storage-option takes key=value, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), value
+    key = key.strip()
+    # Credentials stay strings whatever they look like (an all-digit key id is still a string).
+    return key, value if _SECRET_KEY.search(key) else storage_value(value)
+
+
+def storage_value(text: str):
+    """A flag's value typed as fsspec expects it: true/false, numbers, JSON objects/lists (e.g.
+    `client_kwargs={"region_name": "eu-west-1"}`); anything else stays a string (`anon=false` must not
+    be the truthy string "false")."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.strip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"--storage-option value {text!r} looks like JSON but does not parse")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ on 127.0.0.1), with credentials that must not leak into the output."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import duckdb
@@ -90,3 +91,29 @@ def test_cli_secret_never_reaches_logs(bucket, tmp_path):
             assert SECRET.encode() not in fh.read(), f"secret in Ray log {path}"
     for path in fs.find(f"{name}/out-cli"):
         assert SECRET.encode() not in fs.cat_file(path), f"secret in {path}"
+
+
+def test_credentials_from_the_environment_and_typed_options(bucket, tmp_path):
+    """No key on the command line: the standard AWS chain (here its environment variables) supplies the
+    credentials, in the driver and in every actor; `--storage-option` values are typed (a JSON
+    `client_kwargs`, a boolean) and recorded as such in the manifest, the secret nowhere."""
+    import subprocess
+    import sys
+
+    name, options, fs, truth = bucket
+    env = {**os.environ, "RAY_ADDRESS": "", "AWS_ACCESS_KEY_ID": options["key"],
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    base = [sys.executable, "-m", "batch_detect", "run", "--model", f"s3://{name}/models/m.tflite",
+            "--input", f"s3://{name}/in/", "--shard-size", "8",
+            "--storage-option", f"endpoint_url={options['endpoint_url']}",
+            "--storage-option", 'client_kwargs={"region_name": "us-east-1"}',
+            "--storage-option", "anon=false"]
+    result = subprocess.run(base + ["--output", f"s3://{name}/out-env"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(fs.find(f"{name}/out-env/images")) >= 1
+    manifest = json.loads(fs.cat_file(f"{name}/out-env/_manifest.json"))
+    assert manifest["counts"]["images"] == len(truth)
+    assert manifest["config"]["storage_options"]["anon"] is False
+    assert manifest["config"]["storage_options"]["client_kwargs"] == {"region_name": "us-east-1"}
+    assert SECRET not in json.dumps(manifest) and SECRET not in result.stdout + result.stderr
