@@ -31,7 +31,10 @@ FAMILIES = {
     "shapes_yolov8_int8.tflite": ("yolov8", "int8", "letterbox"),
     "shapes_yolov5_float32.tflite": ("yolov5", "float32", "letterbox"),
     "shapes_ssd_tf1order_uint8.tflite": ("ssd_postprocess", "uint8", "stretch"),
+    # EfficientDet-Lite style: uint8 input quantized as 0..1 (scale 1/255), TF2 (reversed) output naming
+    "shapes_effdet_lite_style_uint8.tflite": ("ssd_postprocess", "uint8", "stretch"),
 }
+EFFDET = "shapes_effdet_lite_style_uint8.tflite"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,13 @@ def test_inspect_names_the_family(models_dir, model):
     assert (report["inputs"][0]["quantization"] is not None) == (dtype != "float32")
     assert not [w for w in report["warnings"] if "resource variables" in w]
     dec = report["decoding"]
+    if model == EFFDET:  # -1..1 would clip half the pixels: auto falls through to the input's own 0..1
+        q = report["inputs"][0]["quantization"]
+        assert dec["input"]["normalization"] == "0,1" and dec["input"]["zero_point"] == 0
+        assert abs(dec["input"]["scale"] - 1 / 255) < 1e-6, q
+        roles = {o["role"]: o["name"].rsplit(":", 1)[1] for o in dec["outputs"]}
+        assert roles == {"boxes": "3", "classes": "2", "scores": "1", "count": "0"}
+        return
     assert dec["input"]["normalization"] == ("-1,1" if family == "ssd_postprocess" else "0,1")
     shapes = [o["shape"] for o in dec["outputs"]]
     if family == "yolov8":

@@ -21,7 +21,7 @@ from batch_detect.synthetic import write_dataset  # noqa: E402
 
 
 # The SSD fixtures (make_fixture_models.py), then the other families (make_family_models.py).
-MODELS = ("shapes_ssd_float32.tflite", "shapes_ssd_uint8.tflite", "shapes_ssd_tf1order_uint8.tflite",
+MODELS = ("shapes_ssd_float32.tflite", "shapes_ssd_uint8.tflite", "shapes_ssd_tf1order_uint8.tflite", "shapes_effdet_lite_style_uint8.tflite",
           "shapes_yolov8_float32.tflite", "shapes_yolov8_int8.tflite", "shapes_yolov5_float32.tflite")
 
 

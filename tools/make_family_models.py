@@ -14,6 +14,9 @@ as the SSD fixtures, and export them as TFLite. Deterministic (seeded).
   shapes_ssd_float32.tflite, never retrained) re-exported with its post-processing outputs returned in
   op order, so the names say ":0" boxes, ":1" classes, ":2" scores, ":3" count (TF1 order, where the
   committed SSDs use the TF2 export's reversed order); uint8 quantized with the same calibration images.
+- shapes_effdet_lite_style_uint8.tflite: the same weights exported as a Model Maker EfficientDet-Lite
+  model is: the graph takes 0..1 and normalises inside, so its uint8 input is quantized as 0..1
+  (scale 1/255, zero point 0), with the post-processing op and TF2 (reversed) output naming.
 
 The YOLO-style networks are not real YOLOs, only their output layouts and conventions: the SSD fixture's
 small conv backbone with anchor-free heads on three grids (16×16, 8×8, 4×4: N = 336 predictions, as
@@ -284,9 +287,12 @@ def ssd_weights_from_tflite(path: str) -> list[np.ndarray]:
     return weights
 
 
-def export_ssd_tf1order(source_float: str, seed: int, out: str) -> list[str]:
+def export_ssd_tf1order(source_float: str, seed: int, out: str, effdet_style: bool = False) -> list[str]:
     """Re-export the committed SSD with TFLite_Detection_PostProcess outputs in op order (the TF1 naming),
-    uint8 quantized with the calibration images the committed uint8 model was quantized with."""
+    uint8 quantized with the calibration images the committed uint8 model was quantized with.
+
+    `effdet_style`: as a Model Maker EfficientDet-Lite export instead: the graph takes 0..1 and normalises
+    inside (so the uint8 input is quantized as 0..1, scale 1/255), outputs reversed (TF2 naming)."""
     consts = [tf.constant(w) for w in ssd_weights_from_tflite(source_float)]
     anchors = tf.constant(ssd.ANCHORS)
 
@@ -298,17 +304,19 @@ def export_ssd_tf1order(source_float: str, seed: int, out: str) -> list[str]:
     class Detector(tf.Module):
         @tf.function
         def detect(self, image):
-            box_encodings, logits = ssd.network(image, consts)
+            box_encodings, logits = ssd.network(image * 2.0 - 1.0 if effdet_style else image, consts)
             scores = tf.sigmoid(logits)
             scores = tf.concat([tf.zeros_like(scores[..., :1]), scores], -1)
-            return detection_postprocess(box_encodings, scores, anchors)  # op order: not reversed
+            outputs = detection_postprocess(box_encodings, scores, anchors)  # op order: not reversed
+            return outputs[::-1] if effdet_style else outputs
 
     # make_fixture_models calibrates on the first 300 training images: sample(seed, 0..299)
     calibration = np.stack([ssd.sample(seed, i)[0] for i in range(300)])
 
     def representative():
         for i in range(len(calibration)):
-            yield [(calibration[i:i + 1].astype(np.float32) / 127.5 - 1.0)]
+            pixels = calibration[i:i + 1].astype(np.float32)
+            yield [pixels / 255.0 if effdet_style else pixels / 127.5 - 1.0]
 
     def uint8(converter):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -316,7 +324,8 @@ def export_ssd_tf1order(source_float: str, seed: int, out: str) -> list[str]:
         converter.inference_input_type = tf.uint8
 
     module = Detector()
-    path = os.path.join(out, "shapes_ssd_tf1order_uint8.tflite")
+    path = os.path.join(out, "shapes_effdet_lite_style_uint8.tflite" if effdet_style
+                        else "shapes_ssd_tf1order_uint8.tflite")
     _convert(module, module.detect, path, uint8)
     return [path]
 
@@ -328,16 +337,19 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--only", choices=["yolov8", "yolov5", "ssd_tf1order"], action="append",
+    parser.add_argument("--only", choices=["yolov8", "yolov5", "ssd_tf1order", "effdet_style"], action="append",
                         help="build only these (repeatable); default: all")
     args = parser.parse_args()
-    only = args.only or ["yolov8", "yolov5", "ssd_tf1order"]
+    only = args.only or ["yolov8", "yolov5", "ssd_tf1order", "effdet_style"]
     os.makedirs(args.out, exist_ok=True)
     tf.config.experimental.enable_op_determinism()
     written = []
     t0 = time.time()
     if "ssd_tf1order" in only:
         written += export_ssd_tf1order(os.path.join(args.out, "shapes_ssd_float32.tflite"), args.seed, args.out)
+    if "effdet_style" in only:
+        written += export_ssd_tf1order(os.path.join(args.out, "shapes_ssd_float32.tflite"), args.seed, args.out,
+                                       effdet_style=True)
     if {"yolov8", "yolov5"} & set(only):
         data = build_dataset(args.seed, args.examples)
         print(f"dataset: {args.examples} examples in {time.time() - t0:.0f}s", flush=True)
