@@ -192,11 +192,8 @@ class Detector:
         except InferenceError as exc:
             if len(items) == 1:
                 return [ImageFailure(items[0][0], *failure_fields(exc, "infer"))]
-            batch, self.batch = self.batch, 1
-            try:
-                return [r for item in items for r in self.finish_batch([item])]
-            finally:
-                self.batch = batch
+            # One image per invoke (padded to the allocated batch): only the image at fault fails.
+            return [r for item in items for r in self.finish_batch([item])]
         infer_ms = (time.perf_counter() - t0) * 1000 / len(items)
         return [self._postprocess(*item[:3], item[4], item[5], arrays, infer_ms)
                 for item, arrays in zip(items, outputs)]

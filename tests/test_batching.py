@@ -79,3 +79,19 @@ def test_batch_size_through_the_job(local_ray, models_dir, images, tmp_path):
     recall, _ = recall_precision({k: [(b.class_id, b.xmin, b.ymin, b.xmax, b.ymax) for b in v]
                                   for k, v in truth.items()}, predicted)
     assert recall >= 0.9, recall
+
+
+def test_a_failing_batch_is_rerun_image_by_image(models_dir, images):
+    """One bad tensor in a batch: the others still get their detections, the bad one is a failure."""
+    folder, truth = images
+    det = _detector(models_dir)
+    det.set_batch(4)
+    names = sorted(truth)[:4]
+    prepared = [(n, *det.prepare(open(os.path.join(folder, n), "rb").read())) for n in names]
+    bad = list(prepared[1])
+    bad[3] = np.zeros((1, 7, 7, 3), np.float32)  # a tensor of the wrong shape: the batched invoke fails
+    prepared[1] = tuple(bad)
+    results = det.finish_batch(prepared)
+    assert [r.uri for r in results] == names
+    assert getattr(results[1], "stage", None) == "infer"
+    assert all(hasattr(r, "detections") for i, r in enumerate(results) if i != 1)
