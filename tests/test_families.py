@@ -32,6 +32,7 @@ FAMILIES = {
     "shapes_yolov5_float32.tflite": ("yolov5", "float32", "letterbox"),
     "shapes_ssd_tf1order_uint8.tflite": ("ssd_postprocess", "uint8", "stretch"),
     # EfficientDet-Lite style: uint8 input quantized as 0..1 (scale 1/255), TF2 (reversed) output naming
+    # as Model Maker's: "StatefulPartitionedCall:N"
     "shapes_effdet_lite_style_uint8.tflite": ("ssd_postprocess", "uint8", "stretch"),
 }
 EFFDET = "shapes_effdet_lite_style_uint8.tflite"
@@ -80,6 +81,8 @@ def test_inspect_names_the_family(models_dir, model):
         q = report["inputs"][0]["quantization"]
         assert dec["input"]["normalization"] == "0,1" and dec["input"]["zero_point"] == 0
         assert abs(dec["input"]["scale"] - 1 / 255) < 1e-6, q
+        assert "TFLite_Detection_PostProcess" in report["custom_ops"]
+        assert all(o["name"].startswith("StatefulPartitionedCall:") for o in dec["outputs"]), dec["outputs"]
         roles = {o["role"]: o["name"].rsplit(":", 1)[1] for o in dec["outputs"]}
         assert roles == {"boxes": "3", "classes": "2", "scores": "1", "count": "0"}
         return

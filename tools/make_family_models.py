@@ -16,7 +16,8 @@ as the SSD fixtures, and export them as TFLite. Deterministic (seeded).
   committed SSDs use the TF2 export's reversed order); uint8 quantized with the same calibration images.
 - shapes_effdet_lite_style_uint8.tflite: the same weights exported as a Model Maker EfficientDet-Lite
   model is: the graph takes 0..1 and normalises inside, so its uint8 input is quantized as 0..1
-  (scale 1/255, zero point 0), with the post-processing op and TF2 (reversed) output naming.
+  (scale 1/255, zero point 0), with the post-processing op and TF2 (reversed) output naming, held as variables so the outputs are
+  named "StatefulPartitionedCall:N" as Model Maker's are.
 
 The YOLO-style networks are not real YOLOs, only their output layouts and conventions: the SSD fixture's
 small conv backbone with anchor-free heads on three grids (16×16, 8×8, 4×4: N = 336 predictions, as
@@ -292,7 +293,8 @@ def export_ssd_tf1order(source_float: str, seed: int, out: str, effdet_style: bo
     uint8 quantized with the calibration images the committed uint8 model was quantized with.
 
     `effdet_style`: as a Model Maker EfficientDet-Lite export instead: the graph takes 0..1 and normalises
-    inside (so the uint8 input is quantized as 0..1, scale 1/255), outputs reversed (TF2 naming)."""
+    inside (so the uint8 input is quantized as 0..1, scale 1/255), outputs reversed (TF2 naming),
+    weights held as variables (frozen by the converter) so the outputs are "StatefulPartitionedCall:N"."""
     consts = [tf.constant(w) for w in ssd_weights_from_tflite(source_float)]
     anchors = tf.constant(ssd.ANCHORS)
 
@@ -302,9 +304,15 @@ def export_ssd_tf1order(source_float: str, seed: int, out: str, effdet_style: bo
         return tuple(tf.constant(0.0, name=n) for n in ("boxes", "classes", "scores", "num_detections"))
 
     class Detector(tf.Module):
+        def __init__(self):
+            super().__init__()
+            # Model Maker's SavedModel holds variables, so its signature calls StatefulPartitionedCall and the
+            # TFLite outputs are named "StatefulPartitionedCall:N"; constants give "PartitionedCall:N".
+            self.weights = [tf.Variable(w, trainable=False) for w in consts] if effdet_style else consts
+
         @tf.function
         def detect(self, image):
-            box_encodings, logits = ssd.network(image * 2.0 - 1.0 if effdet_style else image, consts)
+            box_encodings, logits = ssd.network(image * 2.0 - 1.0 if effdet_style else image, self.weights)
             scores = tf.sigmoid(logits)
             scores = tf.concat([tf.zeros_like(scores[..., :1]), scores], -1)
             outputs = detection_postprocess(box_encodings, scores, anchors)  # op order: not reversed
