@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         from .report import render_text, summarize, write_html
 
         try:
-            summary = summarize(args.output, dict(args.storage_option))
+            summary = summarize(args.output, dict(args.storage_option), samples=args.samples)
         except (BatchDetectError, FileNotFoundError) as exc:
             print(f"batch-detect: error: cannot read {args.output!r} as a run's output: {exc}", file=sys.stderr)
             return 2
@@ -275,11 +275,10 @@ def main(argv: list[str] | None = None) -> int:
 
         progress: dict = {}
 
-        def on_start(images: int, shards: int, actors: int, done_shards: int, done_images: int) -> None:
-            resumed = f" ({done_shards} already committed, resuming)" if done_shards else ""
-            what = f"{images} images" if images is not None else "tar shards"
-            print(f"running {what} in {shards} shards{resumed} on {actors} actors", file=sys.stderr)
-            progress["bar"] = Progress(images, shards, done_images=done_images, done_shards=done_shards)
+        def on_start(actors: int, done_shards: int, done_images: int) -> None:
+            resumed = f" ({done_shards} shards already committed, resuming)" if done_shards else ""
+            print(f"running on {actors} actors{resumed}; the input is listed as the run goes", file=sys.stderr)
+            progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
 
         try:
             config = config_from_args(args)
@@ -288,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(dry_run(config))
                 return 0
-            summary = run(config, on_start=on_start,
-                          on_shard=lambda s: progress["bar"].update(s))
+            summary = run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
+                          on_listed=lambda images, shards: progress["bar"].listed(images, shards))
         except BatchDetectError as exc:
             print(f"batch-detect: error: {exc}", file=sys.stderr)
             return 2

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from .errors import InputError, ReadError
-from .listing import Shard
 
 # An item is its uri and a callable giving its bytes (or raising the ReadError that becomes its record).
 Item = tuple[str, Callable[[], bytes]]
@@ -36,11 +35,6 @@ def raising(error: ReadError) -> Callable[[], bytes]:
 
 
 # --- tar --------------------------------------------------------------------------------------------
-
-
-def plan_tars(tar_uris: list[str]) -> list[Shard]:
-    """One shard per tar, in sorted order."""
-    return [Shard(f"shard-{i:06d}", (uri,), form="tar", source=uri) for i, uri in enumerate(sorted(tar_uris))]
 
 
 def unsafe_member_name(name: str) -> bool:
@@ -112,53 +106,58 @@ def _binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
 
 
-def plan_parquet(file_uris: list[str], image_column: str, id_column: str | None, shard_size: int,
-                 storage_options: dict | None = None) -> list[Shard]:
-    """Shards of rows: each file's rows cut into `shard_size` ranges. Reads only footers and the id
-    column. Repeated ids are refused: result rows could not be told apart."""
-    shards: list[Shard] = []
-    all_ids: Counter = Counter()
-    for uri in sorted(file_uris):
-        fs, path = url_to_fs(uri, **(storage_options or {}))
-        try:
-            with fs.open(path, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                schema = pf.schema_arrow
-                if image_column not in schema.names:
-                    raise InputError(f"{uri!r} has no column {image_column!r} (--image-column); its columns: "
-                                     f"{', '.join(schema.names)}")
-                if not _binary(schema.field(image_column).type):
-                    raise InputError(f"column {image_column!r} of {uri!r} is {schema.field(image_column).type}, "
-                                     "not binary: --image-column must hold the encoded image bytes")
-                if id_column is not None:
-                    if id_column not in schema.names:
-                        raise InputError(f"{uri!r} has no column {id_column!r} (--id-column); its columns: "
-                                         f"{', '.join(schema.names)}")
-                    col = pf.read(columns=[id_column]).column(id_column)
-                    ids = [None if v is None else str(v) for v in col.to_pylist()]
-                    if None in ids:
-                        raise InputError(f"column {id_column!r} of {uri!r} has null ids (row {ids.index(None)}); "
-                                         "every row needs an id")
-                else:
-                    ids = [f"{uri}#{row}" for row in range(pf.metadata.num_rows)]
-        except FileNotFoundError:
-            raise InputError(f"Parquet input {uri!r} not found") from None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"cannot read Parquet input {uri!r}: {exc}") from None
-        all_ids.update(ids)
-        for lo in range(0, len(ids), shard_size):
-            shards.append(Shard(f"shard-{len(shards):06d}", tuple(ids[lo:lo + shard_size]), form="parquet",
-                                source=uri, start=lo))
+def parquet_ranges(file_uris: list[str], image_column: str, id_column: str | None, shard_size: int,
+                   storage_options: dict | None = None) -> Iterator[tuple[str, int, tuple[str, ...]]]:
+    """(file, first row, item ids) for each `shard_size` rows of each file, in file order. Reads only
+    footers and the id column. With an id column every id is checked for repeats before the first range
+    is returned (result rows could not be told apart), so those ids are held once; without one, files
+    are planned one at a time."""
+    if id_column is None:
+        return (r for uri in sorted(file_uris) for r in _ranges(uri, image_column, None, shard_size, storage_options))
+    ranges = [r for uri in sorted(file_uris) for r in _ranges(uri, image_column, id_column, shard_size,
+                                                              storage_options)]
+    all_ids: Counter = Counter(i for _, _, ids in ranges for i in ids)
     duplicates = {i: n for i, n in all_ids.items() if n > 1}
     if duplicates:
         example = ", ".join(repr(i) for i in sorted(duplicates)[:5])
         raise InputError(f"--id-column {id_column!r} has {len(duplicates)} repeated ids (e.g. {example}): ids must "
                          "be unique so each result row names one image; choose another id column or none")
-    return shards
+    return iter(ranges)
 
 
-def iter_parquet(shard: Shard, fs, image_column: str, batch_rows: int = 32) -> Iterator[Item]:
-    """The shard's rows, read in small batches from the row groups that hold them."""
+def _ranges(uri: str, image_column: str, id_column: str | None, shard_size: int,
+            storage_options: dict | None) -> list[tuple[str, int, tuple[str, ...]]]:
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    try:
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            schema = pf.schema_arrow
+            if image_column not in schema.names:
+                raise InputError(f"{uri!r} has no column {image_column!r} (--image-column); its columns: "
+                                 f"{', '.join(schema.names)}")
+            if not _binary(schema.field(image_column).type):
+                raise InputError(f"column {image_column!r} of {uri!r} is {schema.field(image_column).type}, "
+                                 "not binary: --image-column must hold the encoded image bytes")
+            if id_column is not None:
+                if id_column not in schema.names:
+                    raise InputError(f"{uri!r} has no column {id_column!r} (--id-column); its columns: "
+                                     f"{', '.join(schema.names)}")
+                col = pf.read(columns=[id_column]).column(id_column)
+                ids = [None if v is None else str(v) for v in col.to_pylist()]
+                if None in ids:
+                    raise InputError(f"column {id_column!r} of {uri!r} has null ids (row {ids.index(None)}); "
+                                     "every row needs an id")
+            else:
+                ids = [f"{uri}#{row}" for row in range(pf.metadata.num_rows)]
+    except FileNotFoundError:
+        raise InputError(f"Parquet input {uri!r} not found") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"cannot read Parquet input {uri!r}: {exc}") from None
+    return [(uri, lo, tuple(ids[lo:lo + shard_size])) for lo in range(0, len(ids), shard_size)]
+
+
+def iter_parquet(shard, fs, image_column: str, batch_rows: int = 32) -> Iterator[Item]:
+    """The rows of a `plan.Shard` of Parquet form, read in small batches from the row groups that hold them."""
     stop = shard.start + len(shard.uris)
     ids = iter(shard.uris)
     try:

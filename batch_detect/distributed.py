@@ -1,8 +1,10 @@
 """Everything Ray: connecting, sizing the actor pool from the cluster's CPUs, one preloaded
-interpreter per actor, and the dispatch loop that keeps at most K shards in flight per actor.
+interpreter per actor, the dispatch loop that keeps at most K shards in flight per actor, and the
+compaction tasks that merge committed shards into part files.
 
 The driver sends shard descriptors (lists of URIs), never image bytes; actors read from storage and
-write their own Parquet, so neither the driver nor the object store holds images.
+write their own Parquet, so neither the driver nor the object store holds images. The driver pulls
+shards from the plan stream only as actors have room for them: its memory does not grow with the input.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
@@ -22,7 +24,7 @@ from .detector import Detector
 from .errors import ClusterError, ConfigError
 from .errors import ModelError
 from .interpreter import load_backend, read_model, sha256
-from .listing import Shard
+from .plan import Shard
 from .reading import Reader
 from .sink import OutputStore
 from .worker import ShardRows, run_shard
@@ -124,7 +126,7 @@ def size_pool(num_actors: int | None, cpus_per_actor: int, memory_per_actor: int
 
 
 class DetectorActor:
-    """Holds one interpreter for its lifetime; processes whole shards and commits them itself."""
+    """Holds one interpreter for its lifetime; processes whole shards and stages their rows itself."""
 
     def __init__(self, settings: WorkerSettings):
         backend = load_backend(settings.backend)
@@ -167,13 +169,12 @@ class DetectorActor:
     def process(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
         rows, timings = self._run(shard)
-        summary = _summary(rows, timings, time.perf_counter() - t0)
-        self.store.write_shard(shard.shard_id, {"images": rows.images, "detections": rows.detections,
-                                                "failures": rows.failures}, summary)
-        return summary
+        self.store.write_shard(shard.shard_id, rows.columns)
+        return summarize_shard(rows, timings, time.perf_counter() - t0)
 
 
-def _summary(rows: ShardRows, timings: dict, wall_s: float) -> dict:
+def summarize_shard(rows: ShardRows, timings: dict, wall_s: float) -> dict:
+    """A committed shard's line in the commit log: counts, failure kinds, where and how long."""
     breakdown: dict[str, int] = {}
     for stage, etype in zip(rows.failures["stage"], rows.failures["error_type"]):
         key = f"{stage}/{etype}"
@@ -182,9 +183,10 @@ def _summary(rows: ShardRows, timings: dict, wall_s: float) -> dict:
     for cid, label in zip(rows.detections["class_id"], rows.detections["label"]):
         if label is None:
             unlabelled[str(cid)] = unlabelled.get(str(cid), 0) + 1
-    return {"shard_id": rows.shard_id, **rows.counts, "failure_types": breakdown, "wall_s": wall_s,
+    return {"shard_id": rows.shard_id, **rows.counts, "failure_types": breakdown, "wall_s": round(wall_s, 4),
             "unlabelled_class_ids": unlabelled,
-            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **timings}
+            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}}
 
 
 def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
@@ -198,10 +200,120 @@ def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
     return rows
 
 
+def _compact(output_url: str, storage_options: dict, part: int, shard_ids: list[str]) -> dict:
+    return OutputStore(output_url, storage_options).compact(part, shard_ids)
+
+
+# Compaction is I/O: it takes no CPU slot from the detector actors, and a retry is harmless (idempotent).
+compact_task = ray.remote(num_cpus=0, max_retries=3)(_compact)
+
+
+class ActorPool:
+    """The detector actors: started, grown when nodes join, and brought back after a crash without
+    blocking dispatch (a restarting actor is asked for `info` again until it answers or its deadline
+    passes)."""
+
+    def __init__(self, settings: WorkerSettings, num_actors: int, cpus_per_actor: int,
+                 grow: Callable[[], int] | None):
+        env = {k: v for k, v in os.environ.items() if k.startswith("BATCH_DETECT_")}
+        # Variables of ours (e.g. the test-only crash hook) reach actors on every node.
+        self.actor_cls = ray.remote(DetectorActor).options(
+            num_cpus=cpus_per_actor, memory=settings.memory_per_actor, max_restarts=-1, max_task_retries=0,
+            scheduling_strategy="SPREAD", **({"runtime_env": {"env_vars": env}} if env else {}))
+        self.settings = settings
+        self.num_actors = num_actors
+        self.at_start = 0
+        self.grow_to = grow
+        self.actors: list = []
+        self.alive: set[int] = set()
+        self.load: list[int] = []
+        self.waiting: dict = {}  # info ref -> (actor index, deadline): starting or restarting
+        self.recheck: list[tuple[float, int, float]] = []  # (when, actor index, deadline)
+        self.placements: dict[int, dict] = {}
+        self.last_growth_check = time.monotonic()
+
+    def start(self) -> None:
+        n = self.num_actors
+        for _ in range(n):
+            self.actors.append(self.actor_cls.remote(self.settings))
+            self.load.append(0)
+        refs = [a.info.remote() for a in self.actors]
+        try:
+            placements = ray.get(refs, timeout=ACTOR_START_TIMEOUT_S)
+        except GetTimeoutError:
+            raise ConfigError(
+                f"the {n} detector actors did not start within {ACTOR_START_TIMEOUT_S}s: the cluster "
+                "lacks the CPUs they ask for, or its nodes cannot import batch_detect") from None
+        except RayActorError as exc:
+            raise ConfigError(f"detector actors failed to start: {exc}") from None
+        self.placements.update(enumerate(placements))
+        self.alive.update(range(n))
+        self.at_start = n
+
+    def grow(self, pending: int) -> None:
+        """Nodes that joined mid-run (autoscaling) get actors; work goes to them once they answer."""
+        if self.grow_to is None or not pending or time.monotonic() - self.last_growth_check < GROWTH_CHECK_S:
+            return
+        self.last_growth_check = time.monotonic()
+        wanted = min(self.grow_to() - len(self.actors), pending)
+        for _ in range(max(0, wanted)):
+            self.actors.append(self.actor_cls.remote(self.settings))
+            self.load.append(0)
+            self._ask(len(self.actors) - 1, time.monotonic() + ACTOR_START_TIMEOUT_S)
+        if wanted > 0:
+            log.info("the cluster grew: %d more detector actors", wanted)
+
+    def _ask(self, i: int, deadline: float) -> None:
+        self.waiting[self.actors[i].info.remote()] = (i, deadline)
+
+    def lost(self, i: int) -> None:
+        """Actor i's call died with it: out of the pool until its restart answers."""
+        if i in self.alive:
+            self.alive.discard(i)
+            self._ask(i, time.monotonic() + ACTOR_START_TIMEOUT_S)
+
+    def answered(self, ref) -> None:
+        i, deadline = self.waiting.pop(ref)
+        try:
+            self.placements[i] = ray.get(ref)
+            self.alive.add(i)
+        except ActorUnavailableError:  # still restarting: ask again shortly, until the deadline
+            if time.monotonic() < deadline:
+                self.recheck.append((time.monotonic() + 0.5, i, deadline))
+        except RayActorError:  # gone for good (its node is lost, or it cannot start)
+            pass
+
+    def refs(self) -> list:
+        now = time.monotonic()
+        due = [r for r in self.recheck if r[0] <= now]
+        self.recheck = [r for r in self.recheck if r[0] > now]
+        for _, i, deadline in due:
+            self._ask(i, deadline)
+        return list(self.waiting)
+
+    def recovering(self) -> bool:
+        return bool(self.waiting or self.recheck)
+
+    def kill(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+    def facts(self, cpus_per_actor: int) -> dict:
+        per_node: dict[str, int] = {}
+        for p in self.placements.values():
+            per_node[p["node_id"]] = per_node.get(p["node_id"], 0) + 1
+        return {"actors": len(self.actors), "actors_at_start": self.at_start, "cpus_per_actor": cpus_per_actor,
+                "memory_per_actor": self.settings.memory_per_actor, "nodes": sorted(per_node),
+                "actors_per_node": per_node}
+
+
+_END = object()
+
+
 @dataclass
 class _Work:
     shard: Shard
-    part: Shard | None  # None: the whole shard, committed by the actor; else a slice of it, rows come back
+    part: Shard | None  # None: the whole shard, staged by the actor; else a slice of it, rows come back
     attempt: int = 1
 
 
@@ -214,172 +326,151 @@ class _Isolation:
     crashes: int = 0
 
 
-def run_shards(
-    shards: list[Shard],
-    settings: WorkerSettings,
-    *,
-    num_actors: int,
-    cpus_per_actor: int,
-    max_in_flight: int,
-    on_shard: Callable[[dict], None] | None = None,
-    grow: Callable[[], int] | None = None,
-) -> dict:
-    """Process every shard exactly once into committed output; returns pool facts for the manifest.
+class Dispatcher:
+    """Shards from `source` to the pool's actors, at most `max_in_flight` each, until every shard is
+    staged; `on_shard` gets each staged shard's summary (the caller logs it). A shard whose actor dies is
+    retried once whole (the death may have nothing to do with it: OOM, a lost node). If it kills a worker
+    again, it is bisected until each image that kills workers stands alone; those become
+    `worker_crashed` failure records and the rest of the shard completes. `watch` adds other refs (e.g.
+    compaction tasks) to the same wait, with a callback."""
 
-    A shard whose actor dies is retried once whole (the death may have nothing to do with it: OOM, a
-    lost node). If it kills a worker again, it is bisected until each image that kills workers stands
-    alone; those become `worker_crashed` failure records and the rest of the shard completes."""
-    # Variables of ours (e.g. the test-only crash hook) reach actors on every node.
-    env = {k: v for k, v in os.environ.items() if k.startswith("BATCH_DETECT_")}
-    actor_cls = ray.remote(DetectorActor).options(
-        num_cpus=cpus_per_actor, memory=settings.memory_per_actor, max_restarts=-1, max_task_retries=0,
-        scheduling_strategy="SPREAD",
-        **({"runtime_env": {"env_vars": env}} if env else {}),
-    )
-    actors = [actor_cls.remote(settings) for _ in range(num_actors)]
-    try:
-        placements = ray.get([a.info.remote() for a in actors], timeout=ACTOR_START_TIMEOUT_S)
-    except GetTimeoutError:
-        raise ConfigError(
-            f"the {num_actors} detector actors did not start within {ACTOR_START_TIMEOUT_S}s: the cluster "
-            "lacks the CPUs they ask for, or its nodes cannot import batch_detect"
-        ) from None
-    except RayActorError as exc:
-        raise ConfigError(f"detector actors failed to start: {exc}") from None
+    def __init__(self, pool: ActorPool, source: Iterator[Shard], store: OutputStore, *, max_in_flight: int,
+                 on_shard: Callable[[dict], None], tick: Callable[[], None] = lambda: None,
+                 drained: Callable[[], None] = lambda: None):
+        self.pool, self.source, self.store = pool, source, store
+        self.max_in_flight = max_in_flight
+        self.on_shard, self.tick, self.drained = on_shard, tick, drained
+        self.was_drained = False
+        self.pending: deque[_Work] = deque()
+        self.inflight: dict = {}  # ObjectRef -> (actor index, work)
+        self.isolating: dict[str, _Isolation] = {}
+        self.watched: dict = {}  # ObjectRef -> callback(result)
+        self.exhausted = self.starved = False
+        self.no_actor_since: float | None = None
 
-    store = OutputStore(settings.output_url, settings.storage_options)
-    pending: deque[_Work] = deque(_Work(s, None) for s in shards)
-    inflight: dict = {}  # ObjectRef -> (actor index, work)
-    load = [0] * num_actors
-    alive = set(range(num_actors))
-    isolating: dict[str, _Isolation] = {}
+    def watch(self, ref, callback: Callable) -> None:
+        self.watched[ref] = callback
 
-    def commit(shard_id: str, rows: ShardRows, timings: dict) -> dict:
-        summary = _summary(rows, timings, 0.0)
-        store.write_shard(shard_id, {"images": rows.images, "detections": rows.detections,
-                                     "failures": rows.failures}, summary)
-        return summary
+    def run(self) -> None:
+        while True:
+            self._top_up()
+            self.pool.grow(len(self.pending))
+            self._assign()
+            self.tick()
+            if self.exhausted and not (self.pending or self.inflight or self.isolating):
+                if not self.was_drained:  # every shard is staged: the caller may start last work (compaction)
+                    self.was_drained = True
+                    self.drained()
+                if not self.watched:
+                    return
+            self._check_stuck()
+            waitable = list(self.inflight) + self.pool.refs() + list(self.watched)
+            if not waitable:
+                time.sleep(0.01 if self.starved else 0.1)
+                continue
+            done, _ = ray.wait(waitable, num_returns=1, timeout=0.05 if self.starved else 0.5)
+            for ref in done:
+                if ref in self.watched:
+                    self.watched.pop(ref)(ray.get(ref))
+                elif ref in self.inflight:
+                    self._result(ref)
+                else:
+                    self.pool.answered(ref)
 
-    def part_done(work: _Work, rows: ShardRows | None) -> None:
-        iso = isolating[work.shard.shard_id]
+    def _top_up(self) -> None:
+        """Pull shards from the plan only as far as the actors can take them: the backpressure that keeps
+        the driver's memory flat. The source yields None when the listing has nothing ready yet."""
+        room = max(1, len(self.pool.actors) or self.pool.num_actors) * self.max_in_flight
+        self.starved = False
+        while not self.exhausted and len(self.pending) < room:
+            shard = next(self.source, _END)
+            if shard is _END:
+                self.exhausted = True
+            elif shard is None:
+                self.starved = True
+                break
+            else:
+                self.pending.append(_Work(shard, None))
+        if self.pending and not self.pool.actors:
+            self.pool.start()  # only once there is work: re-running a finished output starts no actor
+
+    def _assign(self) -> None:
+        """Whole shards fill each actor up to K. A slice being isolated runs alone on an idle actor: when
+        it dies, nothing queued behind it on that actor is blamed."""
+        for i in sorted(self.pool.alive, key=lambda j: self.pool.load[j]):
+            while self.pending and self.pool.load[i] < self.max_in_flight:
+                work = self.pending[0]
+                alone = work.part is not None
+                if alone and self.pool.load[i] > 0:
+                    break
+                self.pending.popleft()
+                actor = self.pool.actors[i]
+                call = actor.process.remote(work.shard) if not alone else actor.process_part.remote(work.part)
+                weight = self.max_in_flight if alone else 1
+                self.inflight[call] = (i, work, weight)
+                self.pool.load[i] += weight
+
+    def _check_stuck(self) -> None:
+        if self.pool.alive or self.inflight or not self.pending:
+            self.no_actor_since = None
+            return
+        if self.no_actor_since is None:
+            self.no_actor_since = time.monotonic()
+        if not self.pool.recovering() or time.monotonic() - self.no_actor_since > ACTOR_START_TIMEOUT_S:
+            raise RuntimeError("every detector actor has died; see the Ray logs for the cause")
+
+    def _result(self, ref) -> None:
+        i, work, weight = self.inflight.pop(ref)
+        self.pool.load[i] -= weight
+        try:
+            result = ray.get(ref)
+        except (RayActorError, WorkerCrashedError) as exc:
+            self.pool.lost(i)
+            self._crashed(work, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return
+        except RayTaskError as exc:
+            # An exception, not a crash: storage or a bug. Retry, then stop the job saying why.
+            if work.attempt >= MAX_SHARD_ATTEMPTS:
+                raise RuntimeError(f"shard {work.shard.shard_id} failed {work.attempt} times: {exc}") from None
+            self.pending.appendleft(_Work(work.shard, work.part, work.attempt + 1))
+            return
+        if work.part is None:
+            self.on_shard(result)
+        else:
+            self._part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
+
+    def _crashed(self, work: _Work, cause: str) -> None:
+        if work.part is None and work.attempt == 1:
+            log.warning("actor died on shard %s (%s); retrying it", work.shard.shard_id, cause)
+            self.pending.appendleft(_Work(work.shard, None, 2))
+            return
+        if work.part is None:  # died twice on the whole shard: from now on it is handled in parts
+            self.isolating[work.shard.shard_id] = _Isolation(ShardRows(work.shard.shard_id), parts_left=1)
+            work = _Work(work.shard, work.shard)
+        uris = work.part.uris
+        if len(uris) == 1 and work.attempt == 1:
+            # It may only have been queued behind the real culprit on the same actor: once more.
+            self.pending.append(_Work(work.shard, work.part, 2))
+        elif len(uris) == 1:
+            self.isolating[work.shard.shard_id].crashes += 1
+            log.warning("image %s kills the worker; recording it as a failure", uris[0])
+            self._part_done(work, crashed_rows(work.shard.shard_id, uris, cause))
+        else:
+            log.warning("shard %s kills workers; isolating the cause among %d images", work.shard.shard_id, len(uris))
+            iso = self.isolating[work.shard.shard_id]
+            for half in work.part.halves():
+                if half.uris:
+                    iso.parts_left += 1
+                    self.pending.appendleft(_Work(work.shard, half))
+            self._part_done(work, None)  # this part is replaced by its two halves
+
+    def _part_done(self, work: _Work, rows: ShardRows | None) -> None:
+        iso = self.isolating[work.shard.shard_id]
         if rows is not None:
             iso.rows.extend(rows)
         iso.parts_left -= 1
         if iso.parts_left == 0:
-            del isolating[work.shard.shard_id]
-            summary = commit(work.shard.shard_id, iso.rows, {"read_decode_s": 0.0, "infer_s": 0.0,
-                                                             "isolated_crashes": iso.crashes})
-            if on_shard is not None:
-                on_shard(summary)
-
-    def split(work: _Work) -> None:
-        iso = isolating[work.shard.shard_id]
-        for half in work.part.halves():
-            if half.uris:
-                iso.parts_left += 1
-                pending.appendleft(_Work(work.shard, half))
-
-    starting: dict = {}  # info ObjectRef of an actor added mid-run -> its index
-    no_actor_since: float | None = None
-    last_growth_check = time.monotonic()
-    placements = list(placements)
-
-    def add_actors() -> None:
-        """Nodes that joined mid-run (autoscaling) get actors; work goes to them once they answer."""
-        wanted = min(grow() - len(actors), len(pending)) if grow is not None else 0
-        for _ in range(max(0, wanted)):
-            actors.append(actor_cls.remote(settings))
-            load.append(0)
-            starting[actors[-1].info.remote()] = len(actors) - 1
-        if wanted > 0:
-            log.info("the cluster grew: %d more detector actors", wanted)
-
-    while pending or inflight:
-        if grow is not None and pending and time.monotonic() - last_growth_check > GROWTH_CHECK_S:
-            last_growth_check = time.monotonic()
-            add_actors()
-        for i in sorted(alive, key=lambda j: load[j]):
-            while pending and load[i] < max_in_flight:
-                work = pending.popleft()
-                call = (actors[i].process.remote(work.shard) if work.part is None
-                        else actors[i].process_part.remote(work.part))
-                inflight[call] = (i, work)
-                load[i] += 1
-        if alive or inflight:
-            no_actor_since = None
-        elif no_actor_since is None:
-            no_actor_since = time.monotonic()
-        if not inflight and (not starting or time.monotonic() - no_actor_since > ACTOR_START_TIMEOUT_S):
-            raise RuntimeError("every detector actor has died; see the Ray logs for the cause")
-        done, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=GROWTH_CHECK_S)
-        for ref in done:
-            if ref in starting:
-                j = starting.pop(ref)
-                try:
-                    placements.append(ray.get(ref))
-                    alive.add(j)
-                except RayActorError:
-                    pass
-                continue
-            i, work = inflight.pop(ref)
-            load[i] -= 1
-            try:
-                result = ray.get(ref)
-            except (RayActorError, WorkerCrashedError) as exc:
-                cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                _check_alive(actors, i, alive)
-                if work.part is None and work.attempt == 1:
-                    log.warning("actor died on shard %s (%s); retrying it", work.shard.shard_id, cause)
-                    pending.appendleft(_Work(work.shard, None, 2))
-                    continue
-                if work.part is None:  # died twice on the whole shard: from now on it is handled in parts
-                    isolating[work.shard.shard_id] = _Isolation(ShardRows(work.shard.shard_id), parts_left=1)
-                    work = _Work(work.shard, work.shard)
-                uris = work.part.uris
-                if len(uris) == 1 and work.attempt == 1:
-                    # It may only have been queued behind the real culprit on the same actor: once more.
-                    pending.append(_Work(work.shard, work.part, 2))
-                elif len(uris) == 1:
-                    isolating[work.shard.shard_id].crashes += 1
-                    log.warning("image %s kills the worker; recording it as a failure", uris[0])
-                    part_done(work, crashed_rows(work.shard.shard_id, uris, cause))
-                else:
-                    log.warning("shard %s kills workers; isolating the cause among %d images",
-                                work.shard.shard_id, len(uris))
-                    split(work)
-                    part_done(work, None)  # this part is replaced by its two halves
-                continue
-            except RayTaskError as exc:
-                # An exception, not a crash: storage or a bug. Retry, then stop the job saying why.
-                if work.attempt >= MAX_SHARD_ATTEMPTS:
-                    raise RuntimeError(f"shard {work.shard.shard_id} failed {work.attempt} times: {exc}") from None
-                pending.appendleft(_Work(work.shard, work.part, work.attempt + 1))
-                continue
-            if work.part is None:
-                if on_shard is not None:
-                    on_shard(result)
-            else:
-                part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
-    for a in actors:
-        ray.kill(a)
-    per_node: dict[str, int] = {}
-    for p in placements:
-        per_node[p["node_id"]] = per_node.get(p["node_id"], 0) + 1
-    return {"actors": len(actors), "actors_at_start": num_actors, "cpus_per_actor": cpus_per_actor,
-            "memory_per_actor": settings.memory_per_actor, "nodes": sorted(per_node), "actors_per_node": per_node}
-
-
-def _check_alive(actors: list, i: int, alive: set) -> None:
-    """After a crash, wait for the actor's restart; one that cannot come back leaves the pool."""
-    deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
-    while True:
-        try:
-            ray.get(actors[i].info.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            return
-        except ActorUnavailableError:  # still restarting: ask again until the deadline
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        except (RayActorError, GetTimeoutError):
-            break
-    alive.discard(i)
+            del self.isolating[work.shard.shard_id]
+            self.store.write_shard(work.shard.shard_id, iso.rows.columns)
+            self.on_shard(summarize_shard(iso.rows, {"read_decode_s": 0.0, "infer_s": 0.0,
+                                                     "isolated_crashes": iso.crashes}, 0.0))

@@ -4,6 +4,7 @@ writing anything: the listing and plan, the model's family and I/O, and the mode
 from __future__ import annotations
 
 import os
+import random
 import time
 
 import ray
@@ -18,16 +19,31 @@ from .worker import shard_items
 SAMPLE = 16
 
 
+def _sample(shards, k: int):
+    """(shards counted, items counted, up to k shards spread over the plan): reservoir sampling with a
+    fixed seed, so the listing is streamed, never held."""
+    rng = random.Random(0)
+    picked, n, items = [], 0, 0
+    for shard in shards:
+        n += 1
+        items += len(shard.uris)
+        if len(picked) < k:
+            picked.append(shard)
+        elif (j := rng.randrange(n)) < k:
+            picked[j] = shard
+    return n, items, sorted(picked, key=lambda s: s.index)
+
+
 def dry_run(config: RunConfig) -> str:
     ready = prepare(config)  # every check a run makes before it starts; writes nothing
-    plan, shards, info = ready["plan"], ready["shards"], ready["info"]
+    plan, info = ready["plan"], ready["info"]
+    num_shards, num_items, picked = _sample(plan.shards, SAMPLE)
     detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor,
                         score_threshold=config.score_threshold, resize=config.resize,
                         normalization=config.pixel_normalization, max_pixels=config.max_pixels,
                         model_url=config.model, output_format=config.output_format)
     reader = Reader(config.storage_options)
-    # The sample: images spread over the plan (files, Parquet rows), or the first tar's first members.
-    picked = shards[:: max(1, len(shards) // SAMPLE)][:SAMPLE]
+    # The sample: images spread over the plan (files, Parquet rows), or the first sampled tar's members.
     t0 = time.perf_counter()
     failures = sampled = 0
     for shard in picked:
@@ -54,16 +70,16 @@ def dry_run(config: RunConfig) -> str:
         cpus = float(os.cpu_count() or 1)
         where = "an embedded local Ray on this machine"
     actors = config.num_actors or max(1, int(cpus // config.cpus_per_actor))
-    actors = min(actors, len(shards))
-    images = plan.num_items if plan.form != "tar" else None
+    actors = min(actors, num_shards)
+    images = num_items if plan.form != "tar" else None
     estimate = (images or 0) * per_image / actors
     d = info.describe()
     i = d["input"]
     lines = [
         f"dry run: nothing was written to {config.output}",
-        f"input ({plan.form}): {f'{images} images' if images is not None else f'{len(shards)} tar shards'} "
-        f"found at {config.input} ({len(plan.skipped)} other files skipped)",
-        f"plan: {len(shards)} shards" + (f" of up to {config.shard_size} images" if images is not None else ""),
+        f"input ({plan.form}): {f'{images} images' if images is not None else f'{num_shards} tar shards'} "
+        f"found at {config.input} ({plan.stats.skipped} other files skipped)",
+        f"plan: {num_shards} shards" + (f" of up to {config.shard_size} images" if images is not None else ""),
         f"model: {config.model} ({d['family']}, backend {ready['backend'].name} {ready['backend'].version})",
         f"  input {i['name']} {i['shape']} {i['dtype']} scale={i['scale']:g} zero_point={i['zero_point']} "
         f"normalization={i['normalization']}",

@@ -7,8 +7,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total_images: int | None, total_shards: int, stream=None, interval_s: float = 5.0,
+    def __init__(self, total_images: int | None, total_shards: int | None, stream=None, interval_s: float = 5.0,
                  done_images: int = 0, done_shards: int = 0):
+        # Totals are None until the listing ends (it runs alongside the job); tar input never knows images.
         self.total = total_images
         self.total_shards = total_shards
         self.stream = stream or sys.stderr
@@ -19,6 +20,9 @@ class Progress:
         self.failed = self.detections = 0
         self.done, self.shards = done_images, done_shards
         self.base = done_images  # images finished by an earlier attempt: not part of this run's rate
+
+    def listed(self, total_images: int | None, total_shards: int) -> None:
+        self.total, self.total_shards = total_images, total_shards
 
     def update(self, summary: dict) -> None:
         self.done += summary["images"] + summary["failures"]
@@ -33,7 +37,9 @@ class Progress:
     def _print(self, now: float) -> None:
         elapsed = max(now - self.start, 1e-9)
         rate = (self.done - self.base) / elapsed
-        if self.total is None:  # tar input: images are counted while streaming, progress is by shard
+        if self.total_shards is None:  # still listing: no total yet
+            frac, eta, total = 0.0, float("inf"), "?"
+        elif self.total is None:  # tar input: images are counted while streaming, progress is by shard
             frac = self.shards / max(self.total_shards, 1)
             eta = elapsed * (1 - frac) / frac if frac > 0 else float("inf")
             total = "?"
@@ -47,12 +53,12 @@ class Progress:
             filled = int(width * frac)
             bar = "#" * filled + "-" * (width - filled)
             line = (f"\r[{bar}] {self.done}/{total} images {pct:5.1f}% | {rate:6.1f} img/s | "
-                    f"failures {self.failed} | shards {self.shards}/{self.total_shards} | ETA {eta:5.0f}s")
+                    f"failures {self.failed} | shards {self.shards}/{self.total_shards or '?'} | ETA {eta:5.0f}s")
             self.stream.write(line)
             if self.shards == self.total_shards:
                 self.stream.write("\n")
         else:
             self.stream.write(f"progress: {self.done}/{total} images ({pct:.1f}%), {rate:.1f} img/s, "
-                              f"failures {self.failed}, shards {self.shards}/{self.total_shards}, "
+                              f"failures {self.failed}, shards {self.shards}/{self.total_shards or '?'}, "
                               f"ETA {eta:.0f}s\n")
         self.stream.flush()

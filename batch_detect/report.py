@@ -4,6 +4,7 @@ fsspec), plus failure examples with their messages. Pillow draws everything; no 
 
 from __future__ import annotations
 
+import heapq
 import html
 import os
 from collections import Counter
@@ -13,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from .containers import iter_parquet, iter_tar, raising
 from .errors import ReadError
-from .listing import Shard
+from .plan import Shard
 from .preprocess import decode_image
 from .reading import Reader
 from .sink import MANIFEST, OutputStore
@@ -27,32 +28,49 @@ def colour(class_id: int) -> tuple[int, int, int]:
     return PALETTE[class_id % len(PALETTE)]
 
 
-def _table(store: OutputStore, name: str) -> dict[str, list]:
-    columns: dict[str, list] = {}
-    for path in sorted(store.fs.glob(store.path(name, "*.parquet"))):
+def _batches(store: OutputStore, name: str, columns: list[str]):
+    """The table's rows as record batches, one part file at a time: memory stays flat in the output size."""
+    for path in store.part_files(name):
         with store.fs.open(path, "rb") as fh:
-            for k, v in pq.read_table(fh).to_pydict().items():
-                columns.setdefault(k, []).extend(v)
-    return columns
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=columns)
 
 
-def summarize(output: str, storage_options: dict | None = None) -> dict:
+def summarize(output: str, storage_options: dict | None = None, samples: int = 12) -> dict:
+    """The numbers, aggregated in one streaming pass, and the gallery's picks: the best-scoring images
+    and a few without detections (heaps of `samples`, not the tables)."""
     store = OutputStore(output, storage_options)
     manifest = store.read_json(MANIFEST)
-    images, dets, fails = (_table(store, n) for n in ("images", "detections", "failures"))
-    scores = dets.get("score", [])
     bins = [0] * 10
-    for s in scores:
-        bins[min(int(s * 10), 9)] += 1
-    labels = [lab if lab is not None else f"class {cid}" for lab, cid in zip(dets.get("label", []),
-                                                                            dets.get("class_id", []))]
+    per_class: Counter = Counter()
+    best: dict[str, float] = {}  # uri -> best score, for at most `samples` uris
+    for b in _batches(store, "detections", ["uri", "class_id", "label", "score"]):
+        for uri, cid, lab, score in zip(*(b.column(i).to_pylist() for i in range(4))):
+            bins[min(int(score * 10), 9)] += 1
+            per_class[lab if lab is not None else f"class {cid}"] += 1
+            if uri in best or len(best) < samples or score > min(best.values()):
+                best[uri] = max(score, best.get(uri, 0.0))
+                if len(best) > samples:
+                    del best[min(best, key=lambda u: (best[u], u))]
+    empty: list[str] = []
+    no_detections = 0
+    for b in _batches(store, "images", ["uri", "num_detections"]):
+        for uri, n in zip(b.column(0).to_pylist(), b.column(1).to_pylist()):
+            if n == 0:
+                no_detections += 1
+                empty = heapq.nsmallest(max(1, samples // 4), empty + [uri])
+    failure_types: Counter = Counter()
+    failure_rows: list[tuple] = []
+    for b in _batches(store, "failures", ["uri", "stage", "error_type", "message"]):
+        for row in zip(*(b.column(i).to_pylist() for i in range(4))):
+            failure_types[f"{row[1]}/{row[2]}"] += 1
+            if len(failure_rows) < 20:
+                failure_rows.append(row)
     return {
-        "manifest": manifest, "images": images, "detections": dets, "failures": fails,
-        "per_class": Counter(labels).most_common(),
-        "score_bins": bins,
-        "failure_types": Counter(f"{s}/{e}" for s, e in zip(fails.get("stage", []), fails.get("error_type", [])))
-        .most_common(),
-        "no_detections": sum(1 for n in images.get("num_detections", []) if n == 0),
+        "manifest": manifest, "per_class": per_class.most_common(), "score_bins": bins,
+        "failure_types": failure_types.most_common(), "failure_rows": failure_rows,
+        "no_detections": no_detections,
+        "best": sorted(best, key=lambda u: (-best[u], u)), "empty": empty,
+        "output": output,
     }
 
 
@@ -134,17 +152,17 @@ def _read_back(uris: list[str], manifest: dict, reader: Reader) -> dict:
 def write_html(summary: dict, folder: str, samples: int = 12, storage_options: dict | None = None) -> str:
     os.makedirs(os.path.join(folder, "gallery"), exist_ok=True)
     histogram_png(summary["score_bins"], os.path.join(folder, "scores.png"))
-    dets = summary["detections"]
-    by_uri: dict[str, list] = {}
-    for row in zip(dets.get("uri", []), dets.get("class_id", []), dets.get("label", []), dets.get("score", []),
-                   dets.get("xmin", []), dets.get("ymin", []), dets.get("xmax", []), dets.get("ymax", [])):
-        by_uri.setdefault(row[0], []).append(row[1:])
     # Best-scoring images first, then some without detections: what a reviewer wants to see.
-    ranked = sorted(by_uri, key=lambda u: (-max(b[2] for b in by_uri[u]), u))
-    empty = sorted(u for u, n in zip(summary["images"].get("uri", []), summary["images"].get("num_detections", []))
-                   if n == 0)
+    ranked, empty = summary["best"], summary["empty"]
     chosen = ranked[: max(1, samples - min(len(empty), samples // 4))] + empty[: samples // 4]
     chosen = chosen[:samples]
+    wanted = set(chosen)
+    by_uri: dict[str, list] = {}
+    store = OutputStore(summary["output"], storage_options)
+    for b in _batches(store, "detections", ["uri", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax"]):
+        for row in zip(*(b.column(i).to_pylist() for i in range(8))):
+            if row[0] in wanted:
+                by_uri.setdefault(row[0], []).append(row[1:])
     blobs = _read_back(chosen, summary["manifest"], Reader(storage_options))
     cards = []
     for i, uri in enumerate(chosen):
@@ -159,11 +177,9 @@ def write_html(summary: dict, folder: str, samples: int = 12, storage_options: d
         caption = ", ".join(f"{b[1] if b[1] is not None else b[0]} {b[2]:.2f}" for b in by_uri.get(uri, [])) or "no detections"
         cards.append(f'<figure><img src="{name}" alt="{html.escape(uri)}"><figcaption>'
                      f"{html.escape(os.path.basename(uri))}: {html.escape(caption)}</figcaption></figure>")
-    fails = summary["failures"]
     failure_rows = "".join(
         f"<tr><td>{html.escape(u)}</td><td>{html.escape(s)}</td><td>{html.escape(e)}</td><td>{html.escape(m)}</td></tr>"
-        for u, s, e, m in list(zip(fails.get("uri", []), fails.get("stage", []), fails.get("error_type", []),
-                                   fails.get("message", [])))[:20])
+        for u, s, e, m in summary["failure_rows"])
     text = html.escape(render_text(summary))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>batch_detect report {html.escape(summary['manifest']['run_id'])}</title>

@@ -41,4 +41,7 @@ FAILURES = pa.schema(
     ]
 )
 
+# The stored plan (`_plan/chunk-*.parquet`): one row per planned image (per tar, for tar input).
+PLAN_SCHEMA = pa.schema([pa.field("shard_id", pa.string(), nullable=False), pa.field("uri", pa.string(), nullable=False)])
+
 TABLES: dict[str, pa.Schema] = {"images": IMAGES, "detections": DETECTIONS, "failures": FAILURES}

@@ -1,5 +1,8 @@
-"""Parquet output: each shard's three tables under deterministic names, written to a temporary name
-and moved into place, then a commit marker. Only shards with a marker count as done.
+"""Parquet output. Actors write each shard's three tables to `_staging/` under deterministic names
+(temp name, then move: a retry overwrites, never duplicates). Committed shards are then compacted, in
+shard order, into few large part files under `images/`, `detections/`, `failures/`: the only files
+readers' globs see, each written whole and never rewritten. Which shards a part holds is in the commit
+log (`commitlog.py`); the plan is stored in `_plan/`, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -12,11 +15,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .schema import TABLES
+from .commitlog import LOG_DIR
+from .schema import PLAN_SCHEMA, TABLES
 
-COMMIT_DIR = "_shards"
 MANIFEST = "_manifest.json"
-PLAN = "_plan.parquet"
+PLAN_DIR = "_plan"
+STAGING = "_staging"
+LEGACY_COMMIT_DIR = "_shards"  # the per-shard markers of outputs written before the commit log
+ROW_GROUP_ROWS = 131_072  # rows per row group in a part: large enough for scans, small enough to buffer
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:06d}.parquet"
+
+
+def chunk_name(chunk: int) -> str:
+    return f"chunk-{chunk:06d}.parquet"
 
 
 class OutputStore:
@@ -24,6 +38,9 @@ class OutputStore:
         self.url = url.rstrip("/")
         self.fs, self.root = url_to_fs(self.url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
+        # fsspec shares filesystem instances per process: another writer's files must not hide behind a
+        # listing cached earlier (the commit log and parts are written by other processes).
+        self.fs.invalidate_cache()
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -31,16 +48,19 @@ class OutputStore:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
-    def _put_atomic(self, rel: str, data: bytes) -> None:
+    def _tmp(self, rel: str) -> str:
         final = self.path(rel)
-        parent = posixpath.dirname(final)
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, "." + posixpath.basename(final) + ".tmp")
+        return posixpath.join(posixpath.dirname(final), "." + posixpath.basename(final) + ".tmp")
+
+    def put_atomic(self, rel: str, data: bytes) -> None:
+        final = self.path(rel)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = self._tmp(rel)
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, final)
 
     def write_json(self, rel: str, obj: dict) -> None:
-        self._put_atomic(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+        self.put_atomic(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def read_json(self, rel: str) -> dict:
         return json.loads(self.fs.cat_file(self.path(rel)))
@@ -48,27 +68,75 @@ class OutputStore:
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self._put_atomic(rel, buf.getvalue())
+        self.put_atomic(rel, buf.getvalue())
 
-    def write_shard(self, shard_id: str, columns: dict[str, dict], summary: dict) -> None:
+    # --- plan -----------------------------------------------------------------------------------
+
+    def write_chunk(self, chunk: int, shards) -> None:
+        self.write_table(posixpath.join(PLAN_DIR, chunk_name(chunk)), pa.table(
+            {"shard_id": [s.shard_id for s in shards for _ in s.uris], "uri": [u for s in shards for u in s.uris]},
+            schema=PLAN_SCHEMA))
+
+    def iter_plan(self, chunks: list[dict]):
+        """(shard_id, uri) record batches of the stored plan, in order, one chunk file at a time."""
+        for ev in chunks:
+            with self.fs.open(self.path(PLAN_DIR, chunk_name(ev["chunk"])), "rb") as fh:
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=65536)
+
+    # --- shards and parts -----------------------------------------------------------------------
+
+    def write_shard(self, shard_id: str, columns: dict[str, dict]) -> None:
+        """A shard's rows to staging; it counts once the driver logs it."""
         for name, schema in TABLES.items():
-            table = pa.Table.from_pydict(columns[name], schema=schema)
-            self.write_table(f"{name}/{shard_id}.parquet", table)
-        # The marker goes last: a shard without one is not done, whatever else exists.
-        self.write_json(f"{COMMIT_DIR}/{shard_id}.json", summary)
+            self.write_table(posixpath.join(STAGING, name, f"{shard_id}.parquet"),
+                             pa.Table.from_pydict(columns[name], schema=schema))
 
-    def committed_shards(self) -> dict[str, dict]:
-        pattern = self.path(COMMIT_DIR, "shard-*.json")
-        return {
-            posixpath.basename(p)[: -len(".json")]: json.loads(self.fs.cat_file(p))
-            for p in sorted(self.fs.glob(pattern))
-        }
+    def compact(self, part: int, shard_ids: list[str]) -> dict[str, int]:
+        """The staged rows of `shard_ids`, in that order, into part `part` of each table; then their staging
+        files are deleted. Idempotent: a part already in place is not written again (a retry after a crash
+        between writing it and logging it must not duplicate rows), and staging is deleted only after all
+        three parts exist."""
+        rows = {}
+        for name, schema in TABLES.items():
+            rel = posixpath.join(name, part_name(part))
+            if self.fs.exists(self.path(rel)):
+                rows[name] = pq.ParquetFile(self.fs.open(self.path(rel), "rb")).metadata.num_rows
+                continue
+            tmp = self._tmp(rel)
+            self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+            rows[name] = 0
+            with self.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+                buffered: list[pa.Table] = []
+                held = 0
+                for sid in shard_ids:
+                    with self.fs.open(self.path(STAGING, name, f"{sid}.parquet"), "rb") as src:
+                        t = pq.read_table(src, schema=schema)
+                    buffered.append(t)
+                    held += t.num_rows
+                    if held >= ROW_GROUP_ROWS:
+                        writer.write_table(pa.concat_tables(buffered), row_group_size=ROW_GROUP_ROWS)
+                        rows[name] += held
+                        buffered, held = [], 0
+                if buffered or rows[name] == 0:
+                    writer.write_table(pa.concat_tables(buffered) if buffered else schema.empty_table(),
+                                       row_group_size=ROW_GROUP_ROWS)
+                    rows[name] += held
+            self.fs.mv(tmp, self.path(rel))
+        staged = [self.path(STAGING, name, f"{sid}.parquet") for name in TABLES for sid in shard_ids]
+        try:
+            self.fs.rm(staged)
+        except FileNotFoundError:  # a retry after a partial clean-up (object stores ignore missing keys)
+            self.fs.rm([p for p in staged if self.fs.exists(p)])
+        return rows
+
+    def part_files(self, table: str) -> list[str]:
+        return sorted(self.fs.glob(self.path(table, "*.parquet")))
 
     def clear(self) -> None:
         """Remove what a previous run wrote here (only the names this tool writes)."""
-        for name in (*TABLES, COMMIT_DIR):
+        for name in (*TABLES, STAGING, PLAN_DIR, LOG_DIR, LEGACY_COMMIT_DIR):
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name), recursive=True)
-        for name in (MANIFEST, PLAN):
+        for name in (MANIFEST, "_plan.parquet"):
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name))

@@ -1,19 +1,26 @@
-"""`batch-detect verify`: prove an output is whole. Every planned image is in exactly one of `images`
-or `failures`, every shard is committed, schemas are the declared ones, detections belong to processed
-images; with --input, the plan still matches what the input lists. pyarrow only, no query engine."""
+"""`batch-detect verify`: prove an output is whole. Every planned image is in exactly one of `images` or
+`failures`, every shard is committed and compacted into a part, every file readers' globs see is a part
+the commit log records, schemas are the declared ones, detections belong to processed images; with
+--input, the plan still matches what the input lists.
+
+Streamed: the plan is read chunk by chunk and the parts one at a time, in shard order, so memory is
+bounded by one part (about 100,000 images), not by the output. pyarrow only, no query engine."""
 
 from __future__ import annotations
 
+import itertools
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from .commitlog import read_state
 from .errors import OutputError
-from .listing import plan_input
+from .plan import plan_input, shard_index
 from .schema import TABLES
-from .sink import MANIFEST, PLAN, OutputStore
+from .sink import MANIFEST, OutputStore, part_name
 
 
 @dataclass
@@ -27,25 +34,54 @@ class Report:
         self.problems.append(message)
 
 
-def _examples(items, n: int = 5) -> str:
-    items = sorted(items)
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
+class _Examples:
+    """A count and the first few examples of one kind of problem."""
+
+    def __init__(self) -> None:
+        self.n, self.items = 0, []
+
+    def add(self, item, times: int = 1) -> None:
+        self.n += times
+        if len(self.items) < 5:
+            self.items.append(str(item))
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def __str__(self) -> str:
+        more = f" (+{self.n - len(self.items)} more)" if self.n > len(self.items) else ""
+        return ", ".join(self.items) + more
 
 
-def _read_column(store: OutputStore, table: str, columns: list[str], report: Report) -> dict[str, list]:
-    out: dict[str, list] = {c: [] for c in columns}
-    schema = TABLES[table]
-    for path in sorted(store.fs.glob(store.path(table, "*.parquet"))):
+def _plan_groups(store: OutputStore, chunks: list[dict], report: Report) -> Iterator[tuple[int, list[str]]]:
+    """(shard index, planned uris) in shard order, from the stored plan chunks."""
+    current, uris = None, []
+    try:
+        for batch in store.iter_plan(chunks):
+            for sid, uri in zip(batch.column("shard_id").to_pylist(), batch.column("uri").to_pylist()):
+                k = shard_index(sid)
+                if k != current:
+                    if current is not None:
+                        yield current, uris
+                    current, uris = k, []
+                uris.append(uri)
+    except FileNotFoundError as exc:
+        report.fail(f"a plan chunk file is missing: {exc}")
+    if current is not None:
+        yield current, uris
+
+
+def _read_part(store: OutputStore, table: str, part: int, columns: list[str], report: Report) -> dict | None:
+    path = store.path(table, part_name(part))
+    try:
         with store.fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            if not pf.schema_arrow.equals(schema, check_metadata=False):
-                report.fail(f"{table}/{posixpath.basename(path)} has schema {pf.schema_arrow}, expected {schema}")
-                continue
-            t = pf.read(columns=columns)
-        for c in columns:
-            out[c].extend(t.column(c).to_pylist())
-    return out
+            if not pf.schema_arrow.equals(TABLES[table], check_metadata=False):
+                report.fail(f"{table}/{part_name(part)} has schema {pf.schema_arrow}, expected {TABLES[table]}")
+                return None
+            return pf.read(columns=columns).to_pydict()
+    except FileNotFoundError:
+        return None
 
 
 def verify(output: str, input_url: str | None = None, storage_options: dict | None = None) -> Report:
@@ -55,82 +91,169 @@ def verify(output: str, input_url: str | None = None, storage_options: dict | No
         raise OutputError(f"{output!r} holds no {MANIFEST}: not a batch-detect output")
     manifest = store.read_json(MANIFEST)
     report.facts["status"] = manifest.get("status")
-    if not store.exists(PLAN):
-        report.fail(f"{PLAN} is missing: the plan cannot be checked")
+    if manifest.get("layout", 1) != 2:
+        report.fail("this output was written by an earlier batch_detect (one set of files per shard): verify it "
+                    "with that version")
         return report
-    with store.fs.open(store.path(PLAN), "rb") as fh:
-        plan = pq.read_table(fh).to_pydict()
-    planned = Counter(plan["uri"])
-    shards = set(plan["shard_id"])
-    report.facts.update(planned_images=len(plan["uri"]), planned_shards=len(shards))
-    dup_plan = [u for u, n in planned.items() if n > 1]
-    if dup_plan:
-        report.fail(f"the plan lists {len(dup_plan)} images twice: {_examples(dup_plan)}")
+    state = read_state(store)
+    form = manifest.get("plan", {}).get("form", "files")
+    if state.listed is None:
+        report.fail("the input was never listed to the end: the plan is incomplete (re-run the same command, "
+                    "or with --resume, to finish)")
+    num_shards = state.listed["shards"] if state.listed else sum(c["shards"] for c in state.chunks)
+    report.facts.update(planned_images=state.listed["items"] if state.listed else None, planned_shards=num_shards,
+                        committed_shards=state.num_committed, parts=len(state.parts))
+    uncommitted = _Examples()
+    for k in range(num_shards):
+        if not state.is_committed(k):
+            uncommitted.add(f"shard-{k:06d}")
+    if uncommitted:
+        report.fail(f"{uncommitted.n} of {num_shards} shards are not committed: {uncommitted} (re-run the same "
+                    "command, or with --resume, to finish)")
 
-    committed = set(store.committed_shards())
-    report.facts["committed_shards"] = len(committed & shards)
-    if shards - committed:
-        report.fail(f"{len(shards - committed)} of {len(shards)} shards are not committed: "
-                    f"{_examples(shards - committed)} (re-run the same command, or with --resume, to finish)")
-    present = {t: {posixpath.basename(p)[: -len(".parquet")] for p in store.fs.glob(store.path(t, "*.parquet"))}
-               for t in TABLES}
-    for table, found in present.items():
-        lost = (committed & shards) - found
-        if lost:
-            report.fail(f"{len(lost)} committed shards have no {table}/ file: {_examples(lost)}")
-    stray = {posixpath.basename(p)[: -len(".parquet")] for t in TABLES
-             for p in store.fs.glob(store.path(t, "*.parquet"))} - shards
-    if stray:
-        report.fail(f"files for shards not in the plan: {_examples(stray)}")
-
-    images = _read_column(store, "images", ["uri", "shard_id", "num_detections"], report)
-    failures = _read_column(store, "failures", ["uri", "shard_id", "stage", "error_type"], report)
-    detections = _read_column(store, "detections", ["uri"], report)
-    done = Counter(images["uri"]) + Counter(failures["uri"])
-    report.facts.update(images=len(images["uri"]), failures=len(failures["uri"]),
-                        detections=len(detections["uri"]))
-    twice = [u for u, n in done.items() if n > 1]
-    if manifest.get("plan", {}).get("form") == "tar":
-        # The plan lists tars; their members are found while streaming. Each row must come from its
-        # shard's tar, and each tar must have left at least one row (an empty tar is a failure record).
-        tar_of = dict(zip(plan["shard_id"], plan["uri"]))
-        rows = list(zip(images["uri"] + failures["uri"], images["shard_id"] + failures["shard_id"]))
-        extra = [u for u, sid in rows if sid not in tar_of or not (u == tar_of[sid] or u.startswith(tar_of[sid] + "#"))]
-        seen = {sid for _, sid in rows}
-        missing = [tar_of[sid] for sid in committed & shards if sid not in seen]
-    else:
-        missing = [u for u in planned if u not in done]
-        extra = [u for u in done if u not in planned]
-    if twice:
-        report.fail(f"{len(twice)} images appear more than once in images/failures: {_examples(twice)}")
-    if missing:
-        report.fail(f"{len(missing)} planned images are in neither images nor failures: {_examples(missing)}")
-    if extra:
-        report.fail(f"{len(extra)} images in the output were never planned: {_examples(extra)}")
-    per_image = Counter(detections["uri"])
-    ok_images = set(images["uri"])
-    orphans = [u for u in per_image if u not in ok_images]
-    if orphans:
-        report.fail(f"detections for {len(orphans)} images that are not in images: {_examples(orphans)}")
-    wrong = [u for u, n in zip(images["uri"], images["num_detections"]) if per_image.get(u, 0) != n]
-    if wrong:
-        report.fail(f"num_detections disagrees with the detections table for {len(wrong)} images: "
-                    f"{_examples(wrong)}")
-    report.facts["failure_types"] = dict(Counter(f"{s}/{e}" for s, e in zip(failures["stage"],
-                                                                              failures["error_type"])))
+    _check_files(store, state, report)
+    counts = _check_rows(store, state, form, report)
+    report.facts.update(counts)
     if input_url is not None:
-        cfg = manifest.get("config", {})
-        again = plan_input(input_url, form=manifest.get("plan", {}).get("form") or "files",
-                           extensions=tuple(cfg.get("extensions", ())), shard_size=cfg.get("shard_size", 64),
-                           image_column=cfg.get("image_column"), id_column=cfg.get("id_column"),
-                           storage_options=storage_options)
-        now = {u for shard in again.shards for u in shard.uris}
-        new, gone = now - set(planned), set(planned) - now
-        report.facts["input_listed"] = len(now)
-        if new:
-            report.fail(f"{len(new)} images in the input are not in the plan: {_examples(new)}")
-        if gone:
-            report.fail(f"{len(gone)} planned images are no longer in the input: {_examples(gone)}")
+        _check_input(store, state, manifest, input_url, storage_options, report)
     if report.ok and manifest.get("status") != "complete":
         report.fail(f"every shard is committed but the manifest says status {manifest.get('status')!r}")
     return report
+
+
+def _check_files(store: OutputStore, state, report: Report) -> None:
+    """Each table holds exactly the parts the log records as done: anything else would be read by the
+    readers' globs too."""
+    done = {part_name(p["part"]) for p in state.parts if p["done"]}
+    not_done = [p["part"] for p in state.parts if not p["done"]]
+    if not_done:
+        report.fail(f"{len(not_done)} parts were started but not recorded as written: {not_done[:5]} (re-run "
+                    "the same command to finish them)")
+    for table in TABLES:
+        present = {posixpath.basename(p) for p in store.part_files(table)}
+        missing, stray = sorted(done - present), sorted(present - done)
+        if missing:
+            report.fail(f"{len(missing)} committed parts have no {table}/ file: {', '.join(missing[:5])}")
+        if stray:
+            report.fail(f"{len(stray)} files in {table}/ are not parts recorded in the commit log; readers' globs "
+                        f"would count their rows more than once or wrongly: {', '.join(stray[:5])}")
+    compacted = sum(p["end"] - p["first"] for p in state.parts)
+    if state.num_committed > compacted:
+        report.fail(f"{state.num_committed - compacted} committed shards are not yet in a part (still in "
+                    "_staging/, invisible to readers): re-run the same command to finish")
+
+
+def _check_rows(store: OutputStore, state, form: str, report: Report) -> dict:
+    missing, extra, twice, orphans, wrong = (_Examples() for _ in range(5))
+    totals = {"images": 0, "failures": 0, "detections": 0}
+    failure_types: Counter = Counter()
+    plan = _plan_groups(store, state.chunks, report)
+    pending = next(plan, None)
+    for p in state.parts:
+        if not p["done"]:
+            continue
+        images = _read_part(store, "images", p["part"], ["uri", "shard_id", "num_detections"], report)
+        failures = _read_part(store, "failures", p["part"], ["uri", "shard_id", "stage", "error_type"], report)
+        dets = _read_part(store, "detections", p["part"], ["uri"], report)
+        if images is None or failures is None or dets is None:
+            continue
+        totals["images"] += len(images["uri"])
+        totals["failures"] += len(failures["uri"])
+        totals["detections"] += len(dets["uri"])
+        failure_types.update(f"{s}/{e}" for s, e in zip(failures["stage"], failures["error_type"]))
+        rows: dict[int, list[str]] = {}
+        for uri, sid in zip(images["uri"] + failures["uri"], images["shard_id"] + failures["shard_id"]):
+            rows.setdefault(shard_index(sid), []).append(uri)
+        for k in sorted(rows):
+            if not p["first"] <= k < p["end"]:
+                extra.add(f"{rows[k][0]} (shard {k} in part {p['part']})", len(rows[k]))
+        while pending is not None and pending[0] < p["end"]:
+            k, planned = pending
+            if k >= p["first"]:
+                _compare_shard(form, planned, rows.get(k, []), missing, extra, twice)
+            pending = next(plan, None)
+        per_image = Counter(dets["uri"])
+        ok = set(images["uri"])
+        for u in per_image:
+            if u not in ok:
+                orphans.add(u)
+        for u, n in zip(images["uri"], images["num_detections"]):
+            if per_image.get(u, 0) != n:
+                wrong.add(u)
+    if twice:
+        report.fail(f"{twice.n} images appear more than once in images/failures: {twice}")
+    if missing:
+        report.fail(f"{missing.n} planned images are in neither images nor failures: {missing}")
+    if extra:
+        report.fail(f"{extra.n} images in the output were never planned: {extra}")
+    if orphans:
+        report.fail(f"detections for {orphans.n} images that are not in images: {orphans}")
+    if wrong:
+        report.fail(f"num_detections disagrees with the detections table for {wrong.n} images: {wrong}")
+    return {**totals, "failure_types": dict(failure_types)}
+
+
+def _compare_shard(form: str, planned: list[str], got: list[str], missing, extra, twice) -> None:
+    if form == "tar":
+        # The plan lists the tar; its members are found while streaming. Each row must come from it, and
+        # the tar must have left at least one row (an empty tar is a failure record).
+        tar = planned[0]
+        for u in got:
+            if not (u == tar or u.startswith(tar + "#")):
+                extra.add(u)
+        if not got:
+            missing.add(tar)
+        return
+    want, have = Counter(planned), Counter(got)
+    for u, n in have.items():
+        if u not in want:
+            extra.add(u, n)
+        elif n > want[u]:
+            twice.add(u)
+    for u in want:
+        if u not in have:
+            missing.add(u)
+
+
+def _check_input(store: OutputStore, state, manifest: dict, input_url: str, storage_options, report: Report) -> None:
+    """The input listed again, compared with the stored plan as two sorted streams (a merge: no set of
+    either is held)."""
+    cfg = manifest.get("config", {})
+    form = manifest.get("plan", {}).get("form") or "files"
+    again = plan_input(input_url, form=form, extensions=tuple(cfg.get("extensions", ())),
+                       shard_size=cfg.get("shard_size", 64), image_column=cfg.get("image_column"),
+                       id_column=cfg.get("id_column"), storage_options=storage_options)
+    now = (u for shard in again.shards for u in shard.uris)
+    stored = (u for _, uris in _plan_groups(store, state.chunks, report) for u in uris)
+    new, gone = _Examples(), _Examples()
+    listed = 0
+    if form == "parquet":  # ids follow row order, not sorted order: compared position by position
+        for a, b in itertools.zip_longest(stored, now):
+            listed += b is not None
+            if a != b and b is not None:
+                new.add(b)
+            if a != b and a is not None:
+                gone.add(a)
+        _report_input(report, listed, new, gone)
+        return
+    a, b = next(stored, None), next(now, None)
+    while a is not None or b is not None:
+        if b is not None and (a is None or b < a):
+            new.add(b)
+            listed += 1
+            b = next(now, None)
+        elif a is not None and (b is None or a < b):
+            gone.add(a)
+            a = next(stored, None)
+        else:
+            listed += 1
+            a, b = next(stored, None), next(now, None)
+    _report_input(report, listed, new, gone)
+
+
+def _report_input(report: Report, listed: int, new, gone) -> None:
+    report.facts["input_listed"] = listed
+    if new:
+        report.fail(f"{new.n} images in the input are not in the plan: {new}")
+    if gone:
+        report.fail(f"{gone.n} planned images are no longer in the input: {gone}")

@@ -16,7 +16,7 @@ from typing import Iterator
 from .containers import Item, iter_parquet, iter_tar
 from .detector import Detector, ImageFailure, ImageResult
 from .errors import failure_fields
-from .listing import Shard
+from .plan import Shard
 from .reading import Reader
 
 
@@ -53,6 +53,10 @@ class ShardRows:
         rows = cls(shard_id)
         rows.images, rows.detections, rows.failures = columns["images"], columns["detections"], columns["failures"]
         return rows
+
+    @property
+    def columns(self) -> dict[str, dict]:
+        return {"images": self.images, "detections": self.detections, "failures": self.failures}
 
     @property
     def counts(self) -> dict:

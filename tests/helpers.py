@@ -33,6 +33,23 @@ def recall_precision(truth: dict, predicted: dict, threshold: float = 0.5) -> tu
     return tp / max(n_truth, 1), tp / max(n_pred, 1)
 
 
+def committed_count(out: str) -> int:
+    """Shards the output's commit log records as committed (0 before the first segment)."""
+    from batch_detect.commitlog import read_state
+    from batch_detect.sink import OutputStore
+
+    if not os.path.isdir(os.path.join(out, "_log")):
+        return 0
+    return read_state(OutputStore(out)).num_committed
+
+
+def shard_events(out: str) -> list[dict]:
+    from batch_detect.commitlog import shard_events as events
+    from batch_detect.sink import OutputStore
+
+    return events(OutputStore(out)) if os.path.isdir(os.path.join(out, "_log")) else []
+
+
 def write_bad_inputs(folder: str) -> dict[str, str]:
     """Files that must become failure records: {file name: expected error_type}."""
     os.makedirs(folder, exist_ok=True)

@@ -8,12 +8,14 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from batch_detect.config import RunConfig  # noqa: E402
 from batch_detect.pipeline import run  # noqa: E402
+from helpers import committed_count, shard_events  # noqa: E402
 
 
 def main() -> None:
@@ -31,25 +33,19 @@ def main() -> None:
     thread.start()
     removed_at = None
     if remove:
-        shard_dir = os.path.join(out, "_shards")
-        while thread.is_alive() and (not os.path.isdir(shard_dir) or len(os.listdir(shard_dir)) < 3):
-            time.sleep(0.02)
-        removed_at = len(os.listdir(shard_dir)) if os.path.isdir(shard_dir) else 0
+        while thread.is_alive() and committed_count(out) < 3:
+            time.sleep(0.05)
+        removed_at = committed_count(out)
         cluster.remove_node(workers[1], allow_graceful=False)
     if join:
-        shard_dir = os.path.join(out, "_shards")
-        while thread.is_alive() and (not os.path.isdir(shard_dir) or len(os.listdir(shard_dir)) < 1):
-            time.sleep(0.02)
-        removed_at = len(os.listdir(shard_dir)) if os.path.isdir(shard_dir) else 0
+        while thread.is_alive() and committed_count(out) < 1:
+            time.sleep(0.05)
+        removed_at = committed_count(out)
         workers.append(cluster.add_node(num_cpus=1))
     thread.join(600)
-    nodes = {n.node_id for n in workers}
     shard_nodes = {}
-    shard_dir = os.path.join(out, "_shards")
-    for name in os.listdir(shard_dir):
-        with open(os.path.join(shard_dir, name)) as fh:
-            node = json.load(fh).get("node_id")
-        shard_nodes[node] = shard_nodes.get(node, 0) + 1
+    for ev in shard_events(out):
+        shard_nodes[ev.get("node_id")] = shard_nodes.get(ev.get("node_id"), 0) + 1
     print("RESULT " + json.dumps({"manifest": result.get("manifest"), "worker_nodes": [n.node_id for n in workers],
                                   "removed_at": removed_at, "shards_per_node": shard_nodes}), flush=True)
     ray.shutdown()

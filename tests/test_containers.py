@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_detect.config import IMAGE_EXTENSIONS, RunConfig
-from batch_detect.containers import iter_parquet, iter_tar, plan_parquet, unsafe_member_name
+from batch_detect.containers import iter_parquet, iter_tar, unsafe_member_name
 from batch_detect.errors import InputError, ReadError
-from batch_detect.listing import plan_input
+from batch_detect.plan import plan_input
 from batch_detect.pipeline import run
 from batch_detect.synthetic import write_dataset
 from batch_detect.verify import verify
@@ -150,14 +150,21 @@ def test_auto_form_and_mixed_input(tmp_path, drawn):
     assert plan.form == "tar" and [s.source for s in plan.shards] == sorted(
         str(p) for p in (tmp_path / "tars").glob("*.tar"))
     (tmp_path / "tars" / "stray.jpg").write_bytes(b"x")
-    with pytest.raises(InputError, match="both tar files"):
-        plan_input(str(tmp_path / "tars"), form="auto", extensions=IMAGE_EXTENSIONS, shard_size=64)
-    assert plan_input(str(tmp_path / "tars"), form="tar", extensions=IMAGE_EXTENSIONS, shard_size=64).form == "tar"
+    with pytest.raises(InputError, match="both tar files"):  # raised when the listing reaches the image
+        list(plan_input(str(tmp_path / "tars"), form="auto", extensions=IMAGE_EXTENSIONS, shard_size=64).shards)
+    tars = plan_input(str(tmp_path / "tars"), form="tar", extensions=IMAGE_EXTENSIONS, shard_size=64)
+    assert tars.form == "tar" and len(list(tars.shards)) == 3 and tars.stats.skipped == 1
     files = plan_input(str(tmp_path / "tars"), form="files", extensions=IMAGE_EXTENSIONS, shard_size=64)
-    assert files.form == "files" and files.num_items == 1
+    assert files.form == "files" and sum(len(s.uris) for s in files.shards) == 1
 
 
 # --- Parquet: pure planning and streaming ----------------------------------------------------------
+
+
+def plan_parquet(paths, image_column, id_column, shard_size):
+    assert len(paths) == 1
+    return list(plan_input(paths[0], form="parquet", extensions=(), shard_size=shard_size,
+                           image_column=image_column, id_column=id_column).shards)
 
 
 def write_parquet(path, images, names, id_prefix="id-", row_group_size=7, extra_rows=()):

@@ -37,7 +37,7 @@ def check_invariant(out: str) -> dict:
     for name, schema in TABLES.items():
         cols = con.execute(f"DESCRIBE SELECT * FROM read_parquet('{out}/{name}/**/*.parquet')").fetchall()
         assert [c[0] for c in cols] == schema.names
-    planned = con.execute(f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{out}/_plan.parquet')").fetchone()
+    planned = con.execute(f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{out}/_plan/*.parquet')").fetchone()
     assert planned[0] == planned[1]
     row = con.execute(f"""
         WITH done AS (
@@ -46,8 +46,8 @@ def check_invariant(out: str) -> dict:
         SELECT
             (SELECT count(*) FROM done),
             (SELECT count(DISTINCT uri) FROM done),
-            (SELECT count(*) FROM read_parquet('{out}/_plan.parquet') p WHERE p.uri NOT IN (SELECT uri FROM done)),
-            (SELECT count(*) FROM done WHERE uri NOT IN (SELECT uri FROM read_parquet('{out}/_plan.parquet')))
+            (SELECT count(*) FROM read_parquet('{out}/_plan/*.parquet') p WHERE p.uri NOT IN (SELECT uri FROM done)),
+            (SELECT count(*) FROM done WHERE uri NOT IN (SELECT uri FROM read_parquet('{out}/_plan/*.parquet')))
     """).fetchone()
     assert row == (planned[0], planned[0], 0, 0), f"done rows, distinct, missing, extra = {row}"
     # every detection belongs to a processed image, and num_detections agrees

@@ -3,6 +3,7 @@ Processes are killed with SIGKILL by pid, as the OS or an OOM killer would."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from batch_detect.errors import OutputError
 from batch_detect.pipeline import run
 from batch_detect.synthetic import write_dataset
 from batch_detect.verify import verify
-from helpers import write_bad_inputs
+from helpers import committed_count, write_bad_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ((160, 120), (120, 160), (200, 150))
@@ -33,8 +34,8 @@ def many_images(tmp_path_factory):
 
 
 def markers(out: str) -> int:
-    d = os.path.join(out, "_shards")
-    return len([f for f in os.listdir(d) if f.endswith(".json")]) if os.path.isdir(d) else 0
+    """Shards the commit log records as committed (what a resumed run skips)."""
+    return committed_count(out)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -134,6 +135,25 @@ def good_output(local_ray, models_dir, tmp_path_factory):
     return str(images), str(out)
 
 
+def forget_a_shard(out: str) -> None:
+    """The commit log without one shard's line, as if the driver had died before logging it."""
+    for path in sorted(glob.glob(os.path.join(out, "_log", "*.jsonl"))):
+        lines = open(path).read().splitlines(keepends=True)
+        shard = [ln for ln in lines if '"ev": "shard"' in ln]
+        if shard:
+            open(path, "w").write("".join(ln for ln in lines if ln != shard[0]))
+            return
+    raise AssertionError("no shard event in the log")
+
+
+def drop_rows(path: str) -> None:
+    """The part rewritten without its rows (a file that lost data)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, 0), path)
+
+
 def damaged(good: str, tmp_path, damage) -> str:
     out = str(tmp_path / "damaged")
     shutil.copytree(good, out)
@@ -145,12 +165,11 @@ def test_verify_catches_each_kind_of_damage(good_output, tmp_path):
     images, good = good_output
     assert verify(good, images).ok
     cases = {
-        "not committed": lambda o: os.remove(os.path.join(o, "_shards", "shard-000001.json")),
-        # the bad files sort first, so shard 0 holds the failures
-        "in neither images nor failures": lambda o: os.remove(os.path.join(o, "failures", "shard-000000.parquet")),
-        "have no images/ file": lambda o: os.remove(os.path.join(o, "images", "shard-000002.parquet")),
-        "more than once": lambda o: shutil.copy(os.path.join(o, "images", "shard-000000.parquet"),
-                                                os.path.join(o, "images", "shard-000001.parquet")),
+        "not committed": forget_a_shard,
+        "in neither images nor failures": lambda o: drop_rows(os.path.join(o, "failures", "part-000000.parquet")),
+        "have no images/ file": lambda o: os.remove(os.path.join(o, "images", "part-000000.parquet")),
+        "more than once": lambda o: shutil.copy(os.path.join(o, "images", "part-000000.parquet"),
+                                                os.path.join(o, "images", "part-000001.parquet")),
         "not in the plan": lambda o: open(os.path.join(images, "new_image.jpg"), "wb").write(b"x"),
     }
     for i, (problem, damage) in enumerate(cases.items()):
@@ -167,9 +186,19 @@ def test_rerun_of_a_complete_output_does_nothing_and_stays_whole(good_output, mo
                              output=out, shard_size=8)).manifest
     assert manifest["counts"]["skipped_committed_shards"] == manifest["plan"]["num_shards"]
     assert manifest["status"] == "complete" and verify(out, images).ok
-    with pytest.raises(OutputError, match="different the input listing"):
+    with pytest.raises(OutputError, match="different shard_size"):
         run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images,
                       output=out, shard_size=5))
+    # a listing that changed is refused too: a new image lands in the first plan chunk
+    extra = os.path.join(images, "aaa_new.jpg")
+    shutil.copy(os.path.join(images, sorted(f for f in os.listdir(images) if f.startswith("img_"))[0]), extra)
+    try:
+        with pytest.raises(OutputError, match="different input listing"):
+            run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images,
+                          output=out, shard_size=8))
+    finally:
+        os.remove(extra)
+    assert verify(out, images).ok
 
 
 def test_poison_image_is_isolated_and_the_rest_of_its_shard_completes(local_ray, models_dir, tmp_path,

@@ -3,7 +3,8 @@ import os
 import pytest
 
 from batch_detect.errors import InputError
-from batch_detect.listing import list_input, plan_fingerprint, plan_shards
+from batch_detect.listing import list_input
+from batch_detect.plan import plan_fingerprint, plan_shards
 
 
 def _touch(path: str) -> None:

@@ -1,0 +1,237 @@
+"""Walk a folder or object-store prefix in one deterministic order, streaming: local with os.scandir,
+object stores with a parallel fan-out over sub-prefixes.
+
+The order is *component order*: paths sorted by `path.split('/')` (Python str, code-point order), i.e.
+depth-first with each directory's entries sorted by name, files and sub-directories interleaved by name.
+It is not the order of the plain path strings: 'a/x.jpg' comes before 'a-b.jpg' because the component
+'a' sorts before 'a-b.jpg', whereas S3 returns 'a-b.jpg' first ('-' sorts before '/').
+
+Memory is bounded by the directories in flight (a page of entries each), never by the number of files,
+so a 100M-key bucket can be walked while the work it feeds starts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator
+
+from fsspec.asyn import sync
+
+__all__ = ["walk", "component_key"]
+
+_PAGE = 1000  # S3's largest page: the unit of buffering per directory
+_BELOW_SLASH = re.compile(r"[\x00-\x2e]")  # the characters that sort before '/'
+
+Entry = tuple[str, bool]  # (name within its directory, is a directory); tuple order = component order
+
+
+def component_key(path: str) -> list[str]:
+    """The sort key of the walk's order."""
+    return path.split("/")
+
+
+def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64) -> Iterator[str]:
+    """Every file under `root` (fsspec paths as `fs` names them, no protocol), in *component order*:
+    the order of sorting full paths by their list of '/'-separated components (equivalently: depth-first,
+    each directory's entries sorted by name, files and sub-directories interleaved by name). Streaming:
+    memory is bounded by the directories in flight, not by the number of files.
+
+    Local folders are walked with os.scandir (directory symlinks are not followed; symlinks to files are
+    files). Object stores are listed one level at a time with the '/' delimiter: up to `lookahead`
+    sub-directories ahead of the consumer are listed concurrently on `workers` threads, one page of each
+    at a time; results come out strictly in order. Nothing is left in fsspec's listings cache.
+
+    A missing root raises FileNotFoundError (an empty bucket or folder yields nothing); listing errors
+    (FileNotFoundError, PermissionError, OSError) propagate where they occur in the order.
+    """
+    if workers < 1 or lookahead < 0:
+        raise ValueError("walk needs workers >= 1 and lookahead >= 0")
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    root = fs._strip_protocol(root)
+    if {"file", "local"} & set(protocols):
+        return _walk_local(root)
+    base = root if root.endswith("/") else root + "/"
+    if callable(getattr(fs, "_call_s3", None)):  # s3fs: paged, uncached requests
+        return _walk_store(base, lambda base, is_root: _S3Level(fs, base, is_root), workers, lookahead)
+    return _walk_store(base, lambda base, is_root: _LsLevel(fs, base), workers, lookahead)
+
+
+def _walk_local(root: str) -> Iterator[str]:
+    def entries(path: str) -> Iterator[os.DirEntry]:
+        with os.scandir(path) as it:
+            return iter(sorted(it, key=lambda e: e.name))
+
+    stack = [entries(root)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry.is_dir(follow_symlinks=False):
+            stack.append(entries(entry.path))
+        elif entry.is_file():
+            yield entry.path
+
+
+class _Dir:
+    """One directory being listed: entries ready for the consumer, and at most one page being fetched.
+    `base` is the directory's path with a trailing '/': its entries' paths are base + name (a key may hold
+    an empty component, 'a//b', so the path is never re-parsed)."""
+
+    def __init__(self, base: str, level, pool: ThreadPoolExecutor):
+        self.base = base
+        self.level = level
+        self.ready: deque[Entry] = deque()
+        self.pool = pool
+        self.pending: Future | None = pool.submit(level.next)
+
+    def refill(self) -> None:
+        """Wait for the page in flight and ask for the next, so that one page is always fetched ahead."""
+        entries, done = self.pending.result()
+        self.ready.extend(entries)
+        self.pending = None if done else self.pool.submit(self.level.next)
+
+
+def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: int, lookahead: int) -> Iterator[str]:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="walk")
+    ahead: dict[str, _Dir] = {}  # directories being listed before the consumer reaches them
+
+    def prefetch() -> None:
+        # The sub-directories the consumer will enter next are the ones waiting in the deepest directories:
+        # open those first. Their own sub-directories wait until they are entered (bounded, and enough to
+        # keep `workers` busy on wide trees).
+        room = lookahead - len(ahead)
+        for d in reversed(stack):
+            if room <= 0:
+                return
+            for name, is_dir in d.ready:
+                base = d.base + name + "/"
+                if is_dir and base not in ahead:
+                    ahead[base] = _Dir(base, level(base, False), pool)
+                    room -= 1
+                    if room <= 0:
+                        return
+
+    try:
+        stack = [_Dir(root_base, level(root_base, True), pool)]
+        while stack:
+            d = stack[-1]
+            if not d.ready:
+                if d.pending is None:
+                    stack.pop()
+                else:
+                    d.refill()
+                    prefetch()
+                continue
+            name, is_dir = d.ready.popleft()
+            if is_dir:
+                base = d.base + name + "/"
+                stack.append(ahead.pop(base, None) or _Dir(base, level(base, False), pool))
+                prefetch()
+            else:
+                yield d.base + name
+    finally:
+        # A consumer that stops early must not leave listings queued: cancel them, don't wait for them.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _S3Level:
+    """One level of an S3 prefix (Delimiter='/'), a page at a time, re-ordered into component order.
+
+    S3 sorts a common prefix 'x/' by that string, so names 'x-1', 'x.jpg' (characters below '/') arrive
+    before the directory 'x' that must precede them. Entries wait in a heap until no later page can bring
+    a smaller name; when more than a page waits (a flat prefix of 'img-0001.jpg'...), one request asks
+    whether the directory they wait for exists, so a flat prefix streams instead of piling up.
+    """
+
+    def __init__(self, fs, base: str, must_exist: bool):
+        self.fs = fs
+        self.bucket, self.prefix = base.split("/", 1)  # 'bucket/', 'bucket/key/'
+        self.must_exist = must_exist and bool(self.prefix)
+        self.token: str | None = None
+        self.done = False
+        self.heap: list[Entry] = []
+        self.last = ""  # the largest S3 sort string seen: later pages only bring larger ones
+        self.probed: dict[str, bool] = {}  # directory name -> exists, for names asked about out of turn
+
+    def _list(self, **kwargs) -> dict:
+        # The uncached request s3fs's own listing makes (with its retries and error translation): ls()
+        # would keep every level in fs.dircache.
+        return sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", Bucket=self.bucket, **kwargs)
+
+    def next(self) -> tuple[list[Entry], bool]:
+        out: list[Entry] = []
+        while not out and not self.done:
+            token = {"ContinuationToken": self.token} if self.token else {}
+            page = self._list(Prefix=self.prefix, Delimiter="/", MaxKeys=_PAGE, **token)
+            self.token = page.get("NextContinuationToken")
+            self.done = not page.get("IsTruncated") or not self.token
+            prefixes, contents = page.get("CommonPrefixes", []), page.get("Contents", [])
+            if self.must_exist and not prefixes and not contents:
+                raise FileNotFoundError(f"{self.bucket}/{self.prefix}")
+            self.must_exist = False
+            n = len(self.prefix)
+            for p in prefixes:
+                name = p["Prefix"][n:-1]
+                self.last = max(self.last, name + "/")
+                if not self.probed.get(name):  # a directory found by a probe is already in the heap
+                    heapq.heappush(self.heap, (name, True))
+            for c in contents:
+                name = c["Key"][n:]
+                self.last = max(self.last, name)
+                if name:  # '' is this directory's own zero-byte marker
+                    heapq.heappush(self.heap, (name, False))
+            out += self._drain()
+        return out, self.done
+
+    def _drain(self) -> list[Entry]:
+        out = []
+        while True:
+            bound = None if self.done else self._bound()
+            while self.heap and (bound is None or self.heap[0][0] < bound):
+                out.append(heapq.heappop(self.heap))
+            if bound is None or len(self.heap) <= _PAGE:
+                return out
+            exists = bool(self._list(Prefix=self.prefix + bound + "/", MaxKeys=1).get("Contents"))
+            self.probed[bound] = exists
+            if exists:
+                heapq.heappush(self.heap, (bound, True))
+
+    def _bound(self) -> str:
+        """The least name a later page can bring. A later key sorts after `last`, and so does a later
+        directory 'd' unless 'd' is a prefix of `last` followed by a character below '/': the first such
+        prefix not yet probed is the bound (or `last` itself)."""
+        self.probed = {d: v for d, v in self.probed.items() if d + "/" > self.last}
+        for m in _BELOW_SLASH.finditer(self.last):
+            if self.last[: m.start()] not in self.probed:
+                return self.last[: m.start()]
+        return self.last
+
+
+class _LsLevel:
+    """One level of any other fsspec store: its `ls`, whole (no paging API in general), sorted, uncached."""
+
+    def __init__(self, fs, base: str):
+        self.fs = fs
+        self.base = base
+        self.path = base.rstrip("/") or base
+
+    def next(self) -> tuple[list[Entry], bool]:
+        try:
+            infos = self.fs.ls(self.path, detail=True)
+        finally:
+            self.fs.invalidate_cache(self.path)
+        entries = []
+        for info in infos:
+            if not info["name"].startswith(self.base):
+                continue
+            name = info["name"][len(self.base):]
+            is_dir = info.get("type") == "directory"
+            if is_dir:
+                name = name.rstrip("/")
+            if name and "/" not in name:  # skips the directory itself and zero-byte 'x/' markers
+                entries.append((name, is_dir))
+        return sorted(entries), True

@@ -1,0 +1,175 @@
+"""walk(): one deterministic order (sorted by path components) over local folders, S3 prefixes (moto's
+server on 127.0.0.1) and other fsspec stores; streaming and uncached on object stores."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+import uuid
+
+import fsspec
+import pytest
+import s3fs
+
+import batch_detect.walk as walk_module
+from batch_detect.walk import component_key, walk
+
+# Names where component order and plain string order disagree ('-', '.', ' ', '!' sort before '/'),
+# unicode, deep nesting.
+TRICKY = [
+    "a-b.jpg", "a/x.jpg", "a/x y.jpg", "a0.jpg", "A.jpg", "b/c/d.jpg", "x.y/z.jpg", "x/1.jpg", "x.jpg",
+    "x!", "x-/q.jpg", "é.jpg", "z/ü/ß.jpg", "日本/写真.jpg", "emoji/🙂.png",
+    "d1/d2/d3/d4/d5/d6/d7/deep.jpg", "d1/d2/side.jpg", "d1.jpg",
+]
+
+
+def _by_components(paths):
+    return sorted(paths, key=component_key)
+
+
+def _touch(path) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "wb").close()
+
+
+# --- local -------------------------------------------------------------------------------------------
+
+def test_local_component_order_on_tricky_names(tmp_path):
+    for rel in TRICKY:
+        _touch(tmp_path / rel)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "emptier" / "still-empty").mkdir(parents=True)
+    got = list(walk(fsspec.filesystem("file"), str(tmp_path)))
+    assert got == _by_components(str(tmp_path / rel) for rel in TRICKY)
+    rel = [os.path.relpath(p, tmp_path) for p in got]
+    assert rel.index("a/x.jpg") < rel.index("a-b.jpg") < rel.index("a0.jpg")  # not plain string order
+    assert got != sorted(got)
+
+
+def test_local_symlinks_to_directories_are_not_followed(tmp_path):
+    _touch(tmp_path / "real" / "1.jpg")
+    os.symlink(tmp_path / "real", tmp_path / "loop")  # would list real/ twice, or forever if it were a cycle
+    os.symlink(tmp_path, tmp_path / "real" / "up")
+    os.symlink(tmp_path / "real" / "1.jpg", tmp_path / "link.jpg")  # a symlink to a file is a file
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "broken.jpg")
+    got = list(walk(fsspec.filesystem("file"), f"file://{tmp_path}/"))
+    assert got == [str(tmp_path / "link.jpg"), str(tmp_path / "real" / "1.jpg")]
+
+
+def test_local_empty_and_missing(tmp_path):
+    assert list(walk(fsspec.filesystem("file"), str(tmp_path))) == []
+    with pytest.raises(FileNotFoundError):
+        list(walk(fsspec.filesystem("file"), str(tmp_path / "nope")))
+
+
+def test_other_stores_through_ls(tmp_path):
+    fs = fsspec.filesystem("memory")
+    root = f"/walk-{uuid.uuid4().hex}"
+    for rel in TRICKY:
+        fs.pipe(f"{root}/{rel}", b"x")
+    fs.mkdir(f"{root}/empty")
+    assert list(walk(fs, f"memory://{root}", workers=3, lookahead=2)) == _by_components(
+        f"{root}/{rel}" for rel in TRICKY)
+
+
+# --- S3 ----------------------------------------------------------------------------------------------
+
+def _fs(endpoint: str) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(key="testing-key-id", secret="x", endpoint_url=endpoint, skip_instance_cache=True)
+
+
+S3_KEYS = (
+    [f"p/{k}" for k in TRICKY]
+    + ["p/a", "p/a/b",  # a key and a 'directory' of the same name
+       "p/dir/", "p/dir/f.jpg", "p/marker-only/",  # zero-byte directory markers: never files
+       "p/x y/in-space.jpg", "outside.jpg", "p0/not-under-p.jpg"]
+    + [f"p/flat/img-{i:04d}.jpg" for i in range(60)]  # waits for the 'img/' that S3 lists after them
+    + ["p/flat/img/inside.jpg", "p/flat/img-0007/deeper.jpg"]
+    + [f"p/nested/{i:02d}/{j}.jpg" for i in range(20) for j in range(12)]
+)
+
+
+@pytest.fixture(scope="module")
+def tricky_bucket(s3_server):
+    fs = _fs(s3_server)
+    name = f"walk-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    fs.pipe({f"{name}/{k}": b"" if k.endswith("/") else b"x" for k in S3_KEYS})
+    expected = _by_components(f"{name}/{k}" for k in S3_KEYS
+                              if k.startswith("p/") and not k.endswith("/"))
+    return name, expected
+
+
+@pytest.mark.parametrize("workers", [1, 8])
+@pytest.mark.parametrize("page", [1000, 7])  # 7: many pages per level, and the probe for 'img/'
+def test_s3_component_order(s3_server, tricky_bucket, monkeypatch, workers, page):
+    name, expected = tricky_bucket
+    monkeypatch.setattr(walk_module, "_PAGE", page)
+    fs = _fs(s3_server)
+    got = list(walk(fs, f"s3://{name}/p/", workers=workers, lookahead=4 if page == 7 else 64))
+    assert got == expected
+    assert got.index(f"{name}/p/a") < got.index(f"{name}/p/a/b") < got.index(f"{name}/p/a-b.jpg")
+    assert not fs.dircache  # the listing must not stay in memory
+
+
+def test_s3_missing_and_empty(s3_server, tricky_bucket):
+    name, _ = tricky_bucket
+    fs = _fs(s3_server)
+    with pytest.raises(FileNotFoundError):
+        list(walk(fs, f"{name}/no-such-prefix"))
+    with pytest.raises(FileNotFoundError):
+        list(walk(fs, "no-such-bucket-walk/p"))
+    assert list(walk(fs, f"{name}/p/marker-only")) == []
+    assert list(walk(fs, f"{name}/p/dir")) == [f"{name}/p/dir/f.jpg"]
+
+
+def _put_direct(fs, name: str, keys) -> None:
+    """Keys straight into the in-process moto backend behind the server: thousands of PUTs over HTTP
+    would take most of the test budget."""
+    from moto.s3.models import s3_backends
+
+    fs.mkdir(name)
+    partition, account = s3_backends.bucket_accounts[name]
+    backend = s3_backends[account][partition]
+    for key in keys:
+        backend.put_object(name, key, b"", disable_notification=True)
+
+
+@pytest.mark.parametrize("page", [1, 3])
+def test_s3_random_names_any_page_size(s3_server, monkeypatch, page):
+    """Random keys over an alphabet where '/' meets characters either side of it, with markers ('x/')
+    and empty components ('a//b'): the walk equals the sort by components, whatever the page size."""
+    rng = random.Random(page)
+    keys = {"r/" + "".join(rng.choice("ab-. /é") for _ in range(rng.randint(1, 7))) for _ in range(250)}
+    fs = _fs(s3_server)
+    name = f"walk-rand-{uuid.uuid4().hex[:8]}"
+    _put_direct(fs, name, sorted(keys))
+    monkeypatch.setattr(walk_module, "_PAGE", page)
+    expected = _by_components(f"{name}/{k}" for k in keys if not k.endswith("/"))
+    assert list(walk(fs, f"{name}/r", workers=4, lookahead=8)) == expected
+
+
+def test_s3_walk_is_lazy_and_streams(s3_server):
+    fs = _fs(s3_server)
+    name = f"walk-lazy-{uuid.uuid4().hex[:8]}"
+    _put_direct(fs, name, [f"data/d{i:03d}/{j:02d}.jpg" for i in range(100) for j in range(20)])
+    listed = []
+    real = fs._call_s3
+
+    async def counting(method, *args, **kwargs):
+        listed.append(kwargs.get("Prefix"))
+        return await real(method, *args, **kwargs)
+
+    fs._call_s3 = counting
+    stream = walk(fs, f"{name}/data", workers=4, lookahead=8)
+    first = list(itertools.islice(stream, 10))
+    assert first == [f"{name}/data/d000/{j:02d}.jpg" for j in range(10)]
+    stream.close()
+    time.sleep(0.3)  # listings already running when the consumer stopped may still finish
+    # the root, `lookahead` sub-directories ahead of the consumer and the one entered; not 100
+    assert len(listed) <= 1 + 8 + 2, listed
+    listed.clear()
+    assert sum(1 for _ in walk(fs, f"{name}/data", workers=4, lookahead=8)) == 2000
+    assert len(listed) == 101 and not fs.dircache
