@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-actors", type=int, help="default: one per --cpus-per-actor CPUs")
     run.add_argument("--cpus-per-actor", type=int, help="CPUs (and interpreter threads) per actor (default 1)")
     run.add_argument("--max-shards-in-flight", type=int, help="per actor: the backpressure bound (default 2)")
+    run.add_argument("--part-rows", type=int,
+                     help="images per output part file (default 100000): files per table = images / this")
     run.add_argument("--memory-per-actor-mb", type=int,
                      help="memory Ray reserves per actor (default: estimated from the model and prefetch)")
     run.add_argument("--node-memory-share", type=float,

@@ -45,6 +45,7 @@ class RunConfig:
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
     cpus_per_actor: int = 1  # also the interpreter's num_threads
     max_shards_in_flight: int = 2  # per actor: the backpressure bound
+    part_rows: int = 100_000  # images (and failures) per output part file: files per table ≈ images / this
     memory_per_actor_mb: int | None = None  # None: estimated from the model and the prefetch depth
     node_memory_share: float = 0.8  # of each node's Ray memory that detector actors may reserve
     overwrite: bool = False
@@ -111,6 +112,8 @@ class RunConfig:
             raise ConfigError("--overwrite and --resume contradict each other: pick one")
         if self.max_failure_rate is not None and not 0.0 <= self.max_failure_rate <= 1.0:
             raise ConfigError(f"--max-failure-rate must be within [0, 1], got {self.max_failure_rate}")
+        if self.part_rows < 1:
+            raise ConfigError(f"--part-rows must be at least 1, got {self.part_rows}")
         if self.max_shards_in_flight < 1:
             raise ConfigError(f"--max-shards-in-flight must be at least 1, got {self.max_shards_in_flight}")
         # Actors run in other processes (and cwds, and nodes): local paths must not stay relative.

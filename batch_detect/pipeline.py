@@ -302,7 +302,7 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
             done(rows)
         dispatcher.watch(compact_task.remote(config.output, config.storage_options, part, shard_ids), finished)
 
-    committer = Committer(commit_log, compact)
+    committer = Committer(commit_log, compact, part_rows=config.part_rows)
 
     def source() -> Iterator[Shard | None]:
         for chunk in feed.chunks():

@@ -53,12 +53,16 @@ class Progress:
             filled = int(width * frac)
             bar = "#" * filled + "-" * (width - filled)
             line = (f"\r[{bar}] {self.done}/{total} images {pct:5.1f}% | {rate:6.1f} img/s | "
-                    f"failures {self.failed} | shards {self.shards}/{self.total_shards or '?'} | ETA {eta:5.0f}s")
+                    f"failures {self.failed} | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}")
             self.stream.write(line)
             if self.shards == self.total_shards:
                 self.stream.write("\n")
         else:
             self.stream.write(f"progress: {self.done}/{total} images ({pct:.1f}%), {rate:.1f} img/s, "
                               f"failures {self.failed}, shards {self.shards}/{self.total_shards or '?'}, "
-                              f"ETA {eta:.0f}s\n")
+                              f"ETA {_eta(eta)}\n")
         self.stream.flush()
+
+
+def _eta(seconds: float) -> str:
+    return "?" if seconds == float("inf") else f"{seconds:.0f}s"
