@@ -16,7 +16,7 @@ from .commitlog import CommitLog
 from .plan import Chunk, shard_id
 
 PART_ROWS = 100_000
-FIRST_PART_S = 5.0
+FIRST_PART_S = 2.0
 FLUSH_S = 1.0
 
 

@@ -223,6 +223,8 @@ class ActorPool:
         self.settings = settings
         self.num_actors = num_actors
         self.at_start = 0
+        self.started_at = 0.0
+        self.start_error: str | None = None
         self.grow_to = grow
         self.actors: list = []
         self.alive: set[int] = set()
@@ -233,22 +235,28 @@ class ActorPool:
         self.last_growth_check = time.monotonic()
 
     def start(self) -> None:
-        n = self.num_actors
-        for _ in range(n):
+        """Launch the pool without waiting for it: actors load their model while the listing produces the
+        first shards, and each takes work as soon as it answers."""
+        if self.actors:
+            return
+        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+        for i in range(self.num_actors):
             self.actors.append(self.actor_cls.remote(self.settings))
             self.load.append(0)
-        refs = [a.info.remote() for a in self.actors]
-        try:
-            placements = ray.get(refs, timeout=ACTOR_START_TIMEOUT_S)
-        except GetTimeoutError:
+            self._ask(i, deadline)
+        self.at_start = self.num_actors
+        self.started_at = time.monotonic()
+
+    def check_started(self) -> None:
+        """Before any actor has answered: stop with the reason if none can start."""
+        if self.placements or not self.actors:
+            return
+        if self.start_error is not None:
+            raise ConfigError(f"detector actors failed to start: {self.start_error}")
+        if time.monotonic() - self.started_at > ACTOR_START_TIMEOUT_S:
             raise ConfigError(
-                f"the {n} detector actors did not start within {ACTOR_START_TIMEOUT_S}s: the cluster "
-                "lacks the CPUs they ask for, or its nodes cannot import batch_detect") from None
-        except RayActorError as exc:
-            raise ConfigError(f"detector actors failed to start: {exc}") from None
-        self.placements.update(enumerate(placements))
-        self.alive.update(range(n))
-        self.at_start = n
+                f"the {self.num_actors} detector actors did not start within {ACTOR_START_TIMEOUT_S}s: the "
+                "cluster lacks the CPUs they ask for, or its nodes cannot import batch_detect")
 
     def grow(self, pending: int) -> None:
         """Nodes that joined mid-run (autoscaling) get actors; work goes to them once they answer."""
@@ -280,8 +288,9 @@ class ActorPool:
         except ActorUnavailableError:  # still restarting: ask again shortly, until the deadline
             if time.monotonic() < deadline:
                 self.recheck.append((time.monotonic() + 0.5, i, deadline))
-        except RayActorError:  # gone for good (its node is lost, or it cannot start)
-            pass
+        except RayActorError as exc:  # gone for good (its node is lost, or it cannot start)
+            if not self.placements and self.start_error is None:
+                self.start_error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
     def refs(self) -> list:
         now = time.monotonic()
@@ -392,7 +401,7 @@ class Dispatcher:
             else:
                 self.pending.append(_Work(shard, None))
         if self.pending and not self.pool.actors:
-            self.pool.start()  # only once there is work: re-running a finished output starts no actor
+            self.pool.start()  # a resumed run starts actors only once there is work left
 
     def _assign(self) -> None:
         """Whole shards fill each actor up to K. A slice being isolated runs alone on an idle actor: when
@@ -411,6 +420,7 @@ class Dispatcher:
                 self.pool.load[i] += weight
 
     def _check_stuck(self) -> None:
+        self.pool.check_started()
         if self.pool.alive or self.inflight or not self.pending:
             self.no_actor_since = None
             return

@@ -332,6 +332,8 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
             on_start(num_actors, done_before, images_before)
         t_run = time.perf_counter()
         feed.start()
+        if not (state.listed and state.num_committed == state.listed["shards"]):
+            pool.start()  # models load while the first chunk is listed (a finished output needs no actor)
         committer.resume()
         dispatcher.run()
         committer.flush()

@@ -95,7 +95,8 @@ class _Dir:
         self.pending = None if done else self.pool.submit(self.level.next)
 
 
-def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: int, lookahead: int) -> Iterator[str]:
+def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: int,
+                lookahead: int) -> Iterator[str]:
     pool = ThreadPoolExecutor(workers, thread_name_prefix="walk")
     ahead: dict[str, _Dir] = {}  # directories being listed before the consumer reaches them
 
