@@ -84,16 +84,26 @@ class LogState:
 
     def committed_runs(self) -> list[list[int]]:
         """Committed shard indexes as [first, end) runs: compact for a checkpoint."""
-        runs, start = [], None
-        for i, flag in enumerate(self.committed):
-            if flag and start is None:
-                start = i
-            elif not flag and start is not None:
-                runs.append([start, i])
-                start = None
-        if start is not None:
-            runs.append([start, len(self.committed)])
+        runs, c, i = [], self.committed, 0
+        while (start := c.find(1, i)) >= 0:
+            end = c.find(0, start)
+            end = len(c) if end < 0 else end
+            runs.append([start, end])
+            i = end
         return runs
+
+    def uncommitted(self, num_shards: int, limit: int = 5) -> list[int]:
+        """The first `limit` shard indexes below `num_shards` not committed."""
+        out, i = [], 0
+        while len(out) < limit and i < num_shards:
+            j = self.committed.find(0, i)
+            if j < 0:
+                j = max(i, len(self.committed))
+            if j >= num_shards:
+                break
+            out.append(j)
+            i = j + 1
+        return out
 
     def to_checkpoint(self) -> dict:
         return {"chunks": self.chunks, "listed": self.listed, "committed": self.committed_runs(),

@@ -103,13 +103,11 @@ def verify(output: str, input_url: str | None = None, storage_options: dict | No
     num_shards = state.listed["shards"] if state.listed else sum(c["shards"] for c in state.chunks)
     report.facts.update(planned_images=state.listed["items"] if state.listed else None, planned_shards=num_shards,
                         committed_shards=state.num_committed, parts=len(state.parts))
-    uncommitted = _Examples()
-    for k in range(num_shards):
-        if not state.is_committed(k):
-            uncommitted.add(f"shard-{k:06d}")
-    if uncommitted:
-        report.fail(f"{uncommitted.n} of {num_shards} shards are not committed: {uncommitted} (re-run the same "
-                    "command, or with --resume, to finish)")
+    missing = num_shards - state.committed[:num_shards].count(1)
+    if missing:
+        examples = ", ".join(f"shard-{k:06d}" for k in state.uncommitted(num_shards))
+        report.fail(f"{missing} of {num_shards} shards are not committed: {examples} (re-run the same command, or "
+                    "with --resume, to finish)")
 
     _check_files(store, state, report)
     counts = _check_rows(store, state, form, report)
