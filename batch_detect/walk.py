@@ -1,10 +1,10 @@
 """Walk a folder or object-store prefix in one deterministic order, streaming: local with os.scandir,
 object stores with a parallel fan-out over sub-prefixes.
 
-The order is *component order*: paths sorted by `path.split('/')` (Python str, code-point order), i.e.
-depth-first with each directory's entries sorted by name, files and sub-directories interleaved by name.
-It is not the order of the plain path strings: 'a/x.jpg' comes before 'a-b.jpg' because the component
-'a' sorts before 'a-b.jpg', whereas S3 returns 'a-b.jpg' first ('-' sorts before '/').
+The order is the sorted order of the full path strings (code point order, which is UTF-8 byte order):
+the order S3 lists keys in, and what `sorted()` and `LC_ALL=C sort` give. Walked depth-first, it is
+each directory's entries sorted by name, a sub-directory sorting as its name followed by '/' (so
+'a-b.jpg' < 'a/x.jpg' < 'a0.jpg', as the strings are).
 
 Memory is bounded by the directories in flight (a page of entries each), never by the number of files,
 so a 100M-key bucket can be walked while the work it feeds starts.
@@ -12,33 +12,28 @@ so a 100M-key bucket can be walked while the work it feeds starts.
 
 from __future__ import annotations
 
-import heapq
 import os
-import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from fsspec.asyn import sync
 
-__all__ = ["walk", "component_key"]
+__all__ = ["walk"]
 
 _PAGE = 1000  # S3's largest page: the unit of buffering per directory
-_BELOW_SLASH = re.compile(r"[\x00-\x2e]")  # the characters that sort before '/'
 
-Entry = tuple[str, bool]  # (name within its directory, is a directory); tuple order = component order
+Entry = tuple[str, bool]  # (name within its directory, is a directory)
 
 
-def component_key(path: str) -> list[str]:
-    """The sort key of the walk's order."""
-    return path.split("/")
+def _key(entry: Entry) -> str:
+    """A directory sorts as its name plus '/': then a directory's entries come in full-path string order."""
+    return entry[0] + "/" if entry[1] else entry[0]
 
 
 def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64) -> Iterator[str]:
-    """Every file under `root` (fsspec paths as `fs` names them, no protocol), in *component order*:
-    the order of sorting full paths by their list of '/'-separated components (equivalently: depth-first,
-    each directory's entries sorted by name, files and sub-directories interleaved by name). Streaming:
-    memory is bounded by the directories in flight, not by the number of files.
+    """Every file under `root` (fsspec paths as `fs` names them, no protocol), in sorted path order.
+    Streaming: memory is bounded by the directories in flight, not by the number of files.
 
     Local folders are walked with os.scandir (directory symlinks are not followed; symlinks to files are
     files). Object stores are listed one level at a time with the '/' delimiter: up to `lookahead`
@@ -63,7 +58,7 @@ def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64) -> Iterator[s
 def _walk_local(root: str) -> Iterator[str]:
     def entries(path: str) -> Iterator[os.DirEntry]:
         with os.scandir(path) as it:
-            return iter(sorted(it, key=lambda e: e.name))
+            return iter(sorted(it, key=lambda e: _key((e.name, e.is_dir(follow_symlinks=False)))))
 
     stack = [entries(root)]
     while stack:
@@ -140,23 +135,15 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: i
 
 
 class _S3Level:
-    """One level of an S3 prefix (Delimiter='/'), a page at a time, re-ordered into component order.
-
-    S3 sorts a common prefix 'x/' by that string, so names 'x-1', 'x.jpg' (characters below '/') arrive
-    before the directory 'x' that must precede them. Entries wait in a heap until no later page can bring
-    a smaller name; when more than a page waits (a flat prefix of 'img-0001.jpg'...), one request asks
-    whether the directory they wait for exists, so a flat prefix streams instead of piling up.
-    """
+    """One level of an S3 prefix (Delimiter='/'), a page at a time. S3 returns keys and common prefixes
+    ('x/', sorted by that string) in one sorted sequence across pages: each page, merged, is already in
+    the walk's order."""
 
     def __init__(self, fs, base: str, must_exist: bool):
         self.fs = fs
         self.bucket, self.prefix = base.split("/", 1)  # 'bucket/', 'bucket/key/'
         self.must_exist = must_exist and bool(self.prefix)
         self.token: str | None = None
-        self.done = False
-        self.heap: list[Entry] = []
-        self.last = ""  # the largest S3 sort string seen: later pages only bring larger ones
-        self.probed: dict[str, bool] = {}  # directory name -> exists, for names asked about out of turn
 
     def _list(self, **kwargs) -> dict:
         # The uncached request s3fs's own listing makes (with its retries and error translation): ls()
@@ -164,52 +151,18 @@ class _S3Level:
         return sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", Bucket=self.bucket, **kwargs)
 
     def next(self) -> tuple[list[Entry], bool]:
-        out: list[Entry] = []
-        while not out and not self.done:
-            token = {"ContinuationToken": self.token} if self.token else {}
-            page = self._list(Prefix=self.prefix, Delimiter="/", MaxKeys=_PAGE, **token)
-            self.token = page.get("NextContinuationToken")
-            self.done = not page.get("IsTruncated") or not self.token
-            prefixes, contents = page.get("CommonPrefixes", []), page.get("Contents", [])
-            if self.must_exist and not prefixes and not contents:
-                raise FileNotFoundError(f"{self.bucket}/{self.prefix}")
-            self.must_exist = False
-            n = len(self.prefix)
-            for p in prefixes:
-                name = p["Prefix"][n:-1]
-                self.last = max(self.last, name + "/")
-                if not self.probed.get(name):  # a directory found by a probe is already in the heap
-                    heapq.heappush(self.heap, (name, True))
-            for c in contents:
-                name = c["Key"][n:]
-                self.last = max(self.last, name)
-                if name:  # '' is this directory's own zero-byte marker
-                    heapq.heappush(self.heap, (name, False))
-            out += self._drain()
-        return out, self.done
-
-    def _drain(self) -> list[Entry]:
-        out = []
-        while True:
-            bound = None if self.done else self._bound()
-            while self.heap and (bound is None or self.heap[0][0] < bound):
-                out.append(heapq.heappop(self.heap))
-            if bound is None or len(self.heap) <= _PAGE:
-                return out
-            exists = bool(self._list(Prefix=self.prefix + bound + "/", MaxKeys=1).get("Contents"))
-            self.probed[bound] = exists
-            if exists:
-                heapq.heappush(self.heap, (bound, True))
-
-    def _bound(self) -> str:
-        """The least name a later page can bring. A later key sorts after `last`, and so does a later
-        directory 'd' unless 'd' is a prefix of `last` followed by a character below '/': the first such
-        prefix not yet probed is the bound (or `last` itself)."""
-        self.probed = {d: v for d, v in self.probed.items() if d + "/" > self.last}
-        for m in _BELOW_SLASH.finditer(self.last):
-            if self.last[: m.start()] not in self.probed:
-                return self.last[: m.start()]
-        return self.last
+        token = {"ContinuationToken": self.token} if self.token else {}
+        page = self._list(Prefix=self.prefix, Delimiter="/", MaxKeys=_PAGE, **token)
+        self.token = page.get("NextContinuationToken")
+        done = not page.get("IsTruncated") or not self.token
+        prefixes, contents = page.get("CommonPrefixes", []), page.get("Contents", [])
+        if self.must_exist and not prefixes and not contents:
+            raise FileNotFoundError(f"{self.bucket}/{self.prefix}")
+        self.must_exist = False
+        n = len(self.prefix)
+        entries = [(p["Prefix"][n:-1], True) for p in prefixes]
+        entries += [(c["Key"][n:], False) for c in contents if c["Key"][n:]]  # '' is the directory's marker
+        return sorted(entries, key=_key), done
 
 
 class _LsLevel:
@@ -235,4 +188,4 @@ class _LsLevel:
                 name = name.rstrip("/")
             if name and "/" not in name:  # skips the directory itself and zero-byte 'x/' markers
                 entries.append((name, is_dir))
-        return sorted(entries), True
+        return sorted(entries, key=_key), True

@@ -1,4 +1,4 @@
-"""walk(): one deterministic order (sorted by path components) over local folders, S3 prefixes (moto's
+"""walk(): one deterministic order (the full paths sorted, as S3 lists them) over local folders, S3 prefixes (moto's
 server on 127.0.0.1) and other fsspec stores; streaming and uncached on object stores."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import s3fs
 
 import batch_detect.walk as walk_module
-from batch_detect.walk import component_key, walk
+from batch_detect.walk import walk
 
-# Names where component order and plain string order disagree ('-', '.', ' ', '!' sort before '/'),
+# Names where a depth-first walk by name alone and the sorted strings disagree ('-', '.', ' ', '!' sort before '/'),
 # unicode, deep nesting.
 TRICKY = [
     "a-b.jpg", "a/x.jpg", "a/x y.jpg", "a0.jpg", "A.jpg", "b/c/d.jpg", "x.y/z.jpg", "x/1.jpg", "x.jpg",
@@ -26,7 +26,8 @@ TRICKY = [
 
 
 def _by_components(paths):
-    return sorted(paths, key=component_key)
+    """The walk's order: the full path strings sorted (S3's own order)."""
+    return sorted(paths)
 
 
 def _touch(path) -> None:
@@ -36,7 +37,7 @@ def _touch(path) -> None:
 
 # --- local -------------------------------------------------------------------------------------------
 
-def test_local_component_order_on_tricky_names(tmp_path):
+def test_local_sorted_order_on_tricky_names(tmp_path):
     for rel in TRICKY:
         _touch(tmp_path / rel)
     (tmp_path / "empty").mkdir()
@@ -44,8 +45,7 @@ def test_local_component_order_on_tricky_names(tmp_path):
     got = list(walk(fsspec.filesystem("file"), str(tmp_path)))
     assert got == _by_components(str(tmp_path / rel) for rel in TRICKY)
     rel = [os.path.relpath(p, tmp_path) for p in got]
-    assert rel.index("a/x.jpg") < rel.index("a-b.jpg") < rel.index("a0.jpg")  # not plain string order
-    assert got != sorted(got)
+    assert rel.index("a-b.jpg") < rel.index("a/x.jpg") < rel.index("a0.jpg")  # '-' < '/' < '0', as S3 sorts
 
 
 def test_local_symlinks_to_directories_are_not_followed(tmp_path):
@@ -103,14 +103,14 @@ def tricky_bucket(s3_server):
 
 
 @pytest.mark.parametrize("workers", [1, 8])
-@pytest.mark.parametrize("page", [1000, 7])  # 7: many pages per level, and the probe for 'img/'
-def test_s3_component_order(s3_server, tricky_bucket, monkeypatch, workers, page):
+@pytest.mark.parametrize("page", [1000, 7])  # 7: many pages per level
+def test_s3_sorted_order(s3_server, tricky_bucket, monkeypatch, workers, page):
     name, expected = tricky_bucket
     monkeypatch.setattr(walk_module, "_PAGE", page)
     fs = _fs(s3_server)
     got = list(walk(fs, f"s3://{name}/p/", workers=workers, lookahead=4 if page == 7 else 64))
     assert got == expected
-    assert got.index(f"{name}/p/a") < got.index(f"{name}/p/a/b") < got.index(f"{name}/p/a-b.jpg")
+    assert got.index(f"{name}/p/a") < got.index(f"{name}/p/a-b.jpg") < got.index(f"{name}/p/a/b")
     assert not fs.dircache  # the listing must not stay in memory
 
 
@@ -140,7 +140,7 @@ def _put_direct(fs, name: str, keys) -> None:
 @pytest.mark.parametrize("page", [1, 3])
 def test_s3_random_names_any_page_size(s3_server, monkeypatch, page):
     """Random keys over an alphabet where '/' meets characters either side of it, with markers ('x/')
-    and empty components ('a//b'): the walk equals the sort by components, whatever the page size."""
+    and empty components ('a//b'): the walk equals the sorted keys, whatever the page size."""
     rng = random.Random(page)
     keys = {"r/" + "".join(rng.choice("ab-. /é") for _ in range(rng.randint(1, 7))) for _ in range(250)}
     fs = _fs(s3_server)
