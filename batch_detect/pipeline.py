@@ -117,7 +117,7 @@ def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict
     before = previous.get("identity", {})
     changed = sorted(k for k in identity if before.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k])
     if changed:
-        what = ", ".join("the model" if k == "model_sha256" else k for k in changed)
+        what = ", ".join("model" if k == "model_sha256" else k for k in changed)
         raise OutputError(
             f"output {config.output!r} holds a run made with a different {what}: resuming would mix "
             "results. Choose a new --output, or pass --overwrite to replace it"

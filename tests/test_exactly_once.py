@@ -186,6 +186,9 @@ def test_rerun_of_a_complete_output_does_nothing_and_stays_whole(good_output, mo
                              output=out, shard_size=8)).manifest
     assert manifest["counts"]["skipped_committed_shards"] == manifest["plan"]["num_shards"]
     assert manifest["status"] == "complete" and verify(out, images).ok
+    with pytest.raises(OutputError, match="a different model: resuming would mix"):
+        run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_float32.tflite"), input=images,
+                      output=out, shard_size=8))
     with pytest.raises(OutputError, match="different shard_size"):
         run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images,
                       output=out, shard_size=5))
