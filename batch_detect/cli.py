@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--input", default=None, help="also check the plan against what this input lists now")
     ver.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    st = sub.add_parser("status", help="where a run stands (running or finished), read from its output alone")
+    st.add_argument("output", help="the --output of a run (local or an fsspec URL)")
+    st.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser
 
 
@@ -265,6 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         print(render_text(summary))
         folder = args.html or f"report-{summary['manifest']['run_id'][:8]}"
         print(f"html: {write_html(summary, folder, args.samples, dict(args.storage_option))}")
+        return 0
+    if args.command == "status":
+        from .status import render, status
+
+        try:
+            result = status(args.output, dict(args.storage_option))
+        except BatchDetectError as exc:
+            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(result, indent=2) if args.json else render(result))
         return 0
     if args.command == "verify":
         try:

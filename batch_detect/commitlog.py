@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import posixpath
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 LOG_DIR = "_log"
@@ -43,6 +44,7 @@ class LogState:
     unlabelled: dict = field(default_factory=dict)
     parts: list[dict] = field(default_factory=list)  # {"part", "first", "end", "done", "rows"?}
     pending_rows: dict[int, int] = field(default_factory=dict)  # committed shards not in a part: rows
+    recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, rows, node, pid) of the last shards
 
     def is_committed(self, index: int) -> bool:
         return index < len(self.committed) and self.committed[index] == 1
@@ -72,6 +74,8 @@ class LogState:
             _add(self.unlabelled, ev.get("unlabelled_class_ids", {}))
             if i >= self.compacted_end:
                 self.pending_rows[i] = ev["images"] + ev["failures"]
+            if "t" in ev:
+                self.recent.append((ev["t"], ev["images"] + ev["failures"], ev.get("node_id"), ev.get("pid")))
         elif kind == "part":
             self.parts.append({"part": ev["part"], "first": ev["first"], "end": ev["end"], "done": False})
             for i in range(ev["first"], ev["end"]):
@@ -109,13 +113,14 @@ class LogState:
         return {"chunks": self.chunks, "listed": self.listed, "committed": self.committed_runs(),
                 "num_committed": self.num_committed, "totals": self.totals, "failure_types": self.failure_types,
                 "unlabelled": self.unlabelled, "parts": self.parts,
-                "pending_rows": {str(k): v for k, v in self.pending_rows.items()}}
+                "pending_rows": {str(k): v for k, v in self.pending_rows.items()}, "recent": list(self.recent)}
 
     @classmethod
     def from_checkpoint(cls, d: dict) -> "LogState":
         state = cls(chunks=d["chunks"], listed=d["listed"], num_committed=d["num_committed"], totals=d["totals"],
                     failure_types=d["failure_types"], unlabelled=d["unlabelled"], parts=d["parts"],
                     pending_rows={int(k): v for k, v in d["pending_rows"].items()})
+        state.recent.extend(tuple(r) for r in d.get("recent", []))
         end = d["committed"][-1][1] if d["committed"] else 0
         state.committed = bytearray(end)
         for a, b in d["committed"]:

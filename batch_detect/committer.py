@@ -49,7 +49,8 @@ class Committer:
         self.log.flush()
 
     def shard(self, summary: dict) -> None:
-        ev = {"ev": "shard", "shard": int(summary["shard_id"].rsplit("-", 1)[1]), **summary}
+        ev = {"ev": "shard", "shard": int(summary["shard_id"].rsplit("-", 1)[1]), "t": round(time.time(), 2),
+              **summary}
         del ev["shard_id"]
         self.log.append(ev)
         self.staged_now += 1

@@ -13,6 +13,7 @@ import time
 
 import duckdb
 
+from batch_detect.status import status
 from batch_detect.synthetic import write_dataset
 from batch_detect.verify import verify
 from helpers import write_bad_inputs
@@ -30,14 +31,16 @@ def visible(out: str) -> tuple[int, int]:
         return 0, 0
 
 
-def watch_globs(proc: subprocess.Popen, out: str, stop_when=None) -> tuple[int, int]:
+def watch_globs(proc: subprocess.Popen, out: str, stop_when=None, statuses: list | None = None) -> tuple[int, int]:
     """Poll the globs until the process ends (or `stop_when(parts)` says to kill it); every poll must see
-    no row twice. Returns (polls, most rows seen)."""
+    no row twice. Returns (polls, most rows seen); `statuses` collects `batch-detect status` on the way."""
     polls, most = 0, 0
     while proc.poll() is None:
         rows, distinct = visible(out)
         assert rows == distinct, f"a reader saw {rows - distinct} rows twice"
         polls, most = polls + 1, max(most, rows)
+        if statuses is not None and os.path.exists(os.path.join(out, "_manifest.json")):
+            statuses.append(status(out))
         if stop_when is not None and stop_when(len(glob.glob(os.path.join(out, "images", "part-*.parquet")))):
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
@@ -66,7 +69,8 @@ def test_globs_never_see_a_row_twice_through_a_killed_driver_and_resume(models_d
 
     log = open(tmp_path / "again.log", "w+")
     again = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    watch_globs(again, out)
+    seen_status: list[dict] = []
+    watch_globs(again, out, statuses=seen_status)
     log.seek(0)
     assert again.returncode == 0, log.read()[-3000:]
     assert visible(out) == (n, n)
@@ -77,3 +81,9 @@ def test_globs_never_see_a_row_twice_through_a_killed_driver_and_resume(models_d
         files = glob.glob(os.path.join(out, table, "*.parquet"))
         assert 3 <= len(files) <= n // 40 + 3, (table, len(files))
     assert not glob.glob(os.path.join(out, "_staging", "*", "*.parquet"))
+    # `status`, read from the output alone, followed the resumed run: running and moving, then complete
+    running = [st["done"] for st in seen_status if st["state"] == "running"]
+    assert len(set(running)) >= 2 and running == sorted(running), running
+    final = status(out)
+    assert final["state"] == "complete" and final["done"] == final["planned"] == n
+    assert final["failures_by_type"] and final["parts"] >= 3 and final["rate_images_per_s"] > 0
