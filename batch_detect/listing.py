@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -170,7 +171,7 @@ def _dedup_sorted(lines: Iterator[str], url: str, stats: ListingStats) -> Iterat
         return
     previous: str | None = None
     number = 0
-    for u in _chain(head, lines):
+    for u in itertools.chain(head, lines):
         number += 1
         if previous is not None:
             if u == previous:
@@ -183,9 +184,3 @@ def _dedup_sorted(lines: Iterator[str], url: str, stats: ListingStats) -> Iterat
                     "inventory is; sort it first (e.g. `LC_ALL=C sort -u list.txt`)")
         previous = u
         yield u
-
-
-def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from head
-    head.clear()
-    yield from rest

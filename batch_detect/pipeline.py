@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import queue
 import threading
@@ -258,7 +259,11 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         memory_per_actor = (config.memory_per_actor_mb * MIB if config.memory_per_actor_mb
                             else estimate_actor_memory(len(ready["model_content"]), input_bytes, PREFETCH))
         num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor, memory_per_actor,
-                                         config.node_memory_share, 1 << 30)
+                                         config.node_memory_share, 1 << 62)
+        # Never more actors than shards: list as many shards as the pool would hold (a few descriptors).
+        head = list(itertools.islice(plan.shards, num_actors))
+        plan.shards = itertools.chain(head, plan.shards)
+        num_actors = max(1, len(head))
         cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
         ray_start_s = time.perf_counter() - t_ray
         if config.overwrite:

@@ -9,6 +9,7 @@ instead of holding either whole.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
@@ -154,7 +155,7 @@ def plan_input(url: str, *, form: str, extensions: tuple[str, ...], shard_size: 
         return _peeked(PlanStream("files", cut_shards(images, shard_size), stats), url, extensions)
     listed = iter_input(url, (extensions + (".tar",)) if extensions else (), storage_options, stats=stats)
     first = next(listed, None)
-    listed = _chain1(first, listed) if first is not None else iter(())
+    listed = itertools.chain([first], listed) if first is not None else iter(())
     if form == "auto" and not (first or "").lower().endswith(".tar"):
         images = _one_kind(listed, url, stats, tar=False, strict=True)
         return _peeked(PlanStream("files", cut_shards(images, shard_size), stats), url, extensions)
@@ -162,11 +163,6 @@ def plan_input(url: str, *, form: str, extensions: tuple[str, ...], shard_size: 
     tars = _one_kind(listed, url, stats, tar=True, strict=form == "auto")
     shards = (Shard(shard_id(i), (u,), form="tar", source=u) for i, u in enumerate(tars))
     return _peeked(PlanStream("tar", shards, stats), url, extensions + (".tar",), what="no .tar files")
-
-
-def _chain1(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest
 
 
 def _one_kind(uris: Iterator[str], url: str, stats: ListingStats, *, tar: bool, strict: bool) -> Iterator[str]:
@@ -189,5 +185,5 @@ def _peeked(stream: PlanStream, url: str, extensions: tuple[str, ...], what: str
     if first is None:
         hint = f" ({stream.stats.skipped} files skipped for their extension)" if stream.stats.skipped else ""
         raise InputError(f"{what} found at {url!r}{hint}; accepted: {', '.join(extensions)}")
-    stream.shards = _chain1(first, stream.shards)
+    stream.shards = itertools.chain([first], stream.shards)
     return stream

@@ -31,6 +31,10 @@ def test_readme_duckdb_recipes(local_ray, models_dir, tmp_path):
     run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
                   labels=os.path.join(models_dir, "shapes_labels.txt"), input=str(images), output=str(out),
                   shard_size=8))
+    # one shard, one actor: a small input does not start the whole pool (2 CPUs here)
+    one = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=str(images),
+                        output=str(tmp_path / "one"), shard_size=64)).manifest
+    assert one["plan"]["num_shards"] == 1 and one["cluster"]["actors"] == 1
     statements = readme_sql()
     assert len(statements) == 6
     results = [duckdb.execute(s.replace("'out/", f"'{out}/")).fetchall() for s in statements]
