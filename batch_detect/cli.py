@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-option", action="append", type=_storage_option, dest="storage_options",
                      metavar="KEY=VALUE", help="fsspec storage option (e.g. endpoint_url=...), repeatable")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    run.add_argument("--incremental", action="store_true",
+                     help="process only what is new or changed in the input since the runs already in --output, "
+                          "as a new run (rows carry its run_id); nothing new: says so and exits 0")
     run.add_argument("--resume", action="store_true",
                      help="finish a previous run in --output (re-running the same command does this too); "
                           "refused if the model, input or settings changed")
@@ -192,8 +195,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _print_summary(manifest: dict, out) -> None:
     c, t = manifest["counts"], manifest["timings"]
     print(f"status: {manifest['status']}  run_id: {manifest['run_id']}", file=out)
-    print(f"images: {c['listed']} listed, {c['images']} processed, {c['failures']} failed, "
-          f"{c['detections']} detections, {c['committed_shards']} shards committed", file=out)
+    this = (manifest.get("runs") or [{}])[-1]
+    if this.get("incremental"):
+        print(f"run {this['run_id']}: {this['listed']} objects listed, {this['new']} new, {this['changed']} changed, "
+              f"{this['unchanged']} already processed; {this['images']} processed, {this['failures']} failed, "
+              f"{this['detections']} detections", file=out)
+        print(f"output ({len(manifest['runs'])} runs): {c['images']} processed, {c['failures']} failed, "
+              f"{c['detections']} detections, {c['committed_shards']} shards committed", file=out)
+    else:
+        print(f"images: {c['listed']} listed, {c['images']} processed, {c['failures']} failed, "
+              f"{c['detections']} detections, {c['committed_shards']} shards committed", file=out)
     if c["failure_types"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(c["failure_types"].items()))
         print(f"failures by stage/type: {kinds}", file=out)
@@ -267,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch-detect: error: cannot read {args.output!r} as a run's output: {exc}", file=sys.stderr)
             return 2
         print(render_text(summary))
-        folder = args.html or f"report-{summary['manifest']['run_id'][:8]}"
+        folder = args.html or f"report-run{summary['manifest']['run_id']}"
         print(f"html: {write_html(summary, folder, args.samples, dict(args.storage_option))}")
         return 0
     if args.command == "status":
@@ -312,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             print("batch-detect: interrupted; the output is incomplete (see its _manifest.json)", file=sys.stderr)
             return 130
         manifest = summary.manifest
+        if summary.nothing_new is not None:
+            n = summary.nothing_new
+            if getattr(args, "json", False):
+                print(json.dumps({"status": "nothing_new", **n}, indent=2, sort_keys=True))
+            else:
+                print(f"nothing new: {n['unchanged']} objects listed, all processed by the {n['runs']} runs in "
+                      f"{summary.output}; nothing was written ({n['total_s']:.1f}s)")
+            return 0
         if getattr(args, "json", False):
             print(json.dumps(manifest, indent=2, sort_keys=True))
         else:

@@ -7,8 +7,10 @@ so far is written as a checkpoint and older segments are deleted: reading an out
 checkpoint plus a few segments, not one file per shard.
 
 Events, in the order the driver appends them:
+  run        run `run` of the output starts planning at chunk first_chunk, shard first_shard
+  relist     the current run, resumed by an incremental invocation, lists again from chunk first_chunk
   chunk      plan chunk `chunk` (shards first_shard … +shards) is stored in `_plan/`, fingerprint `sha`
-  listed     the listing ended: chunks, shards, items, fingerprint
+  listed     the run's listing ended: its chunks, shards, items, fingerprint, what it skipped
   shard      shard `shard` is committed (its rows are in staging or in a part); its counts
   part       intent: part `part` will hold shards [first, end)   (written before the part is)
   part_done  the part's three files are in place; its shards' staging files may be deleted
@@ -16,6 +18,7 @@ Events, in the order the driver appends them:
 
 from __future__ import annotations
 
+import bisect
 import json
 import posixpath
 import time
@@ -35,19 +38,48 @@ def _add(into: dict, more: dict) -> None:
 class LogState:
     """What the events so far say. Memory: one byte per shard plus the not-yet-compacted window."""
 
-    chunks: list[dict] = field(default_factory=list)  # chunk events in order
-    listed: dict | None = None
+    runs: list[dict] = field(default_factory=list)  # run events in order, each with its "listed" facts or None
+    chunks: list[dict] = field(default_factory=list)  # chunk events in order (numbered across runs)
+    listed: dict | None = None  # the last run's listing facts, once its listing ended
     committed: bytearray = field(default_factory=bytearray)  # 1 at a committed shard's index
     num_committed: int = 0
     totals: dict = field(default_factory=lambda: {"images": 0, "failures": 0, "detections": 0})
+    run_totals: dict = field(default_factory=dict)  # run -> its shards' totals (and "shards")
     failure_types: dict = field(default_factory=dict)
     unlabelled: dict = field(default_factory=dict)
     parts: list[dict] = field(default_factory=list)  # {"part", "first", "end", "done", "rows"?}
     pending_rows: dict[int, int] = field(default_factory=dict)  # committed shards not in a part: rows
     recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, rows, node, pid) of the last shards
+    _starts: list = field(default_factory=list, repr=False)  # first shard of each run, for run_of
 
     def is_committed(self, index: int) -> bool:
         return index < len(self.committed) and self.committed[index] == 1
+
+    @property
+    def planned_end(self) -> int:
+        """Shards before this index are planned (stored in plan chunks), across all runs."""
+        return self.chunks[-1]["first_shard"] + self.chunks[-1]["shards"] if self.chunks else 0
+
+    @property
+    def end_shard(self) -> int | None:
+        """The number of shards in the output's plan once every run's listing has ended, else None."""
+        return self.planned_end if self.listed is not None else None
+
+    @property
+    def planned_items(self) -> int:
+        return sum(c["items"] for c in self.chunks)
+
+    @property
+    def finished(self) -> bool:
+        """Every run listed to the end and every planned shard committed (parts may still be written)."""
+        return self.listed is not None and self.num_committed == self.planned_end
+
+    def run_of(self, shard: int) -> int:
+        """The run that planned shard `shard`."""
+        if len(self._starts) != len(self.runs):
+            self._starts = [r["first_shard"] for r in self.runs]
+        i = bisect.bisect_right(self._starts, shard)
+        return self.runs[i - 1]["run"] if i else 1
 
     @property
     def compacted_end(self) -> int:
@@ -56,11 +88,21 @@ class LogState:
 
     def apply(self, ev: dict) -> None:
         kind = ev["ev"]
-        if kind == "chunk":
+        if kind == "run":
+            if not self.runs or ev["run"] > self.runs[-1]["run"]:
+                self.runs.append({**ev, "listed": None})
+                self.listed = None
+        elif kind == "chunk":
             if ev["chunk"] == len(self.chunks):
                 self.chunks.append(ev)
+        elif kind == "relist":  # a resumed incremental run lists again: its plan grows by a new sorted pass
+            run = self.runs[-1]
+            run.setdefault("passes", [run["first_chunk"]]).append(ev["first_chunk"])
+            run["listed"] = self.listed = None
         elif kind == "listed":
             self.listed = ev
+            if self.runs:
+                self.runs[-1]["listed"] = ev
         elif kind == "shard":
             i = ev["shard"]
             if self.is_committed(i):
@@ -69,7 +111,9 @@ class LogState:
                 self.committed.extend(b"\0" * (max(i + 1, 2 * len(self.committed)) - len(self.committed)))
             self.committed[i] = 1
             self.num_committed += 1
-            _add(self.totals, {k: ev[k] for k in ("images", "failures", "detections")})
+            counts = {k: ev[k] for k in ("images", "failures", "detections")}
+            _add(self.totals, counts)
+            _add(self.run_totals.setdefault(self.run_of(i), {}), {**counts, "shards": 1})
             _add(self.failure_types, ev.get("failure_types", {}))
             _add(self.unlabelled, ev.get("unlabelled_class_ids", {}))
             if i >= self.compacted_end:
@@ -110,17 +154,19 @@ class LogState:
         return out
 
     def to_checkpoint(self) -> dict:
-        return {"chunks": self.chunks, "listed": self.listed, "committed": self.committed_runs(),
-                "num_committed": self.num_committed, "totals": self.totals, "failure_types": self.failure_types,
+        return {"runs": self.runs, "chunks": self.chunks, "listed": self.listed, "committed": self.committed_runs(),
+                "num_committed": self.num_committed, "totals": self.totals,
+                "run_totals": {str(k): v for k, v in self.run_totals.items()}, "failure_types": self.failure_types,
                 "unlabelled": self.unlabelled, "parts": self.parts,
                 "pending_rows": {str(k): v for k, v in self.pending_rows.items()}, "recent": list(self.recent)}
 
     @classmethod
     def from_checkpoint(cls, d: dict) -> "LogState":
-        state = cls(chunks=d["chunks"], listed=d["listed"], num_committed=d["num_committed"], totals=d["totals"],
+        state = cls(runs=d.get("runs", []), chunks=d["chunks"], listed=d["listed"], num_committed=d["num_committed"], totals=d["totals"],
                     failure_types=d["failure_types"], unlabelled=d["unlabelled"], parts=d["parts"],
                     pending_rows={int(k): v for k, v in d["pending_rows"].items()})
         state.recent.extend(tuple(r) for r in d.get("recent", []))
+        state.run_totals = {int(k): v for k, v in d.get("run_totals", {}).items()}
         end = d["committed"][-1][1] if d["committed"] else 0
         state.committed = bytearray(end)
         for a, b in d["committed"]:

@@ -40,6 +40,13 @@ class Committer:
             if not p["done"]:
                 self._start(p["part"], p["first"], p["end"])
 
+    def start_run(self, run: int, first_chunk: int, first_shard: int, incremental: bool) -> None:
+        self.log.append({"ev": "run", "run": run, "first_chunk": first_chunk, "first_shard": first_shard,
+                         "incremental": incremental, "t": round(time.time(), 2)})
+
+    def relist(self, run: int, first_chunk: int) -> None:
+        self.log.append({"ev": "relist", "run": run, "first_chunk": first_chunk, "t": round(time.time(), 2)})
+
     def chunk(self, chunk: Chunk) -> None:
         self.log.append({"ev": "chunk", "chunk": chunk.index, "first_shard": chunk.first_shard,
                          "shards": len(chunk.shards), "items": chunk.items, "sha": chunk.sha})

@@ -49,6 +49,7 @@ class RunConfig:
     memory_per_actor_mb: int | None = None  # None: estimated from the model and the prefetch depth
     node_memory_share: float = 0.8  # of each node's Ray memory that detector actors may reserve
     overwrite: bool = False
+    incremental: bool = False  # add what is new in the input to the output as a new run (see pipeline)
     resume: bool = False  # re-running the same job into the same output resumes it anyway; this insists
     max_failure_rate: float | None = None  # exit non-zero (after committing) when failures exceed it
     storage_options: dict = field(default_factory=dict)
@@ -110,6 +111,9 @@ class RunConfig:
             raise ConfigError("--id-column names rows of Parquet input: give --image-column too")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume contradict each other: pick one")
+        if self.overwrite and self.incremental:
+            raise ConfigError("--overwrite and --incremental contradict each other: --incremental keeps what the "
+                              "output holds and adds what is new; --overwrite replaces it")
         if self.max_failure_rate is not None and not 0.0 <= self.max_failure_rate <= 1.0:
             raise ConfigError(f"--max-failure-rate must be within [0, 1], got {self.max_failure_rate}")
         if self.part_rows < 1:

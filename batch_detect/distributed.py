@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from .detector import Detector
 from .errors import ClusterError, ConfigError
@@ -169,7 +169,7 @@ class DetectorActor:
     def process(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
         rows, timings = self._run(shard)
-        self.store.write_shard(shard.shard_id, rows.columns)
+        self.store.write_shard(shard.shard_id, rows.columns, shard.run)
         return summarize_shard(rows, timings, time.perf_counter() - t0)
 
 
@@ -263,7 +263,8 @@ class ActorPool:
         if self.grow_to is None or not pending or time.monotonic() - self.last_growth_check < GROWTH_CHECK_S:
             return
         self.last_growth_check = time.monotonic()
-        wanted = min(self.grow_to() - len(self.actors), pending)
+        # Actors still starting will take pending work too: grow only for what they cannot absorb.
+        wanted = min(self.grow_to() - len(self.actors), pending - len(self.waiting))
         for _ in range(max(0, wanted)):
             self.actors.append(self.actor_cls.remote(self.settings))
             self.load.append(0)
@@ -481,6 +482,6 @@ class Dispatcher:
         iso.parts_left -= 1
         if iso.parts_left == 0:
             del self.isolating[work.shard.shard_id]
-            self.store.write_shard(work.shard.shard_id, iso.rows.columns)
+            self.store.write_shard(work.shard.shard_id, iso.rows.columns, work.shard.run)
             self.on_shard(summarize_shard(iso.rows, {"read_decode_s": 0.0, "infer_s": 0.0,
                                                      "isolated_crashes": iso.crashes}, 0.0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -70,6 +71,13 @@ def iter_input(url: str, extensions: tuple[str, ...], storage_options: dict | No
     """Every input URI under `url` in sorted order (a manifest file's URIs, with `manifests`). Hidden and
     `_`-prefixed files are ignored; files of other extensions are counted in `stats`. Raises InputError
     for an input that does not exist or cannot be listed."""
+    return (uri for uri, _ in iter_listed(url, extensions, storage_options, manifests=manifests, stats=stats))
+
+
+def iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | None = None, *,
+                manifests: bool = True, stats: ListingStats | None = None) -> Iterator[tuple[str, str | None]]:
+    """`iter_input` with each URI's version (`walk.version_of`) where the listing itself says it: for
+    folders, prefixes and globs; None for a manifest's URIs (stating each would cost a request)."""
     stats = stats if stats is not None else ListingStats()
     try:
         fs, path = url_to_fs(url, **(storage_options or {}))
@@ -82,28 +90,30 @@ def iter_input(url: str, extensions: tuple[str, ...], storage_options: dict | No
         except OSError:
             is_file = False
         if is_file:
-            yield from _dedup_sorted(_manifest_lines(url, fs, path), url, stats)
+            for uri in _dedup_sorted(_manifest_lines(url, fs, path), url, stats):
+                yield uri, None
             return
+    from .walk import version_of, walk
+
     try:
         if glob:
             found = fs.glob(path, detail=True)  # a glob is expanded in memory: give a prefix for huge inputs
-            paths: Iterator[str] = iter(sorted(p for p, info in found.items() if info.get("type") == "file"))
+            paths: Iterator[tuple[str, str | None]] = iter(sorted(
+                (p, version_of(info)) for p, info in found.items() if info.get("type") == "file"))
         elif fs.isdir(path):
-            from .walk import walk
-
-            paths = walk(fs, path)
+            paths = walk(fs, path, versions=True)
         elif fs.isfile(path):
-            paths = iter([path])
+            paths = iter([(path, stat_version(fs, path))])
         else:
             raise InputError(f"input {url!r} does not exist: give a folder, prefix, glob or file")
-        for p in paths:
+        for p, version in paths:
             name = posixpath.basename(p)
             if name.startswith(".") or name.startswith("_"):
                 continue
             if extensions and posixpath.splitext(name)[1].lower() not in extensions:
                 stats.skip(_full_uri(fs, p))
                 continue
-            yield _full_uri(fs, p)
+            yield _full_uri(fs, p), version
     except InputError:
         raise
     except (PermissionError, OSError) as exc:
@@ -111,6 +121,20 @@ def iter_input(url: str, extensions: tuple[str, ...], storage_options: dict | No
     finally:
         if not _is_local(fs):
             fs.invalidate_cache()  # the listing cache would keep every entry alive on the driver
+
+
+def stat_version(fs, path: str) -> str | None:
+    """One file's version as `walk` reports it (local: size and mtime in ns; object stores: size and
+    ETag); None when it cannot be stated (it is then read, and fails, like any missing input)."""
+    from .walk import version_of
+
+    try:
+        if _is_local(fs):
+            st = os.stat(path)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        return version_of(fs.info(path))
+    except (OSError, ValueError):
+        return None
 
 
 def _manifest_lines(url: str, fs, path: str) -> Iterator[str]:

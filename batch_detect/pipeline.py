@@ -7,7 +7,11 @@ still being listed and the driver never holds the whole input.
 
 Re-running the same command into the same output resumes it: committed shards are skipped, the rest
 are redone under the same deterministic names. A run whose model or settings differ is refused unless
---overwrite; one whose listing differs is stopped at the first plan chunk that differs."""
+--overwrite; one whose listing differs is stopped at the first plan chunk that differs.
+
+With --incremental, an output holds a sequence of runs: each plans only the objects no earlier run
+planned (or whose version changed), numbers its shards after theirs, and stamps its rows with its
+`run_id`; the earlier runs' plans are the history it is compared with (`history.py`)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import ray
@@ -27,18 +31,19 @@ import ray
 from . import __version__
 from .config import RunConfig
 from .detector import inspect_interpreter
-from .commitlog import LOG_DIR, CommitLog
+from .commitlog import LOG_DIR, CommitLog, LogState
 from .committer import Committer
 from .distributed import (MIB, PREFETCH, ActorPool, Dispatcher, WorkerSettings, compact_task, connect,
                           estimate_actor_memory, node_capacity, size_pool)
 from .errors import ModelError, OutputError
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .labels import embedded_labels, load_labels
-from .plan import Chunk, PlanStream, Shard, chunked, plan_input
-from .sink import LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
+from .history import Selection, select_new, with_versions
+from .lease import Lease
+from .plan import Chunk, PlanStream, Shard, chunked, plan_input, stored_shards
+from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 
 log = logging.getLogger(__name__)
-LAYOUT = 2  # outputs with a commit log and part files; 1 was one marker and file set per shard
 
 # Settings that change what a shard's rows contain: a resumed run must agree on every one.
 _IDENTITY_SETTINGS = ("shard_size", "score_threshold", "resize", "normalization", "max_pixels", "jpeg_draft",
@@ -51,6 +56,7 @@ _IDENTITY_DEFAULTS = {"input_mean": None, "input_std": None, "output_format": "a
 class RunSummary:
     output: str
     manifest: dict
+    nothing_new: dict | None = None  # an incremental run that found nothing to do: what its listing saw
 
     @property
     def counts(self) -> dict:
@@ -81,9 +87,6 @@ def prepare(config: RunConfig) -> dict:
     if labels is None and (found := embedded_labels(model_content)) is not None:
         labels, labels_source = found[0], f"embedded in the model ({found[1]})"
     t_model = time.perf_counter() - t0
-    plan = plan_input(config.input, form=config.input_format, extensions=config.extensions,
-                      shard_size=config.shard_size, image_column=config.image_column, id_column=config.id_column,
-                      storage_options=so)
     try:
         store = OutputStore(config.output, so)
     except (ValueError, ImportError, OSError) as exc:
@@ -91,11 +94,72 @@ def prepare(config: RunConfig) -> dict:
     identity = {"model_sha256": sha256(model_content), "labels": labels,
                 **{k: getattr(config, k) for k in _IDENTITY_SETTINGS}}
     previous = _previous_run(store, config, identity)
+    commit_log = CommitLog.open(store) if previous else None
+    planning = _planning(config, store, previous, commit_log.state if commit_log else None)
+    plan = plan_input(config.input, form=config.input_format, extensions=config.extensions,
+                      shard_size=config.shard_size, image_column=config.image_column, id_column=config.id_column,
+                      storage_options=so, select=planning.select, first_shard=planning.first_shard,
+                      run=planning.run)
+    if previous and plan.form != previous.get("plan", {}).get("form", plan.form):
+        raise OutputError(f"output {config.output!r} holds {previous['plan']['form']} input and the input is now "
+                          f"{plan.form}: choose a new --output, or pass --overwrite to replace it")
     return {
         "backend": backend, "model_content": model_content, "info": info, "labels": labels,
         "labels_source": labels_source, "plan": plan, "store": store, "identity": identity, "previous": previous,
+        "commit_log": commit_log, "planning": planning,
         "timings": {"check_model_s": t_model, "first_listing_s": time.perf_counter() - t0 - t_model},
     }
+
+
+@dataclass
+class Planning:
+    """Which run this invocation is and how its plan relates to what the output holds.
+
+    mode: `fresh` (a new output: run 1), `resume` (a plain re-run: the listing must equal the stored
+    plan), `new-run` (incremental, after a finished run: the next run, of what is new), `continue`
+    (incremental, the last run unfinished: its stored shards are finished and the listing is compared
+    with every plan stored so far, its own included)."""
+
+    mode: str
+    run: int
+    first_shard: int = 0
+    first_chunk: int = 0
+    select: object = None  # the plan_input select of an incremental listing
+    selection: Selection | None = None
+    pending: list = field(default_factory=list)  # chunk events of this run with shards left to do
+
+
+def _planning(config: RunConfig, store: OutputStore, previous: dict | None, state) -> Planning:
+    so = config.storage_options
+    if previous is None:
+        if not config.incremental:
+            return Planning("fresh", 1)
+        # An incremental run 1 records versions even for a manifest's URIs: run 2 compares them.
+        selection = Selection()
+        select_from = select_new(store, LogState(), 1, selection)
+        return Planning("fresh", 1, select=lambda listed: select_from(with_versions(listed, so)), selection=selection)
+    runs = state.runs
+    last = runs[-1]["run"] if runs else 1
+    if not config.incremental:
+        if len(runs) > 1 or any(len(r.get("passes", ())) > 1 for r in runs):
+            raise OutputError(
+                f"output {config.output!r} holds {len(runs)} incremental runs: pass --incremental to process what "
+                "is new in the input (a plain re-run compares the whole listing with the first run's plan)")
+        return Planning("resume", last)
+    closed = state.finished and previous.get("status") == "complete" and previous.get("run_id") == last
+    run = last + 1 if closed else last
+    selection = Selection()
+    select_from = select_new(store, state, run, selection)
+    pending = [] if closed else [c for c in state.chunks if c["first_shard"] >= _first_shard_of(state, run)
+                                 and state.committed[c["first_shard"]:c["first_shard"] + c["shards"]].count(1)
+                                 < c["shards"]]
+    return Planning("new-run" if closed else "continue", run, first_shard=state.planned_end,
+                    first_chunk=len(state.chunks), select=lambda listed: select_from(with_versions(listed, so)),
+                    selection=selection, pending=pending)
+
+
+def _first_shard_of(state, run: int) -> int:
+    return next((r["first_shard"] for r in state.runs if r["run"] == run), 0)
 
 
 def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict | None:
@@ -112,9 +176,10 @@ def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict
         return None
     previous = store.read_json(MANIFEST)
     if previous.get("layout", 1) != LAYOUT:
-        raise OutputError(f"output {config.output!r} was written by an earlier batch_detect (one set of files per "
-                          "shard) and cannot be resumed by this one: finish it with that version, choose a new "
-                          "--output, or pass --overwrite to start it again")
+        raise OutputError(f"output {config.output!r} was written by an earlier batch_detect (output layout "
+                          f"{previous.get('layout', 1)}, this one writes {LAYOUT}: rows without run_id) and cannot be "
+                          "resumed by this one: finish it with that version, choose a new --output, or pass "
+                          "--overwrite to start it again")
     before = previous.get("identity", {})
     changed = sorted(k for k in identity if before.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k])
     if changed:
@@ -144,11 +209,12 @@ _END = object()
 class PlanFeed:
     """The listing thread: plan chunks are checked against the stored plan (a resumed run) or written to
     it (a new one), then queued for dispatch. The queue is short: listing runs ahead of dispatch by a
-    couple of chunks, never by the whole input."""
+    couple of chunks, never by the whole input. A resumed incremental run first re-reads its own stored
+    chunks that still have shards to do (`pending`), then lists what is new."""
 
-    def __init__(self, plan: PlanStream, store: OutputStore, stored_chunks: list[dict], stored_listed: dict | None,
-                 depth: int = 2):
-        self.plan, self.store = plan, store
+    def __init__(self, plan: PlanStream, store: OutputStore, planning: Planning, stored_chunks: list[dict],
+                 stored_listed: dict | None, depth: int = 2):
+        self.plan, self.store, self.planning = plan, store, planning
         self.stored, self.stored_listed = list(stored_chunks), stored_listed
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
@@ -169,18 +235,25 @@ class PlanFeed:
 
     def _run(self) -> None:
         try:
+            for ev in self.planning.pending:
+                shards = list(stored_shards(self.store.iter_plan([ev]), self.plan.form, self.planning.run))
+                self._put(Chunk(ev["chunk"], shards, ev["sha"]))
             h = hashlib.sha256()
             shards = items = chunks = 0
-            for chunk in chunked(self.plan.shards):
+            for chunk in chunked(self.plan.shards, self.planning.first_chunk):
                 if self.stop.is_set():
                     return
                 self._check_or_write(chunk)
                 h.update(chunk.sha.encode())
                 shards, items, chunks = shards + len(chunk.shards), items + chunk.items, chunks + 1
                 self._put(chunk)
-            facts = {"chunks": chunks, "shards": shards, "items": items, "fingerprint": h.hexdigest(),
-                     "form": self.plan.form, "skipped": self.plan.stats.skipped,
+            facts = {"run": self.planning.run, "chunks": chunks, "shards": shards, "items": items,
+                     "fingerprint": h.hexdigest(), "form": self.plan.form, "skipped": self.plan.stats.skipped,
                      "skipped_examples": self.plan.stats.skipped_examples, "duplicates": self.plan.stats.duplicates}
+            facts["listed"] = items
+            if self.planning.selection is not None:
+                facts.update(self.planning.selection.facts())
+                facts["listed"] = sum(self.planning.selection.facts().values())
             if self.stored_listed is not None and self.stored_listed["fingerprint"] != facts["fingerprint"]:
                 raise self._changed(f"the listing now has {shards} shards, the stored plan "
                                     f"{self.stored_listed['shards']}")
@@ -201,7 +274,8 @@ class PlanFeed:
     def _changed(self, detail: str) -> OutputError:
         return OutputError(
             f"output {self.store.url!r} holds a run made with a different input listing ({detail}): resuming "
-            "would mix results. Choose a new --output, or pass --overwrite to replace it")
+            "would mix results. Pass --incremental to add what is new in the input to it as a new run, choose a "
+            "new --output, or pass --overwrite to replace it")
 
     def chunks(self) -> Iterator:
         """Chunks as the listing thread stores them, or None when none is ready yet (the dispatch loop
@@ -225,22 +299,50 @@ class PlanFeed:
 
 def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunSummary:
     """`on_start(actors, done_shards, done_images)` once the pool is sized; `on_shard(summary)` per staged
-    shard; `on_listed(images_or_None, shards)` when the listing ends."""
+    shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan)."""
     t_start = time.perf_counter()
+    lease = None
+    try:
+        probe = OutputStore(config.output, config.storage_options)
+        # An existing output is leased before its log is read: two drivers must never plan on one state.
+        lease = Lease.acquire(probe) if not config.overwrite and probe.exists(MANIFEST) else None
+    except (ValueError, ImportError) as exc:
+        raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
+    try:
+        return _run(config, t_start, lease, on_start, on_shard, on_listed)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed) -> RunSummary:
     ready = prepare(config)
     store: OutputStore = ready["store"]
     plan: PlanStream = ready["plan"]
+    planning: Planning = ready["planning"]
     previous = ready["previous"]
     model_sha = ready["identity"]["model_sha256"]
     info = ready["info"].input
     dynamic = info.tensor.shape_signature[0] == -1
+    if planning.mode == "new-run":
+        # Nothing new and nothing unfinished: answer from the listing alone, without starting Ray.
+        first = next(plan.shards, None)
+        state = ready["commit_log"].state
+        if first is None and all(p["done"] for p in state.parts) and state.compacted_end == state.planned_end:
+            return RunSummary(output=config.output, manifest=previous,
+                              nothing_new={**planning.selection.facts(), "runs": len(state.runs),
+                                           "total_s": time.perf_counter() - t_start})
+        plan.shards = itertools.chain([first] if first is not None else [], plan.shards)
+    runs_before = [r for r in (previous or {}).get("runs", []) if r["run_id"] != planning.run]
+    this_run = next((r for r in (previous or {}).get("runs", []) if r["run_id"] == planning.run), None)
     manifest = {
         "layout": LAYOUT,
-        "run_id": previous["run_id"] if previous else uuid.uuid4().hex,
-        "resumes": previous.get("resumes", 0) + 1 if previous else 0,
+        "run_id": planning.run,
+        "output_id": previous["output_id"] if previous else uuid.uuid4().hex,  # new on --overwrite
+        "resumes": previous.get("resumes", 0) + 1 if previous and planning.mode in ("resume", "continue") else 0,
         "tool": {"name": "batch_detect", "version": __version__},
         "status": "running",
-        "started_at": _now(),
+        "started_at": this_run["started_at"] if this_run else _now(),
         "identity": ready["identity"],
         "model": {"uri": config.model, "sha256": model_sha, "backend": ready["backend"].name,
                   "backend_version": ready["backend"].version, **ready["info"].describe(),
@@ -249,6 +351,7 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         "labels_source": ready["labels_source"],
         "config": config.redacted(),
         "plan": {"form": plan.form, "shard_size": config.shard_size, "dir": PLAN_DIR + "/"},
+        "runs": runs_before,
     }
 
     t_ray = time.perf_counter()
@@ -261,15 +364,21 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor, memory_per_actor,
                                          config.node_memory_share, 1 << 62)
         # Never more actors than shards: list as many shards as the pool would hold (a few descriptors).
-        head = list(itertools.islice(plan.shards, num_actors))
+        pending_shards = sum(c["shards"] for c in planning.pending)
+        head = list(itertools.islice(plan.shards, max(0, num_actors - pending_shards)))
         plan.shards = itertools.chain(head, plan.shards)
-        num_actors = max(1, len(head))
+        num_actors = max(1, min(num_actors, len(head) + pending_shards))
         cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
         ray_start_s = time.perf_counter() - t_ray
+        if lease is None:
+            lease = Lease.acquire(store)  # a new output (or --overwrite): leased once the cluster is usable
+            owns_lease = True
+        else:
+            owns_lease = False
         if config.overwrite:
             store.clear()
         try:
-            commit_log = CommitLog.open(store) if previous else CommitLog(store)
+            commit_log = ready["commit_log"] or CommitLog(store)
             store.write_json(MANIFEST, manifest)
         except OSError as exc:
             raise OutputError(f"cannot write to output {config.output!r}: {type(exc).__name__}: {exc}") from None
@@ -277,14 +386,29 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         if started_ray:
             ray.shutdown()
         raise
+    try:
+        return _dispatch(config, ready, manifest, commit_log, lease, t_start, ray_start_s, num_actors, capacity,
+                         cluster_cpus, memory_per_actor, started_ray, on_start, on_shard, on_listed)
+    finally:
+        if owns_lease:
+            lease.release()
 
+
+def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: CommitLog, lease: Lease, t_start: float,
+              ray_start_s: float, num_actors: int, capacity, cluster_cpus: float, memory_per_actor: int,
+              started_ray: bool, on_start, on_shard, on_listed) -> RunSummary:
+    store: OutputStore = ready["store"]
+    plan: PlanStream = ready["plan"]
+    planning: Planning = ready["planning"]
+    previous = ready["previous"]
     state = commit_log.state
     previous_parts = list(state.parts)
+    run_no = planning.run
     done_before = state.num_committed
-    images_before = state.totals["images"] + state.totals["failures"]
+    run_before = dict(state.run_totals.get(run_no, {}))
     first: dict = {}
     settings = WorkerSettings(
-        model_url=config.model, model_sha256=model_sha, memory_per_actor=memory_per_actor,
+        model_url=config.model, model_sha256=ready["identity"]["model_sha256"], memory_per_actor=memory_per_actor,
         backend=ready["backend"].name,
         num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
         normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
@@ -297,7 +421,8 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
     def grow() -> int:
         return sum(node_capacity(config.cpus_per_actor, memory_per_actor, config.node_memory_share).values())
 
-    feed = PlanFeed(plan, store, state.chunks, state.listed)
+    resume = planning.mode == "resume"
+    feed = PlanFeed(plan, store, planning, state.chunks if resume else [], state.listed if resume else None)
     pool = ActorPool(settings, num_actors, config.cpus_per_actor, None if config.num_actors is not None else grow)
     dispatcher: Dispatcher
 
@@ -308,6 +433,10 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         dispatcher.watch(compact_task.remote(config.output, config.storage_options, part, shard_ids), finished)
 
     committer = Committer(commit_log, compact, part_rows=config.part_rows)
+    if planning.mode in ("fresh", "new-run"):
+        committer.start_run(run_no, planning.first_chunk, planning.first_shard, config.incremental)
+    elif planning.mode == "continue":
+        committer.relist(run_no, planning.first_chunk)
 
     def source() -> Iterator[Shard | None]:
         for chunk in feed.chunks():
@@ -322,7 +451,9 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         if state.listed is None:
             committer.listed(**feed.facts)
         if on_listed is not None:
-            on_listed(None if plan.form == "tar" else state.listed["items"], state.listed["shards"])
+            run_shards = state.planned_end - _first_shard_of(state, run_no)
+            run_items = sum(c["items"] for c in state.chunks if c["first_shard"] >= _first_shard_of(state, run_no))
+            on_listed(None if plan.form == "tar" else run_items, run_shards)
 
     def shard_done(summary: dict) -> None:
         first.setdefault("shard", time.perf_counter() - t_start)
@@ -330,14 +461,19 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         if on_shard is not None:
             on_shard(summary)
 
+    def tick() -> None:
+        committer.tick()
+        lease.renew()
+
     dispatcher = Dispatcher(pool, source(), store, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
-                            tick=committer.tick, drained=lambda: committer.cut(final=True))
+                            tick=tick, drained=lambda: committer.cut(final=True))
     try:
         if on_start is not None:
-            on_start(num_actors, done_before, images_before)
+            on_start(num_actors, run_before.get("shards", 0),
+                     run_before.get("images", 0) + run_before.get("failures", 0))
         t_run = time.perf_counter()
         feed.start()
-        if not (state.listed and state.num_committed == state.listed["shards"]):
+        if not (resume and state.listed and state.num_committed == state.planned_end):
             pool.start()  # models load while the first chunk is listed (a finished output needs no actor)
         committer.resume()
         dispatcher.run()
@@ -348,13 +484,16 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
         try:
             committer.flush()  # what was staged and logged stays committed: a re-run skips it
         finally:
-            if previous is not None and committer.staged_now == 0 and not state.parts[len(previous_parts):]:
+            if previous is not None and committer.staged_now == 0 and not state.parts[len(previous_parts):] \
+                    and planning.mode == "resume":
                 store.write_json(MANIFEST, previous)  # refused before it changed anything: left as it was
             else:
                 stopped = isinstance(exc, KeyboardInterrupt)
-                manifest.update(status="interrupted" if stopped else "failed", finished_at=_now(),
+                status = "interrupted" if stopped else "failed"
+                manifest.update(status=status, finished_at=_now(),
                                 error=None if stopped else f"{type(exc).__name__}: {exc}"[:2000],
                                 counts=_counts(state, done_before, ready["labels"]))
+                manifest["runs"] = manifest["runs"] + [_run_entry(manifest, state, run_no, status, config)]
                 store.write_json(MANIFEST, manifest)
         raise
     finally:
@@ -363,18 +502,22 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
             ray.shutdown()
 
     listed = state.listed
-    parts_done = all(p["done"] for p in state.parts) and state.compacted_end == listed["shards"]
-    complete = state.num_committed == listed["shards"] and parts_done
-    processed_now = state.totals["images"] + state.totals["failures"] - images_before
-    identity = {**ready["identity"], "plan_fingerprint": listed["fingerprint"]}
+    end = state.planned_end
+    parts_done = all(p["done"] for p in state.parts) and state.compacted_end == end
+    complete = state.num_committed == end and parts_done
+    run_after = state.run_totals.get(run_no, {})
+    processed_now = sum(run_after.get(k, 0) - run_before.get(k, 0) for k in ("images", "failures"))
+    fingerprint = _plan_fingerprint(state)
+    identity = {**ready["identity"], "plan_fingerprint": fingerprint}
+    items = state.planned_items
     manifest.update(
         status="complete" if complete else "incomplete",
         finished_at=_now(),
         identity=identity,
-        plan={**manifest["plan"], "num_shards": listed["shards"], "chunks": listed["chunks"],
-              "num_images": None if plan.form == "tar" else listed["items"],
-              "num_tars": listed["items"] if plan.form == "tar" else None, "fingerprint": listed["fingerprint"]},
-        input={"form": plan.form, "listed": listed["items"], "skipped_non_image": listed["skipped"],
+        plan={**manifest["plan"], "num_shards": end, "chunks": len(state.chunks),
+              "num_images": None if plan.form == "tar" else items,
+              "num_tars": items if plan.form == "tar" else None, "fingerprint": fingerprint},
+        input={"form": plan.form, "listed": listed["listed"], "skipped_non_image": listed["skipped"],
                "manifest_duplicates": listed["duplicates"], "skipped_examples": listed["skipped_examples"]},
         output={"parts": len(state.parts), "part_rows": [p.get("rows") for p in state.parts][-3:]},
         cluster={"cpus": cluster_cpus, "capacity_at_start": capacity, **pool.facts(config.cpus_per_actor)},
@@ -384,14 +527,40 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
                  "total_s": time.perf_counter() - t_start,
                  "images_per_s": processed_now / run_s if run_s > 0 and processed_now else None},
     )
+    manifest["runs"] = manifest["runs"] + [_run_entry(manifest, state, run_no, manifest["status"], config)]
     manifest["warnings"] = _warnings(manifest, ready["labels"])
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)
 
 
+def _plan_fingerprint(state) -> str | None:
+    """The whole plan's fingerprint: one run's listing fingerprint, or for several runs a hash of theirs."""
+    listed = [r.get("listed") for r in state.runs] or [state.listed]
+    if any(f is None for f in listed):
+        return None
+    if len(listed) == 1:
+        return listed[0]["fingerprint"]
+    return hashlib.sha256("".join(c["sha"] for c in state.chunks).encode()).hexdigest()
+
+
+def _run_entry(manifest: dict, state, run: int, status: str, config: RunConfig) -> dict:
+    """The manifest's record of one run: when, what its listing found, what it planned and processed."""
+    facts = next((r.get("listed") or {} for r in state.runs if r["run"] == run), {}) or {}
+    first = _first_shard_of(state, run)
+    nxt = next((r["first_shard"] for r in state.runs if r["run"] > run), state.planned_end)
+    totals = state.run_totals.get(run, {})
+    return {"run_id": run, "started_at": manifest["started_at"], "finished_at": _now(), "status": status,
+            "incremental": config.incremental, "resumes": manifest["resumes"],
+            "listed": facts.get("listed"),
+            "new": facts.get("new"), "changed": facts.get("changed"), "unchanged": facts.get("unchanged"),
+            "shards": [first, nxt], "planned": sum(c["items"] for c in state.chunks if first <= c["first_shard"] < nxt),
+            "images": totals.get("images", 0), "failures": totals.get("failures", 0),
+            "detections": totals.get("detections", 0)}
+
+
 def _counts(state, done_before: int, labels) -> dict:
     done = state.totals["images"] + state.totals["failures"]
-    return {"listed": state.listed["items"] if state.listed else None, **state.totals,
+    return {"listed": state.planned_items if state.listed else None, **state.totals,
             "shards": state.num_committed, "committed_shards": state.num_committed,
             "skipped_committed_shards": done_before, "failure_types": dict(state.failure_types),
             "failure_rate": state.totals["failures"] / max(done, 1),

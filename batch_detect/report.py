@@ -87,6 +87,11 @@ def render_text(summary: dict) -> str:
         "scores: " + " ".join(f"{i / 10:.1f}-{(i + 1) / 10:.1f}:{n}" for i, n in enumerate(summary["score_bins"]) if n),
         "failures: " + (", ".join(f"{k} {v}" for k, v in summary["failure_types"]) or "none"),
     ]
+    if len(m.get("runs", [])) > 1:  # an incremental output: what each run added
+        lines.insert(2, "runs: " + ", ".join(
+            f"{r['run_id']} ({r['finished_at'][:10]}: {r['images'] + r['failures']} processed, "
+            f"{r['new'] if r.get('new') is not None else r['planned']} new, {r.get('changed') or 0} changed)"
+            for r in m["runs"]))
     return "\n".join(lines)
 
 
@@ -182,7 +187,7 @@ def write_html(summary: dict, folder: str, samples: int = 12, storage_options: d
         for u, s, e, m in summary["failure_rows"])
     text = html.escape(render_text(summary))
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>batch_detect report {html.escape(summary['manifest']['run_id'])}</title>
+<html><head><meta charset="utf-8"><title>batch_detect report run {html.escape(str(summary['manifest']['run_id']))}</title>
 <style>body{{font-family:sans-serif;margin:2em}} pre{{background:#f4f4f4;padding:1em}}
 .gallery{{display:flex;flex-wrap:wrap;gap:1em}} figure{{margin:0;max-width:320px}} img{{max-width:320px}}
 table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:4px;font-size:90%}}</style></head>

@@ -8,6 +8,7 @@ IMAGES = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
         pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.int32(), nullable=False),  # the run of the output that processed the row (1, 2, …)
         pa.field("width", pa.int32(), nullable=False),  # after EXIF orientation
         pa.field("height", pa.int32(), nullable=False),
         pa.field("num_detections", pa.int32(), nullable=False),  # at or above the score threshold
@@ -20,6 +21,7 @@ DETECTIONS = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
         pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.int32(), nullable=False),
         pa.field("class_id", pa.int32(), nullable=False),
         pa.field("label", pa.string(), nullable=True),  # null when the id is outside the labels file
         pa.field("score", pa.float32(), nullable=False),
@@ -35,13 +37,16 @@ FAILURES = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
         pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.int32(), nullable=False),
         pa.field("stage", pa.string(), nullable=False),  # read | decode | validate | infer | postprocess
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
     ]
 )
 
-# The stored plan (`_plan/chunk-*.parquet`): one row per planned image (per tar, for tar input).
-PLAN_SCHEMA = pa.schema([pa.field("shard_id", pa.string(), nullable=False), pa.field("uri", pa.string(), nullable=False)])
+# The stored plan (`_plan/chunk-*.parquet`): one row per planned image (per tar, for tar input), with the
+# version the listing gave it (size and ETag or mtime; null for manifest input outside incremental runs).
+PLAN_SCHEMA = pa.schema([pa.field("shard_id", pa.string(), nullable=False), pa.field("uri", pa.string(), nullable=False),
+                         pa.field("version", pa.string(), nullable=True)])
 
 TABLES: dict[str, pa.Schema] = {"images": IMAGES, "detections": DETECTIONS, "failures": FAILURES}

@@ -18,11 +18,14 @@ from fsspec.core import url_to_fs
 from .commitlog import LOG_DIR
 from .schema import PLAN_SCHEMA, TABLES
 
+LAYOUT = 3  # runs (run_id in every row) in one commit log, part files; 2 had no runs, 1 a file set per shard
 MANIFEST = "_manifest.json"
+LOCK = "_lock.json"
 PLAN_DIR = "_plan"
 STAGING = "_staging"
 LEGACY_COMMIT_DIR = "_shards"  # the per-shard markers of outputs written before the commit log
 ROW_GROUP_ROWS = 131_072  # rows per row group in a part: large enough for scans, small enough to buffer
+PLAN_ROW_GROUP = 8192
 
 
 def part_name(part: int) -> str:
@@ -65,31 +68,36 @@ class OutputStore:
     def read_json(self, rel: str) -> dict:
         return json.loads(self.fs.cat_file(self.path(rel)))
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def write_table(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
         self.put_atomic(rel, buf.getvalue())
 
     # --- plan -----------------------------------------------------------------------------------
 
     def write_chunk(self, chunk: int, shards) -> None:
+        # Small row groups: an incremental run streams every earlier run's plan side by side, a row group each.
         self.write_table(posixpath.join(PLAN_DIR, chunk_name(chunk)), pa.table(
-            {"shard_id": [s.shard_id for s in shards for _ in s.uris], "uri": [u for s in shards for u in s.uris]},
-            schema=PLAN_SCHEMA))
+            {"shard_id": [s.shard_id for s in shards for _ in s.uris], "uri": [u for s in shards for u in s.uris],
+             "version": [v for s in shards for v in (s.versions or (None,) * len(s.uris))]},
+            schema=PLAN_SCHEMA), row_group_size=PLAN_ROW_GROUP)
 
-    def iter_plan(self, chunks: list[dict]):
-        """(shard_id, uri) record batches of the stored plan, in order, one chunk file at a time."""
+    def iter_plan(self, chunks: list[dict], batch_size: int = 65536, columns: list[str] | None = None):
+        """Record batches (shard_id, uri, version) of the stored plan, in order, one chunk file at a time."""
         for ev in chunks:
             with self.fs.open(self.path(PLAN_DIR, chunk_name(ev["chunk"])), "rb") as fh:
-                yield from pq.ParquetFile(fh).iter_batches(batch_size=65536)
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
 
     # --- shards and parts -----------------------------------------------------------------------
 
-    def write_shard(self, shard_id: str, columns: dict[str, dict]) -> None:
-        """A shard's rows to staging; it counts once the driver logs it."""
+    def write_shard(self, shard_id: str, columns: dict[str, dict], run_id: int) -> None:
+        """A shard's rows to staging, stamped with the run that processed them; it counts once the driver
+        logs it."""
         for name, schema in TABLES.items():
+            cols = dict(columns[name])
+            cols["run_id"] = [run_id] * len(cols["uri"])
             self.write_table(posixpath.join(STAGING, name, f"{shard_id}.parquet"),
-                             pa.Table.from_pydict(columns[name], schema=schema))
+                             pa.Table.from_pydict(cols, schema=schema))
 
     def compact(self, part: int, shard_ids: list[str]) -> dict[str, int]:
         """The staged rows of `shard_ids`, in that order, into part `part` of each table; then their staging

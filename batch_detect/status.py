@@ -23,7 +23,7 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
     state = read_state(store)
     now = time.time() if now is None else now
     done = state.totals["images"] + state.totals["failures"]
-    planned = state.listed["items"] if state.listed else None
+    planned = state.planned_items if state.listed else None  # every run's plan, as `done` counts every run
     recent = [r for r in state.recent if r[0] >= now - RATE_WINDOW_S]
     rate = None
     if recent:
@@ -34,8 +34,8 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
     if state_name == "running" and last_commit is not None and now - last_commit > STALE_S:
         state_name = "stalled"  # the manifest says running, but nothing has committed for a while
     return {
-        "output": output, "state": state_name, "run_id": manifest.get("run_id"),
-        "done": done, "planned": planned, "listed_so_far": sum(c["items"] for c in state.chunks),
+        "output": output, "state": state_name, "run_id": manifest.get("run_id"), "runs": len(state.runs),
+        "done": done, "planned": planned, "listed_so_far": state.planned_items,
         "images": state.totals["images"], "failures": state.totals["failures"],
         "detections": state.totals["detections"], "failures_by_type": dict(state.failure_types),
         "shards_committed": state.num_committed, "parts": len(state.parts),
@@ -49,7 +49,8 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
 
 def render(s: dict) -> str:
     total = s["planned"] if s["planned"] is not None else f"≥{s['listed_so_far']} (still listing)"
-    lines = [f"{s['output']}: {s['state']} (run {s['run_id']})",
+    runs = f" of {s['runs']}" if s["runs"] > 1 else ""
+    lines = [f"{s['output']}: {s['state']} (run {s['run_id']}{runs})",
              f"images: {s['done']} of {total} done ({s['images']} processed, {s['failures']} failed, "
              f"{s['detections']} detections); {s['shards_committed']} shards committed, {s['parts']} parts"]
     if s["rate_images_per_s"]:

@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 
 from .commitlog import read_state
 from .errors import OutputError
+from .history import planned_objects
 from .plan import plan_input, shard_index
 from .schema import TABLES
-from .sink import MANIFEST, OutputStore, part_name
+from .sink import LAYOUT, MANIFEST, OutputStore, part_name
 
 
 @dataclass
@@ -91,18 +92,18 @@ def verify(output: str, input_url: str | None = None, storage_options: dict | No
         raise OutputError(f"{output!r} holds no {MANIFEST}: not a batch-detect output")
     manifest = store.read_json(MANIFEST)
     report.facts["status"] = manifest.get("status")
-    if manifest.get("layout", 1) != 2:
-        report.fail("this output was written by an earlier batch_detect (one set of files per shard): verify it "
-                    "with that version")
+    if manifest.get("layout", 1) != LAYOUT:
+        report.fail(f"this output was written by an earlier batch_detect (output layout {manifest.get('layout', 1)}, "
+                    f"this one reads {LAYOUT}): verify it with that version")
         return report
     state = read_state(store)
     form = manifest.get("plan", {}).get("form", "files")
     if state.listed is None:
         report.fail("the input was never listed to the end: the plan is incomplete (re-run the same command, "
                     "or with --resume, to finish)")
-    num_shards = state.listed["shards"] if state.listed else sum(c["shards"] for c in state.chunks)
-    report.facts.update(planned_images=state.listed["items"] if state.listed else None, planned_shards=num_shards,
-                        committed_shards=state.num_committed, parts=len(state.parts))
+    num_shards = state.planned_end
+    report.facts.update(planned_images=state.planned_items if state.listed else None, planned_shards=num_shards,
+                        committed_shards=state.num_committed, parts=len(state.parts), runs=len(state.runs))
     missing = num_shards - state.committed[:num_shards].count(1)
     if missing:
         examples = ", ".join(f"shard-{k:06d}" for k in state.uncommitted(num_shards))
@@ -142,17 +143,19 @@ def _check_files(store: OutputStore, state, report: Report) -> None:
 
 
 def _check_rows(store: OutputStore, state, form: str, report: Report) -> dict:
-    missing, extra, twice, orphans, wrong = (_Examples() for _ in range(5))
+    missing, extra, twice, orphans, wrong, wrong_run = (_Examples() for _ in range(6))
     totals = {"images": 0, "failures": 0, "detections": 0}
+    per_run: Counter = Counter()
     failure_types: Counter = Counter()
     plan = _plan_groups(store, state.chunks, report)
     pending = next(plan, None)
     for p in state.parts:
         if not p["done"]:
             continue
-        images = _read_part(store, "images", p["part"], ["uri", "shard_id", "num_detections"], report)
-        failures = _read_part(store, "failures", p["part"], ["uri", "shard_id", "stage", "error_type"], report)
-        dets = _read_part(store, "detections", p["part"], ["uri"], report)
+        images = _read_part(store, "images", p["part"], ["uri", "shard_id", "run_id", "num_detections"], report)
+        failures = _read_part(store, "failures", p["part"], ["uri", "shard_id", "run_id", "stage", "error_type"],
+                              report)
+        dets = _read_part(store, "detections", p["part"], ["uri", "shard_id", "run_id"], report)
         if images is None or failures is None or dets is None:
             continue
         totals["images"] += len(images["uri"])
@@ -162,6 +165,12 @@ def _check_rows(store: OutputStore, state, form: str, report: Report) -> dict:
         rows: dict[int, list[str]] = {}
         for uri, sid in zip(images["uri"] + failures["uri"], images["shard_id"] + failures["shard_id"]):
             rows.setdefault(shard_index(sid), []).append(uri)
+        # Each row carries the run that planned its shard: the history readers' "current rows" rely on it.
+        for table in (images, failures, dets):
+            for uri, sid, run in zip(table["uri"], table["shard_id"], table["run_id"]):
+                if run != state.run_of(shard_index(sid)):
+                    wrong_run.add(f"{uri} (run_id {run}, its shard belongs to run {state.run_of(shard_index(sid))})")
+        per_run.update(images["run_id"] + failures["run_id"])
         for k in sorted(rows):
             if not p["first"] <= k < p["end"]:
                 extra.add(f"{rows[k][0]} (shard {k} in part {p['part']})", len(rows[k]))
@@ -188,7 +197,9 @@ def _check_rows(store: OutputStore, state, form: str, report: Report) -> dict:
         report.fail(f"detections for {orphans.n} images that are not in images: {orphans}")
     if wrong:
         report.fail(f"num_detections disagrees with the detections table for {wrong.n} images: {wrong}")
-    return {**totals, "failure_types": dict(failure_types)}
+    if wrong_run:
+        report.fail(f"{wrong_run.n} rows carry another run_id than the run that planned them: {wrong_run}")
+    return {**totals, "failure_types": dict(failure_types), "rows_per_run": dict(sorted(per_run.items()))}
 
 
 def _compare_shard(form: str, planned: list[str], got: list[str], missing, extra, twice) -> None:
@@ -222,7 +233,10 @@ def _check_input(store: OutputStore, state, manifest: dict, input_url: str, stor
                        shard_size=cfg.get("shard_size", 64), image_column=cfg.get("image_column"),
                        id_column=cfg.get("id_column"), storage_options=storage_options)
     now = (u for shard in again.shards for u in shard.uris)
-    stored = (u for _, uris in _plan_groups(store, state.chunks, report) for u in uris)
+    if form == "parquet":
+        stored = (u for _, uris in _plan_groups(store, state.chunks, report) for u in uris)
+    else:  # every run's plan merged in URI order, each object once (a changed one was planned again)
+        stored = (uri for uri, _ in itertools.groupby(row[0] for row in planned_objects(store, state)))
     new, gone = _Examples(), _Examples()
     listed = 0
     if form == "parquet":  # ids follow row order, not sorted order: compared position by position

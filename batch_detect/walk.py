@@ -19,11 +19,23 @@ from typing import Callable, Iterator
 
 from fsspec.asyn import sync
 
-__all__ = ["walk"]
+__all__ = ["walk", "version_of"]
 
 _PAGE = 1000  # S3's largest page: the unit of buffering per directory
 
-Entry = tuple[str, bool]  # (name within its directory, is a directory)
+Entry = tuple[str, bool, "str | None"]  # (name within its directory, is a directory, the file's version)
+
+
+def version_of(info: dict) -> str | None:
+    """What the store says about a file's content, as one string: its size and ETag (object stores) or
+    modification time (file systems). Equal versions mean unchanged content for incremental runs."""
+    size = info.get("size", info.get("Size"))
+    for key in ("ETag", "etag", "md5", "mtime_ns", "mtime", "LastModified", "last_modified", "created"):
+        tag = info.get(key)
+        if tag is not None:
+            tag = tag.strip('"') if isinstance(tag, str) else tag
+            return f"{size}:{tag.isoformat() if hasattr(tag, 'isoformat') else tag}"
+    return None if size is None else f"{size}:"
 
 
 def _key(entry: Entry) -> str:
@@ -31,8 +43,9 @@ def _key(entry: Entry) -> str:
     return entry[0] + "/" if entry[1] else entry[0]
 
 
-def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64) -> Iterator[str]:
-    """Every file under `root` (fsspec paths as `fs` names them, no protocol), in sorted path order.
+def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: bool = False) -> Iterator:
+    """Every file under `root` (fsspec paths as `fs` names them, no protocol), in sorted path order; with
+    `versions`, (path, version) pairs (see `version_of`: from the listing itself, no request per file).
     Streaming: memory is bounded by the directories in flight, not by the number of files.
 
     Local folders are walked with os.scandir (directory symlinks are not followed; symlinks to files are
@@ -48,17 +61,20 @@ def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64) -> Iterator[s
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     root = fs._strip_protocol(root)
     if {"file", "local"} & set(protocols):
-        return _walk_local(root)
-    base = root if root.endswith("/") else root + "/"
-    if callable(getattr(fs, "_call_s3", None)):  # s3fs: paged, uncached requests
-        return _walk_store(base, lambda base, is_root: _S3Level(fs, base, is_root), workers, lookahead)
-    return _walk_store(base, lambda base, is_root: _LsLevel(fs, base), workers, lookahead)
+        found = _walk_local(root, versions)
+    else:
+        base = root if root.endswith("/") else root + "/"
+        if callable(getattr(fs, "_call_s3", None)):  # s3fs: paged, uncached requests
+            found = _walk_store(base, lambda base, is_root: _S3Level(fs, base, is_root), workers, lookahead)
+        else:
+            found = _walk_store(base, lambda base, is_root: _LsLevel(fs, base), workers, lookahead)
+    return found if versions else (path for path, _ in found)
 
 
-def _walk_local(root: str) -> Iterator[str]:
+def _walk_local(root: str, versions: bool) -> Iterator[tuple[str, str | None]]:
     def entries(path: str) -> Iterator[os.DirEntry]:
         with os.scandir(path) as it:
-            return iter(sorted(it, key=lambda e: _key((e.name, e.is_dir(follow_symlinks=False)))))
+            return iter(sorted(it, key=lambda e: _key((e.name, e.is_dir(follow_symlinks=False), None))))
 
     stack = [entries(root)]
     while stack:
@@ -68,7 +84,11 @@ def _walk_local(root: str) -> Iterator[str]:
         elif entry.is_dir(follow_symlinks=False):
             stack.append(entries(entry.path))
         elif entry.is_file():
-            yield entry.path
+            if versions:
+                st = entry.stat()
+                yield entry.path, f"{st.st_size}:{st.st_mtime_ns}"
+            else:
+                yield entry.path, None
 
 
 class _Dir:
@@ -91,7 +111,7 @@ class _Dir:
 
 
 def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: int,
-                lookahead: int) -> Iterator[str]:
+                lookahead: int) -> Iterator[tuple[str, str | None]]:
     pool = ThreadPoolExecutor(workers, thread_name_prefix="walk")
     ahead: dict[str, _Dir] = {}  # directories being listed before the consumer reaches them
 
@@ -103,7 +123,7 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: i
         for d in reversed(stack):
             if room <= 0:
                 return
-            for name, is_dir in d.ready:
+            for name, is_dir, _ in d.ready:
                 base = d.base + name + "/"
                 if is_dir and base not in ahead:
                     ahead[base] = _Dir(base, level(base, False), pool)
@@ -122,13 +142,13 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: i
                     d.refill()
                     prefetch()
                 continue
-            name, is_dir = d.ready.popleft()
+            name, is_dir, version = d.ready.popleft()
             if is_dir:
                 base = d.base + name + "/"
                 stack.append(ahead.pop(base, None) or _Dir(base, level(base, False), pool))
                 prefetch()
             else:
-                yield d.base + name
+                yield d.base + name, version
     finally:
         # A consumer that stops early must not leave listings queued: cancel them, don't wait for them.
         pool.shutdown(wait=False, cancel_futures=True)
@@ -160,8 +180,9 @@ class _S3Level:
             raise FileNotFoundError(f"{self.bucket}/{self.prefix}")
         self.must_exist = False
         n = len(self.prefix)
-        entries = [(p["Prefix"][n:-1], True) for p in prefixes]
-        entries += [(c["Key"][n:], False) for c in contents if c["Key"][n:]]  # '' is the directory's marker
+        entries = [(p["Prefix"][n:-1], True, None) for p in prefixes]
+        entries += [(c["Key"][n:], False, version_of(c))  # '' is the directory's marker
+                    for c in contents if c["Key"][n:]]
         return sorted(entries, key=_key), done
 
 
@@ -187,5 +208,5 @@ class _LsLevel:
             if is_dir:
                 name = name.rstrip("/")
             if name and "/" not in name:  # skips the directory itself and zero-byte 'x/' markers
-                entries.append((name, is_dir))
+                entries.append((name, is_dir, None if is_dir else version_of(info)))
         return sorted(entries, key=_key), True

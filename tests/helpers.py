@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 from PIL import Image
@@ -121,3 +124,22 @@ def write_corpus(folder: str) -> dict[str, tuple]:
     for name, etype in write_bad_inputs(folder).items():
         expected[name] = ("fail", etype)
     return expected
+
+
+def kill_driver_when(cmd: list[str], ready, timeout: float = 180) -> None:
+    """Run a `batch-detect` driver (embedded Ray) and SIGKILL it once `ready()` holds; fail with its output
+    if it ends or times out first."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        deadline = time.time() + timeout
+        while not ready() and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert driver.poll() is None and ready(), driver.stdout.read().decode()[-3000:] if driver.poll() is not None \
+            else f"not ready after {timeout}s"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()

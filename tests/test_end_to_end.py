@@ -114,5 +114,5 @@ def test_float32_model_and_rerun_protection(local_ray, models_dir, dataset, tmp_
     with pytest.raises(OutputError, match="--overwrite"):
         run_job(models_dir, images, out)
     again = run_job(models_dir, images, out, overwrite=True, num_actors=1)
-    assert again["run_id"] != manifest["run_id"] and again["cluster"]["actors"] == 1
+    assert again["output_id"] != manifest["output_id"] and again["run_id"] == 1 and again["cluster"]["actors"] == 1
     check_invariant(out)

@@ -19,7 +19,7 @@ from batch_detect.errors import OutputError
 from batch_detect.pipeline import run
 from batch_detect.synthetic import write_dataset
 from batch_detect.verify import verify
-from helpers import committed_count, write_bad_inputs
+from helpers import committed_count, kill_driver_when, write_bad_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ((160, 120), (120, 160), (200, 150))
@@ -89,15 +89,7 @@ def test_killed_driver_then_resume_finishes_without_duplicates(models_dir, many_
            os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", images, "--output", out,
            "--shard-size", "8", "--num-actors", "1"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        wait_for(lambda: markers(out) >= 3 or driver.poll() is not None, 180, "the first committed shards")
-        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    kill_driver_when(cmd, lambda: markers(out) >= 3)
     committed_before = markers(out)
     assert not verify(out).ok  # half done: verify must say so
 
