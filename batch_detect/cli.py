@@ -9,7 +9,7 @@ import sys
 
 from .config import _SECRET_KEY, IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
 from .decoding import OUTPUT_FORMATS
-from .errors import BatchDetectError
+from .errors import BatchDetectError, FailureRateExceeded, Terminated
 from .geometry import RESIZE_MODES
 from .progress import Progress
 
@@ -316,12 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             summary = run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
                           on_listed=lambda images, shards: progress["bar"].listed(images, shards))
+        except FailureRateExceeded as exc:
+            print(f"batch-detect: {exc}", file=sys.stderr)
+            return 1
         except BatchDetectError as exc:
             print(f"batch-detect: error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             print("batch-detect: interrupted; the output is incomplete (see its _manifest.json)", file=sys.stderr)
-            return 130
+            return 143 if isinstance(exc, Terminated) else 130
         manifest = summary.manifest
         if summary.nothing_new is not None:
             n = summary.nothing_new

@@ -355,11 +355,18 @@ class Dispatcher:
         self.inflight: dict = {}  # ObjectRef -> (actor index, work)
         self.isolating: dict[str, _Isolation] = {}
         self.watched: dict = {}  # ObjectRef -> callback(result)
-        self.exhausted = self.starved = False
+        self.exhausted = self.starved = self.stopping = False
         self.no_actor_since: float | None = None
 
     def watch(self, ref, callback: Callable) -> None:
         self.watched[ref] = callback
+
+    def stop(self) -> None:
+        """Stop now: queued shards are dropped and results still in flight are not committed (a re-run
+        does them); what is committed is compacted (the `drained` hook) and the loop returns."""
+        self.stopping = self.exhausted = True
+        self.pending.clear()
+        self.isolating.clear()
 
     def run(self) -> None:
         while True:
@@ -367,7 +374,7 @@ class Dispatcher:
             self.pool.grow(len(self.pending))
             self._assign()
             self.tick()
-            if self.exhausted and not (self.pending or self.inflight or self.isolating):
+            if self.exhausted and (self.stopping or not (self.pending or self.inflight or self.isolating)):
                 if not self.was_drained:  # every shard is staged: the caller may start last work (compaction)
                     self.was_drained = True
                     self.drained()
@@ -433,6 +440,8 @@ class Dispatcher:
     def _result(self, ref) -> None:
         i, work, weight = self.inflight.pop(ref)
         self.pool.load[i] -= weight
+        if self.stopping:
+            return
         try:
             result = ray.get(ref)
         except (RayActorError, WorkerCrashedError) as exc:

@@ -38,6 +38,17 @@ class MissingExtra(BatchDetectError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 
 
+# --- run-level: the run stopped itself; what it committed stays, exit code 1 ---------------------
+
+
+class FailureRateExceeded(BatchDetectError):
+    """More than --max-failure-rate of the images failed once enough had been processed to judge."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, `ray job stop`): stops the run as Ctrl-C does."""
+
+
 # --- per-image: each becomes one failure record ----------------------------------------------------
 
 

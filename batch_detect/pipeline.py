@@ -15,11 +15,13 @@ planned (or whose version changed), numbers its shards after theirs, and stamps 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
 import logging
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -35,7 +37,7 @@ from .commitlog import LOG_DIR, CommitLog, LogState
 from .committer import Committer
 from .distributed import (MIB, PREFETCH, ActorPool, Dispatcher, WorkerSettings, compact_task, connect,
                           estimate_actor_memory, node_capacity, size_pool)
-from .errors import ModelError, OutputError
+from .errors import FailureRateExceeded, ModelError, OutputError, Terminated
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .labels import embedded_labels, load_labels
 from .history import Selection, select_new, with_versions
@@ -315,6 +317,25 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
             lease.release()
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what Kubernetes and `ray job stop` send) stops the run as Ctrl-C does: committed shards
+    stay committed and the manifest says interrupted, within a second. `ray job stop` sends SIGKILL 3 s
+    later (RAY_JOB_STOP_WAIT_TIME_S), so nothing slow may happen on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed) -> RunSummary:
     ready = prepare(config)
     store: OutputStore = ready["store"]
@@ -387,8 +408,9 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
             ray.shutdown()
         raise
     try:
-        return _dispatch(config, ready, manifest, commit_log, lease, t_start, ray_start_s, num_actors, capacity,
-                         cluster_cpus, memory_per_actor, started_ray, on_start, on_shard, on_listed)
+        with _sigterm_as_interrupt():
+            return _dispatch(config, ready, manifest, commit_log, lease, t_start, ray_start_s, num_actors, capacity,
+                             cluster_cpus, memory_per_actor, started_ray, on_start, on_shard, on_listed)
     finally:
         if owns_lease:
             lease.release()
@@ -455,11 +477,19 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
             run_items = sum(c["items"] for c in state.chunks if c["first_shard"] >= _first_shard_of(state, run_no))
             on_listed(None if plan.form == "tar" else run_items, run_shards)
 
+    failing: dict = {"images": 0, "failures": 0, "types": {}}
+    stopped: list[str] = []
+
     def shard_done(summary: dict) -> None:
         first.setdefault("shard", time.perf_counter() - t_start)
         committer.shard(summary)
         if on_shard is not None:
             on_shard(summary)
+        if config.max_failure_rate is not None and not stopped:
+            why = _failing_fast(failing, summary, config.max_failure_rate)
+            if why:
+                stopped.append(why)
+                dispatcher.stop()  # what is in flight commits and is compacted; nothing new starts
 
     def tick() -> None:
         committer.tick()
@@ -478,6 +508,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         committer.resume()
         dispatcher.run()
         committer.flush()
+        if stopped:
+            raise FailureRateExceeded(stopped[0])
         run_s = time.perf_counter() - t_run
     except BaseException as exc:
         feed.close()
@@ -531,6 +563,26 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     manifest["warnings"] = _warnings(manifest, ready["labels"])
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)
+
+
+FAIL_FAST_MIN = 500  # images an invocation processes before --max-failure-rate may stop it early
+
+
+def _failing_fast(seen: dict, summary: dict, limit: float) -> str | None:
+    """Why to stop now: over `limit` of this invocation's images failed, after at least FAIL_FAST_MIN
+    (a resumed run is judged on what it does itself, so fixing the cause lets it go on)."""
+    seen["images"] += summary["images"]
+    seen["failures"] += summary["failures"]
+    for kind, n in summary.get("failure_types", {}).items():
+        seen["types"][kind] = seen["types"].get(kind, 0) + n
+    done = seen["images"] + seen["failures"]
+    if done < FAIL_FAST_MIN or seen["failures"] <= limit * done:
+        return None
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(seen["types"].items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"{seen['failures']} of the first {done} images failed ({seen['failures'] / done:.0%}), over "
+            f"--max-failure-rate {limit:g} ({kinds}): stopped early instead of running the whole input. What was "
+            "processed is committed; fix the cause (the model, the input, credentials) and re-run the same "
+            "command to go on, or pass --overwrite to start again")
 
 
 def _plan_fingerprint(state) -> str | None:

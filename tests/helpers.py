@@ -126,9 +126,9 @@ def write_corpus(folder: str) -> dict[str, tuple]:
     return expected
 
 
-def kill_driver_when(cmd: list[str], ready, timeout: float = 180) -> None:
-    """Run a `batch-detect` driver (embedded Ray) and SIGKILL it once `ready()` holds; fail with its output
-    if it ends or times out first."""
+def kill_driver_when(cmd: list[str], ready, timeout: float = 180, sig: int = signal.SIGKILL) -> tuple[int, str]:
+    """Run a `batch-detect` driver (embedded Ray) and send it `sig` once `ready()` holds; fail with its output
+    if it ends or times out first. Returns its exit code and output (it has 30 s to exit)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "RAY_ADDRESS": ""}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root)
@@ -138,8 +138,9 @@ def kill_driver_when(cmd: list[str], ready, timeout: float = 180) -> None:
             time.sleep(0.1)
         assert driver.poll() is None and ready(), driver.stdout.read().decode()[-3000:] if driver.poll() is not None \
             else f"not ready after {timeout}s"
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(30)
+        os.kill(driver.pid, sig)
+        output = driver.communicate(timeout=30)[0].decode()
+        return driver.returncode, output
     finally:
         if driver.poll() is None:
             driver.kill()
