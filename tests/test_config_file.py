@@ -57,3 +57,28 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, models_dir):
     bad = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--config", str(job), "--shard-sise", "3"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("line, key, expected, given", [
+    ('score_threshold = "high"', "score_threshold", "must be a number", "a string 'high'"),
+    ("shard_size = 3.5", "shard_size", "must be an integer", "a decimal number 3.5"),
+    ('input = ["a/", "b/"]', "input", "must be a string", "a list ['a/', 'b/']"),
+    ('storage_options = "key=AKIA1,secret=s3cr3t"', "storage_options", "must be a table", "a string"),
+])
+def test_wrongly_typed_values_name_the_key_the_type_and_the_value(tmp_path, line, key, expected, given):
+    job = tmp_path / "job.toml"
+    job.write_text(f'model = "m.tflite"\noutput = "o"\n{line}\n' + ("" if key == "input" else 'input = "i"\n'))
+    with pytest.raises(ConfigError) as err:
+        parse("--config", str(job))
+    message = str(err.value)
+    assert key in message and expected in message and given in message and str(job) in message
+    assert "s3cr3t" not in message  # a storage_options string can carry credentials
+
+
+def test_a_wrongly_typed_value_exits_2_without_a_traceback(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('model = "m.tflite"\ninput = "i"\noutput = "o"\nscore_threshold = "high"\n')
+    result = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--config", str(job)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "score_threshold" in result.stderr and "must be a number" in result.stderr
