@@ -12,6 +12,7 @@ from .decoding import OUTPUT_FORMATS
 from .errors import ConfigError
 from .geometry import RESIZE_MODES
 from .preprocess import mean_std_spec
+from .storage import check_storage_options
 
 NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")
@@ -120,6 +121,8 @@ class RunConfig:
         self.model, self.input, self.output = (absolute_local(u) for u in (self.model, self.input, self.output))
         self.labels = absolute_local(self.labels) if self.labels else None
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
+        check_storage_options(self.storage_options, {"--model": self.model, "--input": self.input,
+                                                     "--output": self.output, "--labels": self.labels or ""})
         return self
 
     @property

@@ -59,3 +59,27 @@ def test_bad_input_and_labels(tmp_path, models_dir, images):
     result = cli("--model", model, "--input", images, "--output", str(out), "--score-threshold", "2")
     assert result.returncode == 2 and "--score-threshold" in result.stderr
     assert not out.exists()
+
+
+def test_unknown_storage_option_keys_are_refused_with_the_closest_key(tmp_path, models_dir, images):
+    model = os.path.join(models_dir, "shapes_ssd_uint8.tflite")
+    out = tmp_path / "out"
+    result = cli("--model", model, "--input", images, "--output", str(out), "--storage-option", "bogus_key=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'bogus_key' is unknown to fsspec.LocalFileSystem" in result.stderr
+    # an s3 input: the misspelled key would otherwise send the job to AWS instead of the given endpoint
+    result = cli("--model", model, "--input", "s3://bucket/in/", "--output", str(out),
+                 "--storage-option", "endpont_url=http://127.0.0.1:9")
+    assert result.returncode == 2 and "s3fs.S3FileSystem" in result.stderr
+    assert "did you mean 'endpoint_url'?" in result.stderr
+    assert not out.exists()
+
+
+def test_storage_option_keys_the_stores_document_are_accepted():
+    from batch_detect.config import RunConfig
+
+    documented = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s", "anon": False,
+                  "client_kwargs": {"region_name": "us-east-1"}, "config_kwargs": {"retries": {"max_attempts": 1}},
+                  "profile": "dev", "use_listings_cache": False}
+    RunConfig(model="m.tflite", input="s3://b/in/", output="s3://b/out", storage_options=documented).validate()
+    RunConfig(model="m.tflite", input="in", output="out", storage_options={"auto_mkdir": True}).validate()
