@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 
@@ -222,8 +223,31 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus the closest known flag for each unrecognised one (argparse names none, while an
+    unknown key in a TOML file gets one: a flag deserves the same)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = subcommands[args.command]
+    flags = sorted({o for a in command._actions for o in a.option_strings if o.startswith("--")})
+    problems = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue  # the value of an unknown flag, or a stray word: named with the flag, or below
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        problems.append(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+    if not problems:
+        problems.append(f"unexpected argument(s): {' '.join(extras)}")
+    # Just the line, without argparse's usage block: the suggestion must not scroll out of sight.
+    command.exit(2, f"{command.prog}: error: {'; '.join(problems)} (`{command.prog} --help` lists them)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "inspect":
         from .inspect import inspect_model, render
 

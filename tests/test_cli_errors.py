@@ -83,3 +83,13 @@ def test_storage_option_keys_the_stores_document_are_accepted():
                   "profile": "dev", "use_listings_cache": False}
     RunConfig(model="m.tflite", input="s3://b/in/", output="s3://b/out", storage_options=documented).validate()
     RunConfig(model="m.tflite", input="in", output="out", storage_options={"auto_mkdir": True}).validate()
+
+
+def test_a_mistyped_flag_gets_the_closest_one(tmp_path, models_dir, images):
+    out = tmp_path / "out"
+    result = cli("--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", images,
+                 "--output", str(out), "--score-treshold", "0.3", "--shard-sise=3")
+    assert result.returncode == 2
+    assert "unknown flag --score-treshold; did you mean --score-threshold?" in result.stderr
+    assert "unknown flag --shard-sise; did you mean --shard-size?" in result.stderr
+    assert not out.exists()
