@@ -223,6 +223,18 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+_open_progress: list = []  # the run's progress bar, whose line an error must first end
+
+
+def _error(problem, prefix: str = "batch-detect: error: ") -> None:
+    """Every error the CLI prints: on a line of its own (a progress bar's line is ended first) and ending
+    with a newline, so that whatever is printed next (Ray's shutdown, the shell prompt) does not join it."""
+    for bar in _open_progress:
+        bar.end_line()
+    sys.stderr.write(prefix + str(problem).rstrip() + "\n")
+    sys.stderr.flush()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """argparse, plus the closest known flag for each unrecognised one (argparse names none, while an
     unknown key in a TOML file gets one: a flag deserves the same)."""
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0 if report["family"] else 1
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                              output_format=args.output_format,
                              labels=load_labels(args.labels, so) if args.labels else None, storage_options=so)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         print(render(result))
         if args.out:
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _quantize(args)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
     if args.command == "report":
         from .report import render_text, summarize, write_html
@@ -288,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = summarize(args.output, dict(args.storage_option), samples=args.samples)
         except (BatchDetectError, FileNotFoundError) as exc:
-            print(f"batch-detect: error: cannot read {args.output!r} as a run's output: {exc}", file=sys.stderr)
+            _error(f"cannot read {args.output!r} as a run's output: {exc}")
             return 2
         print(render_text(summary))
         folder = args.html or f"report-{summary['manifest']['run_id'][:8]}"
@@ -300,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = status(args.output, dict(args.storage_option))
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         print(json.dumps(result, indent=2) if args.json else render(result))
         return 0
@@ -308,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _verify(args)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
     if args.command == "run":
         from .pipeline import run
@@ -319,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             resumed = f" ({done_shards} shards already committed, resuming)" if done_shards else ""
             print(f"running on {actors} actors{resumed}; the input is listed as the run goes", file=sys.stderr)
             progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
+            _open_progress[:] = [progress["bar"]]
 
         try:
             config = config_from_args(args)
@@ -330,11 +343,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
                           on_listed=lambda images, shards: progress["bar"].listed(images, shards))
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         except KeyboardInterrupt:
-            print("batch-detect: interrupted; the output is incomplete (see its _manifest.json)", file=sys.stderr)
+            _error("interrupted; the output is incomplete (see its _manifest.json)", prefix="batch-detect: ")
             return 130
+        for bar in _open_progress:
+            bar.end_line()  # the summary starts on a line of its own
         manifest = summary.manifest
         if getattr(args, "json", False):
             print(json.dumps(manifest, indent=2, sort_keys=True))
@@ -346,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         rate, limit = manifest["counts"]["failure_rate"], config.max_failure_rate
         if limit is not None and rate > limit:
             kinds = ", ".join(f"{k}: {v}" for k, v in sorted(manifest["counts"]["failure_types"].items()))
-            print(f"batch-detect: {rate:.1%} of images failed, over --max-failure-rate {limit:g} "
-                  f"({kinds}); the output is complete and committed", file=sys.stderr)
+            _error(f"{rate:.1%} of images failed, over --max-failure-rate {limit:g} ({kinds}); the output is "
+                   "complete and committed", prefix="batch-detect: ")
             return 1
         return 0
     return 2
