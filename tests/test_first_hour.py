@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 import pty
+import re
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
 
+import duckdb
+
+from batch_detect.config import RunConfig
+from batch_detect.pipeline import run
 from batch_detect.synthetic import write_dataset
+from helpers import write_bad_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_on_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
@@ -53,3 +62,36 @@ def test_an_error_after_the_progress_bar_stands_on_its_own_line(tmp_path, models
     error = [ln for ln in lines if "holds both tar files and images" in ln]
     assert len(error) == 1 and error[0].startswith("batch-detect: error: input "), error
     assert text.replace("\r\n", "\n").split(error[0], 1)[1].startswith("\n")
+
+
+def readme_failure_types() -> dict[str, set[str]]:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    rows = re.findall(r"^\| `(read|decode|validate|infer|postprocess)` \| (`.*`) \|$", text, re.M)
+    return {stage: set(re.findall(r"`([a-z_]+)`", types)) for stage, types in rows}
+
+
+def dds_with_unknown_pixel_format() -> bytes:
+    """A DDS header whose pixel-format flags are none Pillow knows: its DDS plugin raises
+    NotImplementedError, an exception class no decoder error handling anticipates."""
+    header = struct.pack("<3I", 0, 64, 64) + bytes(12) + bytes(44) + struct.pack("<4I", 32, 0, 0, 0) + bytes(36)
+    return b"DDS " + struct.pack("<I", 124) + header
+
+
+def test_unexpected_exceptions_get_their_stages_documented_type(local_ray, models_dir, tmp_path):
+    images = tmp_path / "images"
+    write_dataset(str(images), 6, seed=8)
+    write_bad_inputs(str(images))
+    (images / "texture_named.jpg").write_bytes(dds_with_unknown_pixel_format())
+    out = tmp_path / "out"
+    manifest = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=str(images),
+                             output=str(out), shard_size=4)).manifest
+    assert manifest["status"] == "complete"
+    documented = readme_failure_types()
+    assert set(documented) == {"read", "decode", "validate", "infer", "postprocess"}
+    rows = duckdb.execute(f"SELECT uri, stage, error_type, message FROM read_parquet('{out}/failures/*.parquet')"
+                          ).fetchall()
+    assert len(rows) == 4
+    for uri, stage, error_type, message in rows:
+        assert error_type in documented[stage], (uri, stage, error_type, message)
+    dds = [r for r in rows if r[0].endswith("texture_named.jpg")]
+    assert dds and dds[0][1:3] == ("decode", "decode_error") and dds[0][3].startswith("NotImplementedError: ")
