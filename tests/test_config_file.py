@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from batch_detect.cli import build_parser, config_from_args
+from batch_detect.dryrun import _quotas
 from batch_detect.errors import ConfigError
 from batch_detect.synthetic import write_dataset
 
@@ -52,6 +53,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, models_dir):
                             capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr
     assert "20 images found" in result.stdout and "3 shards" in result.stdout
+    assert "sample: 16 images" in result.stdout  # the README's sample size, spread over the 3 shards
     assert "ssd_postprocess" in result.stdout and "uint8" in result.stdout and "estimate:" in result.stdout
     assert not out.exists()
     bad = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--config", str(job), "--shard-sise", "3"],
@@ -82,3 +84,8 @@ def test_a_wrongly_typed_value_exits_2_without_a_traceback(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "score_threshold" in result.stderr and "must be a number" in result.stderr
+
+
+def test_the_dry_run_sample_is_16_images_or_all_when_fewer():
+    assert sum(_quotas([8, 8, 4], 16)) == 16 and sum(_quotas([16, 1], 16)) == 16
+    assert _quotas([2, 3], 16) == [2, 3] and _quotas([64] * 20, 16).count(1) == 16
