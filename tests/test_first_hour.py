@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import glob
 import os
 import pty
 import re
@@ -95,3 +97,20 @@ def test_unexpected_exceptions_get_their_stages_documented_type(local_ray, model
         assert error_type in documented[stage], (uri, stage, error_type, message)
     dds = [r for r in rows if r[0].endswith("texture_named.jpg")]
     assert dds and dds[0][1:3] == ("decode", "decode_error") and dds[0][3].startswith("NotImplementedError: ")
+
+
+# A home or work folder of someone's own machine, as a literal: meaningless anywhere else.
+_MACHINE_PATH = re.compile(r"(?<![\w.])/(work|home|Users|root|mnt/c)/")
+
+
+def test_no_test_names_a_path_of_one_machine():
+    """Skip messages (and any other text a test prints) must make sense on any machine: paths are
+    computed (ROOT, SHARED, sys.executable), never written out."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "*.py"))):
+        if os.path.basename(path) == os.path.basename(__file__):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _MACHINE_PATH.search(node.value):
+                found.append(f"{os.path.basename(path)}:{node.lineno}: {node.value!r}")
+    assert not found, found
