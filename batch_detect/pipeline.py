@@ -33,7 +33,7 @@ from .distributed import (MIB, PREFETCH, ActorPool, Dispatcher, WorkerSettings, 
                           estimate_actor_memory, node_capacity, size_pool)
 from .errors import ModelError, OutputError
 from .interpreter import load_backend, make_interpreter, read_model, sha256
-from .labels import embedded_labels, load_labels
+from .labels import embedded_labels, label_warnings, load_labels
 from .plan import Chunk, PlanStream, Shard, chunked, plan_input
 from .sink import LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 
@@ -384,7 +384,8 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
                  "total_s": time.perf_counter() - t_start,
                  "images_per_s": processed_now / run_s if run_s > 0 and processed_now else None},
     )
-    manifest["warnings"] = _warnings(manifest, ready["labels"])
+    manifest["warnings"] = (label_warnings(ready["labels"], ready["labels_source"], ready["info"].layout)
+                            + _warnings(manifest, ready["labels"]))
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)
 
