@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-option", action="append", type=_storage_option, dest="storage_options",
                      metavar="KEY=VALUE", help="fsspec storage option (e.g. endpoint_url=...), repeatable")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    run.add_argument("--allow-nonempty-output", action="store_true",
+                     help="write into an --output inside the input, or one holding files that are not a previous "
+                          "run's (refused by default)")
     run.add_argument("--resume", action="store_true",
                      help="finish a previous run in --output (re-running the same command does this too); "
                           "refused if the model, input or settings changed")

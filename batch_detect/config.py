@@ -50,6 +50,7 @@ class RunConfig:
     memory_per_actor_mb: int | None = None  # None: estimated from the model and the prefetch depth
     node_memory_share: float = 0.8  # of each node's Ray memory that detector actors may reserve
     overwrite: bool = False
+    allow_nonempty_output: bool = False  # write into the input, or beside files that are not a previous run
     resume: bool = False  # re-running the same job into the same output resumes it anyway; this insists
     max_failure_rate: float | None = None  # exit non-zero (after committing) when failures exceed it
     storage_options: dict = field(default_factory=dict)
@@ -192,7 +193,7 @@ _EXPECTED = {
     "score_threshold": _NUMBER, "node_memory_share": _NUMBER, "max_failure_rate": _NUMBER,
     "shard_size": _INT, "max_pixels": _INT, "batch_size": _INT, "num_actors": _INT, "cpus_per_actor": _INT,
     "max_shards_in_flight": _INT, "part_rows": _INT, "memory_per_actor_mb": _INT,
-    "jpeg_draft": _BOOL, "overwrite": _BOOL, "resume": _BOOL,
+    "jpeg_draft": _BOOL, "overwrite": _BOOL, "resume": _BOOL, "allow_nonempty_output": _BOOL,
     "input_mean": "a number, a list of numbers or a comma-separated string",
     "input_std": "a number, a list of numbers or a comma-separated string",
     "extensions": "a comma-separated string or a list of strings",

@@ -26,6 +26,7 @@ import ray
 
 from . import __version__
 from .config import RunConfig
+from .destination import check_output_location
 from .detector import inspect_interpreter
 from .commitlog import LOG_DIR, CommitLog
 from .committer import Committer
@@ -88,6 +89,7 @@ def prepare(config: RunConfig) -> dict:
         store = OutputStore(config.output, so)
     except (ValueError, ImportError, OSError) as exc:
         raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
+    check_output_location(config.output, config.input, store, config.allow_nonempty_output)
     identity = {"model_sha256": sha256(model_content), "labels": labels,
                 **{k: getattr(config, k) for k in _IDENTITY_SETTINGS}}
     previous = _previous_run(store, config, identity)

@@ -93,3 +93,23 @@ def test_a_mistyped_flag_gets_the_closest_one(tmp_path, models_dir, images):
     assert "unknown flag --score-treshold; did you mean --score-threshold?" in result.stderr
     assert "unknown flag --shard-sise; did you mean --shard-size?" in result.stderr
     assert not out.exists()
+
+
+def test_an_output_among_the_input_or_beside_other_files_is_refused(tmp_path, models_dir, images):
+    model = os.path.join(models_dir, "shapes_ssd_uint8.tflite")
+    before = sorted(os.listdir(images))
+    for output, message in [(images, "is the input folder"), (os.path.join(images, "results"), "inside --input")]:
+        result = cli("--model", model, "--input", images, "--output", output)
+        assert result.returncode == 2 and message in result.stderr and "--allow-nonempty-output" in result.stderr
+    assert sorted(os.listdir(images)) == before
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"mine")
+    for extra in ([], ["--overwrite"]):  # --overwrite must not take it as a previous run to replace either
+        result = cli("--model", model, "--input", images, "--output", str(photos), *extra)
+        assert result.returncode == 2, result.stderr
+        assert "already holds 1 entries (e.g. 'holiday.jpg') and is not a batch-detect output" in result.stderr
+        assert os.listdir(photos) == ["holiday.jpg"]
+    allowed = cli("--model", model, "--input", images, "--output", str(photos), "--allow-nonempty-output",
+                  "--dry-run")
+    assert allowed.returncode == 0, allowed.stderr
