@@ -16,7 +16,7 @@ from .storage import check_storage_options
 
 NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
 # Pillow's own decompression-bomb threshold: larger images are refused, not decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.I)
