@@ -18,6 +18,10 @@ class ConfigError(BatchDetectError):
     """A setting is invalid or inconsistent; the message names the setting and the fix."""
 
 
+class StoreAccessError(ConfigError):
+    """An object store cannot be signed for or reached (credentials, endpoint): a setting to fix."""
+
+
 class InputError(BatchDetectError):
     """The input URL cannot be listed or holds no images."""
 

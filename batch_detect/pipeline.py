@@ -37,6 +37,7 @@ from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .labels import embedded_labels, label_warnings, load_labels
 from .plan import Chunk, PlanStream, Shard, chunked, plan_input
 from .sink import LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
+from .storage import check_store_access
 
 log = logging.getLogger(__name__)
 LAYOUT = 2  # outputs with a commit log and part files; 1 was one marker and file set per shard
@@ -68,6 +69,7 @@ def prepare(config: RunConfig) -> dict:
     rest is listed while the run goes."""
     config.validate()
     so = config.storage_options
+    check_store_access([config.model, config.labels, config.input, config.output], so)
     t0 = time.perf_counter()
     backend = load_backend()
     model_content = read_model(config.model, so)
