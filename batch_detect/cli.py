@@ -13,6 +13,7 @@ from .decoding import OUTPUT_FORMATS
 from .errors import BatchDetectError
 from .geometry import RESIZE_MODES
 from .progress import Progress
+from .storage import check_storage_options, check_store_access
 
 
 def _storage_option(text: str) -> tuple[str, str]:
@@ -261,8 +262,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     command.exit(2, f"{command.prog}: error: {'; '.join(problems)} (`{command.prog} --help` lists them)\n")
 
 
+# The URL arguments of the subcommands other than `run` (whose config checks its own).
+_URL_ARGS = {"model": "--model", "reference": "--reference", "input": "--input", "output": "--output",
+             "labels": "--labels", "saved_model": "--saved-model"}
+
+
+def _check_stores(args: argparse.Namespace) -> None:
+    """The same store checks as a run's: unknown --storage-option keys, credentials and endpoint."""
+    urls = {flag: getattr(args, name) for name, flag in _URL_ARGS.items() if getattr(args, name, None)}
+    options = dict(getattr(args, "storage_option", []))
+    check_storage_options(options, urls)
+    check_store_access(list(urls.values()), options)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command != "run":
+        try:
+            _check_stores(args)
+        except BatchDetectError as exc:
+            _error(exc)
+            return 2
     if args.command == "inspect":
         from .inspect import inspect_model, render
 

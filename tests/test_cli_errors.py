@@ -113,3 +113,10 @@ def test_an_output_among_the_input_or_beside_other_files_is_refused(tmp_path, mo
     allowed = cli("--model", model, "--input", images, "--output", str(photos), "--allow-nonempty-output",
                   "--dry-run")
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_other_commands_check_storage_option_keys_too(tmp_path):
+    for command in (["verify", str(tmp_path)], ["status", str(tmp_path)], ["inspect", str(tmp_path / "m.tflite")]):
+        result = subprocess.run([sys.executable, "-m", "batch_detect", *command, "--storage-option", "auto_mkdri=1"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "did you mean 'auto_mkdir'?" in result.stderr, (command, result.stderr)

@@ -155,3 +155,7 @@ def test_credential_and_endpoint_problems_are_one_sentence_before_anything_is_wr
         assert "Traceback" not in result.stderr and SECRET not in result.stderr + result.stdout
         assert time.perf_counter() - t0 < 60, f"{case}: the check took too long"
         assert not fs.exists(f"{name}/out-{case}")
+    # the other commands that read a bucket say the same
+    status = subprocess.run([sys.executable, "-m", "batch_detect", "status", f"s3://{name}/out-any",
+                             "--storage-option", endpoint], capture_output=True, text=True, timeout=120, env=env)
+    assert status.returncode == 2 and "no S3 credentials were found" in status.stderr, status.stderr[-2000:]
