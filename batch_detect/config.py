@@ -8,6 +8,7 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
+from .config_types import check_type
 from .decoding import OUTPUT_FORMATS
 from .errors import ConfigError
 from .geometry import RESIZE_MODES
@@ -185,69 +186,6 @@ def config_from_values(values: dict, source: str = "settings") -> RunConfig:
         raise ConfigError(f"{source}: {exc}") from None
 
 
-# What each setting's value may be in a TOML file or in settings given to config_from_values: a wrong type
-# would otherwise surface later as a TypeError deep in validation. bool is excluded from the numbers (it is
-# an int to Python, but `shard_size = true` is a mistake).
-_NUMBER, _INT, _TEXT, _BOOL = "a number", "an integer", "a string", "true or false"
-_EXPECTED = {
-    "score_threshold": _NUMBER, "node_memory_share": _NUMBER, "max_failure_rate": _NUMBER,
-    "shard_size": _INT, "max_pixels": _INT, "batch_size": _INT, "num_actors": _INT, "cpus_per_actor": _INT,
-    "max_shards_in_flight": _INT, "part_rows": _INT, "memory_per_actor_mb": _INT,
-    "jpeg_draft": _BOOL, "overwrite": _BOOL, "resume": _BOOL, "allow_nonempty_output": _BOOL,
-    "input_mean": "a number, a list of numbers or a comma-separated string",
-    "input_std": "a number, a list of numbers or a comma-separated string",
-    "extensions": "a comma-separated string or a list of strings",
-    "storage_options": "a table ([storage_options] with key = value lines)",
-}
-
-
-def _type_ok(expected: str, value) -> bool:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected == _NUMBER:
-        return number
-    if expected == _INT:
-        return number and isinstance(value, int)
-    if expected == _BOOL:
-        return isinstance(value, bool)
-    if expected.startswith("a number, a list"):
-        return number or isinstance(value, str) or (
-            isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                     for v in value))
-    if expected.startswith("a comma-separated string or a list"):
-        return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
-    if expected.startswith("a table"):
-        return isinstance(value, dict)
-    return isinstance(value, str)
-
-
-def _kind(value) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    return {int: "an integer", float: "a decimal number", str: "a string", list: "a list", tuple: "a list",
-            dict: "a table"}.get(type(value), type(value).__name__)
-
-
-def _check_type(name: str, value, source: str) -> None:
-    """`None` means "not set" for the optional settings; anything else must have the setting's type."""
-    default = next(f for f in fields(RunConfig) if f.name == name).default
-    if value is None and default is None:
-        return
-    expected = _EXPECTED.get(name, _TEXT)
-    if _type_ok(expected, value):
-        return
-    if name == "storage_options":
-        shown = "(not shown: it may hold credentials)"  # a string of key=value pairs can carry a secret
-    else:
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    example = {_NUMBER: 0.5, _INT: 64, _BOOL: "true", _TEXT: '"..."'}.get(expected)
-    if isinstance(default, (int, float)) and not isinstance(default, bool) and expected in (_NUMBER, _INT):
-        example = default
-    fix = f"e.g. {name} = {example}" if example is not None else "see the README's TOML example"
-    if name == "input" and isinstance(value, list):
-        fix = "give one folder, prefix or glob, or a manifest file (.txt, .csv or .parquet) listing the URIs"
-    raise ConfigError(f"{name} in {source} must be {expected}, got {_kind(value)} {shown}: {fix}")
-
-
 def _checked_keys(values: dict, source: str) -> dict:
     names = _field_names()
     out = {}
@@ -259,7 +197,8 @@ def _checked_keys(values: dict, source: str) -> dict:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown key {key!r} in {source}{hint}")
-        _check_type(name, value, source)
+        default = next(f for f in fields(RunConfig) if f.name == name).default
+        check_type(name, value, default, source)
         out[name] = value
     return out
 
