@@ -16,6 +16,7 @@ import threading
 import duckdb
 
 from batch_detect.config import RunConfig
+from batch_detect.errors import STAGES
 from batch_detect.pipeline import run
 from batch_detect.synthetic import write_dataset
 from helpers import write_bad_inputs
@@ -114,3 +115,15 @@ def test_no_test_names_a_path_of_one_machine():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and _MACHINE_PATH.search(node.value):
                 found.append(f"{os.path.basename(path)}:{node.lineno}: {node.value!r}")
     assert not found, found
+
+
+def test_the_readme_lists_every_error_type_the_code_writes():
+    documented = set().union(*readme_failure_types().values())
+    written = set()
+    for path in glob.glob(os.path.join(ROOT, "batch_detect", "*.py")):
+        text = open(path).read()
+        written |= set(re.findall(r"error_type\s*=\s*\"([a-z_]+)\"", text))
+        written |= set(re.findall(r"\"(?:read|decode|validate|infer|postprocess)\", \"([a-z_]+)\"", text))
+    written -= set(STAGES)  # the stage tuple itself matches the second pattern
+    assert "worker_crashed" in written and "corrupt_image" in written, "the scan found too little: fix the test"
+    assert written <= documented, written - documented
