@@ -19,6 +19,7 @@ from batch_detect.config import RunConfig
 from batch_detect.interpreter import load_backend, make_interpreter, read_model
 from batch_detect.labels import embedded_labels
 from batch_detect.pipeline import run
+from batch_detect.report import render_text, summarize
 from batch_detect.synthetic import write_dataset
 
 # Not the committed names, so the test knows which labels a run used.
@@ -123,6 +124,8 @@ def test_no_labels_and_more_labels_than_classes_are_warned_about(local_ray, mode
     text = io.StringIO()
     _print_summary(bare, text)
     assert "warning: no labels" in text.getvalue()
+    report = render_text(summarize(str(tmp_path / "bare")))
+    assert "class 1" in report and "warning: no labels" in report  # the report says why it shows class ids
 
     five = tmp_path / "five_labels.txt"
     five.write_text("circle\nsquare\ntriangle\nstar\nhexagon\n")  # the YOLO head [1, 4+3, N] has 3 classes
