@@ -19,11 +19,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
-# tflite-runtime (numpy<2) in its own environment, for the backend-equivalence test.
+# The project with its [tflite-runtime] extra (numpy<2), installed as a user would, in its own environment:
+# for the backend-equivalence test and a whole run with that backend.
 TFLITE_STAMP := .venv-tflite/.installed
-$(TFLITE_STAMP):
+$(TFLITE_STAMP): pyproject.toml
 	test -x .venv-tflite/bin/python || $(PYTHON) -m venv .venv-tflite
-	.venv-tflite/bin/python -m pip install -q --disable-pip-version-check 'numpy<2' 'tflite-runtime>=2.14' pillow fsspec
+	.venv-tflite/bin/python -m pip install -q --disable-pip-version-check -e '.[tflite-runtime]'
 	touch $(TFLITE_STAMP)
 
 test: $(STAMP) $(TFLITE_STAMP)

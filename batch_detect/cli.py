@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 
@@ -12,6 +13,7 @@ from .decoding import OUTPUT_FORMATS
 from .errors import BatchDetectError, FailureRateExceeded, Terminated
 from .geometry import RESIZE_MODES
 from .progress import Progress
+from .storage import check_storage_options, check_store_access
 
 
 def _storage_option(text: str) -> tuple[str, str]:
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--incremental", action="store_true",
                      help="process only what is new or changed in the input since the runs already in --output, "
                           "as a new run (rows carry its run_id); nothing new: says so and exits 0")
+    run.add_argument("--allow-nonempty-output", action="store_true",
+                     help="write into an --output inside the input, or one holding files that are not a previous "
+                          "run's (refused by default)")
     run.add_argument("--resume", action="store_true",
                      help="finish a previous run in --output (re-running the same command does this too); "
                           "refused if the model, input or settings changed")
@@ -233,15 +238,69 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+_open_progress: list = []  # the run's progress bar, whose line an error must first end
+
+
+def _error(problem, prefix: str = "batch-detect: error: ") -> None:
+    """Every error the CLI prints: on a line of its own (a progress bar's line is ended first) and ending
+    with a newline, so that whatever is printed next (Ray's shutdown, the shell prompt) does not join it."""
+    for bar in _open_progress:
+        bar.end_line()
+    sys.stderr.write(prefix + str(problem).rstrip() + "\n")
+    sys.stderr.flush()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus the closest known flag for each unrecognised one (argparse names none, while an
+    unknown key in a TOML file gets one: a flag deserves the same)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = subcommands[args.command]
+    flags = sorted({o for a in command._actions for o in a.option_strings if o.startswith("--")})
+    problems = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue  # the value of an unknown flag, or a stray word: named with the flag, or below
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        problems.append(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+    if not problems:
+        problems.append(f"unexpected argument(s): {' '.join(extras)}")
+    # Just the line, without argparse's usage block: the suggestion must not scroll out of sight.
+    command.exit(2, f"{command.prog}: error: {'; '.join(problems)} (`{command.prog} --help` lists them)\n")
+
+
+# The URL arguments of the subcommands other than `run` (whose config checks its own).
+_URL_ARGS = {"model": "--model", "reference": "--reference", "input": "--input", "output": "--output",
+             "labels": "--labels", "saved_model": "--saved-model"}
+
+
+def _check_stores(args: argparse.Namespace) -> None:
+    """The same store checks as a run's: unknown --storage-option keys, credentials and endpoint."""
+    urls = {flag: getattr(args, name) for name, flag in _URL_ARGS.items() if getattr(args, name, None)}
+    options = dict(getattr(args, "storage_option", []))
+    check_storage_options(options, urls)
+    check_store_access(list(urls.values()), options)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.command != "run":
+        try:
+            _check_stores(args)
+        except BatchDetectError as exc:
+            _error(exc)
+            return 2
     if args.command == "inspect":
         from .inspect import inspect_model, render
 
         try:
             report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0 if report["family"] else 1
@@ -256,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                              output_format=args.output_format,
                              labels=load_labels(args.labels, so) if args.labels else None, storage_options=so)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         print(render(result))
         if args.out:
@@ -267,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _quantize(args)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
     if args.command == "report":
         from .report import render_text, summarize, write_html
@@ -275,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = summarize(args.output, dict(args.storage_option), samples=args.samples)
         except (BatchDetectError, FileNotFoundError) as exc:
-            print(f"batch-detect: error: cannot read {args.output!r} as a run's output: {exc}", file=sys.stderr)
+            _error(f"cannot read {args.output!r} as a run's output: {exc}")
             return 2
         print(render_text(summary))
         folder = args.html or f"report-run{summary['manifest']['run_id']}"
@@ -287,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = status(args.output, dict(args.storage_option))
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         print(json.dumps(result, indent=2) if args.json else render(result))
         return 0
@@ -295,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _verify(args)
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
     if args.command == "run":
         from .pipeline import run
@@ -306,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             resumed = f" ({done_shards} shards already committed, resuming)" if done_shards else ""
             print(f"running on {actors} actors{resumed}; the input is listed as the run goes", file=sys.stderr)
             progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
+            _open_progress[:] = [progress["bar"]]
 
         try:
             config = config_from_args(args)
@@ -317,14 +377,17 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
                           on_listed=lambda images, shards: progress["bar"].listed(images, shards))
         except FailureRateExceeded as exc:
-            print(f"batch-detect: {exc}", file=sys.stderr)
+            _error(exc, prefix="batch-detect: ")
             return 1
         except BatchDetectError as exc:
-            print(f"batch-detect: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
         except KeyboardInterrupt as exc:
-            print("batch-detect: interrupted; the output is incomplete (see its _manifest.json)", file=sys.stderr)
+            _error("interrupted: what was committed stays in the output; re-run the same command (or add --resume) "
+                   "to go on", prefix="batch-detect: ")
             return 143 if isinstance(exc, Terminated) else 130
+        for bar in _open_progress:
+            bar.end_line()  # the summary starts on a line of its own
         manifest = summary.manifest
         if summary.nothing_new is not None:
             n = summary.nothing_new
@@ -344,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         rate, limit = manifest["counts"]["failure_rate"], config.max_failure_rate
         if limit is not None and rate > limit:
             kinds = ", ".join(f"{k}: {v}" for k, v in sorted(manifest["counts"]["failure_types"].items()))
-            print(f"batch-detect: {rate:.1%} of images failed, over --max-failure-rate {limit:g} "
-                  f"({kinds}); the output is complete and committed", file=sys.stderr)
+            _error(f"{rate:.1%} of images failed, over --max-failure-rate {limit:g} ({kinds}); the output is "
+                   "complete and committed", prefix="batch-detect: ")
             return 1
         return 0
     return 2

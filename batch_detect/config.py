@@ -8,14 +8,16 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
+from .config_types import check_type
 from .decoding import OUTPUT_FORMATS
 from .errors import ConfigError
 from .geometry import RESIZE_MODES
 from .preprocess import mean_std_spec
+from .storage import check_storage_options
 
 NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
 # Pillow's own decompression-bomb threshold: larger images are refused, not decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.I)
@@ -50,6 +52,7 @@ class RunConfig:
     node_memory_share: float = 0.8  # of each node's Ray memory that detector actors may reserve
     overwrite: bool = False
     incremental: bool = False  # add what is new in the input to the output as a new run (see pipeline)
+    allow_nonempty_output: bool = False  # write into the input, or beside files that are not a previous run
     resume: bool = False  # re-running the same job into the same output resumes it anyway; this insists
     max_failure_rate: float | None = None  # exit non-zero (after committing) when failures exceed it
     storage_options: dict = field(default_factory=dict)
@@ -124,6 +127,8 @@ class RunConfig:
         self.model, self.input, self.output = (absolute_local(u) for u in (self.model, self.input, self.output))
         self.labels = absolute_local(self.labels) if self.labels else None
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
+        check_storage_options(self.storage_options, {"--model": self.model, "--input": self.input,
+                                                     "--output": self.output, "--labels": self.labels or ""})
         return self
 
     @property
@@ -196,6 +201,8 @@ def _checked_keys(values: dict, source: str) -> dict:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+        default = next(f for f in fields(RunConfig) if f.name == name).default
+        check_type(name, value, default, source)
         out[name] = value
     return out
 

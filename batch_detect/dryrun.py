@@ -3,6 +3,7 @@ writing anything: the listing and plan, the model's family and I/O, and the mode
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -34,6 +35,16 @@ def _sample(shards, k: int):
     return n, items, sorted(picked, key=lambda s: s.index)
 
 
+def _quotas(sizes: list[int], k: int) -> list[int]:
+    """Up to k items taken round-robin from groups of these sizes: k in all unless the groups hold fewer."""
+    quotas, left = [0] * len(sizes), k
+    while left and any(q < n for q, n in zip(quotas, sizes)):
+        for i, n in enumerate(sizes):
+            if left and quotas[i] < n:
+                quotas[i], left = quotas[i] + 1, left - 1
+    return quotas
+
+
 def dry_run(config: RunConfig) -> str:
     ready = prepare(config)  # every check a run makes before it starts; writes nothing
     plan, info = ready["plan"], ready["info"]
@@ -43,21 +54,19 @@ def dry_run(config: RunConfig) -> str:
                         normalization=config.pixel_normalization, max_pixels=config.max_pixels,
                         model_url=config.model, output_format=config.output_format)
     reader = Reader(config.storage_options)
-    # The sample: images spread over the plan (files, Parquet rows), or the first sampled tar's members.
+    # The sample: SAMPLE images spread over the sampled shards (files, Parquet rows, tar members).
     t0 = time.perf_counter()
     failures = sampled = 0
-    for shard in picked:
-        for uri, get_bytes in shard_items(shard, reader, config.extensions, config.image_column, {}):
+    sizes = [len(s.uris) if plan.form != "tar" else SAMPLE for s in picked]  # a tar's members are not counted yet
+    for shard, quota in zip(picked, _quotas(sizes, SAMPLE)):
+        items = shard_items(shard, reader, config.extensions, config.image_column, {})
+        for uri, get_bytes in itertools.islice(items, quota):
             try:
                 data = get_bytes()
             except Exception:
                 data = None
             failures += int(data is None or not hasattr(detector.process(uri, data), "detections"))
             sampled += 1
-            if sampled >= SAMPLE or plan.form != "tar":
-                break
-        if sampled >= SAMPLE:
-            break
     per_image = (time.perf_counter() - t0) / max(sampled, 1)
 
     if config.address or os.environ.get("RAY_ADDRESS"):

@@ -18,6 +18,10 @@ class ConfigError(BatchDetectError):
     """A setting is invalid or inconsistent; the message names the setting and the fix."""
 
 
+class StoreAccessError(ConfigError):
+    """An object store cannot be signed for or reached (credentials, endpoint): a setting to fix."""
+
+
 class InputError(BatchDetectError):
     """The input URL cannot be listed or holds no images."""
 
@@ -97,8 +101,16 @@ class PostprocessError(ImageError):
     error_type = "postprocess_error"
 
 
+# The general type of each stage, for exceptions nobody anticipated (a Pillow plugin's NotImplementedError,
+# a KeyError in a decoder): `error_type` keeps to the documented values, so that queries grouping by it
+# need not know every library's exception classes; the class name goes into the message.
+STAGE_ERROR_TYPES = {cls.stage: cls.error_type for cls in (ReadError, DecodeError, ImageError, InferenceError,
+                                                           PostprocessError)}
+
+
 def failure_fields(exc: BaseException, default_stage: str) -> tuple[str, str, str]:
-    """(stage, error_type, message) for a failure record; unexpected exceptions keep their class name."""
+    """(stage, error_type, message) for a failure record."""
     if isinstance(exc, ImageError):
         return exc.stage, exc.error_type, str(exc)
-    return default_stage, type(exc).__name__, str(exc) or type(exc).__name__
+    detail = str(exc)
+    return default_stage, STAGE_ERROR_TYPES[default_stage], type(exc).__name__ + (f": {detail}" if detail else "")

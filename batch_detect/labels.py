@@ -60,3 +60,19 @@ def embedded_labels(model_content: bytes) -> tuple[list[str | None], str] | None
         return None  # no zip, or no readable labels in it: the model is used without labels
     labels = parse_labels(text)
     return (labels, name) if labels else None
+
+
+def label_warnings(labels: list | None, labels_source: str | None, layout) -> list[str]:
+    """What a run says about its labels before anyone reads a null `label` column: none at all, or more
+    than the model has classes (known only where the output's shape tells the class count: YOLO heads).
+    Too few is counted from the detections themselves (the run's unlabelled class ids)."""
+    if labels is None:
+        return ["no labels: every detection's label is null (class_id is written). Labels come from --labels "
+                "FILE (one per line, line number = class id) or from a labels file embedded in the model's "
+                "metadata zip; this model has none"]
+    classes = getattr(layout, "num_classes", None)
+    if classes is not None and len(labels) > classes:
+        return [f"{len(labels)} labels ({labels_source}) but the model has {classes} classes (output "
+                f"{layout.output.name!r} {list(layout.output.shape)}); labels beyond class id {classes - 1} are "
+                "never used. Check that the labels belong to this model"]
+    return []

@@ -32,6 +32,7 @@ import ray
 
 from . import __version__
 from .config import RunConfig
+from .destination import check_output_location
 from .detector import inspect_interpreter
 from .commitlog import LOG_DIR, CommitLog, LogState
 from .committer import Committer
@@ -39,11 +40,12 @@ from .distributed import (MIB, PREFETCH, ActorPool, Dispatcher, WorkerSettings, 
                           estimate_actor_memory, node_capacity, size_pool)
 from .errors import FailureRateExceeded, ModelError, OutputError, Terminated
 from .interpreter import load_backend, make_interpreter, read_model, sha256
-from .labels import embedded_labels, load_labels
 from .history import Selection, select_new, with_versions
+from .labels import embedded_labels, label_warnings, load_labels
 from .lease import Lease
 from .plan import Chunk, PlanStream, Shard, chunked, plan_input, stored_shards
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
+from .storage import check_store_access
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ def prepare(config: RunConfig) -> dict:
     rest is listed while the run goes."""
     config.validate()
     so = config.storage_options
+    check_store_access([config.model, config.labels, config.input, config.output], so)
     t0 = time.perf_counter()
     backend = load_backend()
     model_content = read_model(config.model, so)
@@ -93,6 +96,7 @@ def prepare(config: RunConfig) -> dict:
         store = OutputStore(config.output, so)
     except (ValueError, ImportError, OSError) as exc:
         raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
+    check_output_location(config.output, config.input, store, config.allow_nonempty_output)
     identity = {"model_sha256": sha256(model_content), "labels": labels,
                 **{k: getattr(config, k) for k in _IDENTITY_SETTINGS}}
     previous = _previous_run(store, config, identity)
@@ -560,7 +564,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                  "images_per_s": processed_now / run_s if run_s > 0 and processed_now else None},
     )
     manifest["runs"] = manifest["runs"] + [_run_entry(manifest, state, run_no, manifest["status"], config)]
-    manifest["warnings"] = _warnings(manifest, ready["labels"])
+    manifest["warnings"] = (label_warnings(ready["labels"], ready["labels_source"], ready["info"].layout)
+                            + _warnings(manifest, ready["labels"]))
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)
 

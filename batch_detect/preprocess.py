@@ -15,6 +15,18 @@ from .errors import DecodeError, DtypeMismatch, ImageTooLarge, ModelError, Shape
 from .geometry import Placement, resize_to_input
 from .interpreter import TensorSpec
 
+try:  # HEIC/HEIF, phones' default format, through libheif; Pillow reads AVIF itself (since 11.3)
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_PLUGIN = True
+except ImportError:  # a cluster image without it: HEIC files become failures that name the package
+    HEIF_PLUGIN = False
+
+# ISOBMFF brands of HEIF and AVIF images (bytes 8-12, after the `ftyp` box header).
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
 # Pillow's own bomb check stays as a backstop; ours runs first on the header size and names the limit.
 _NORMALIZATION_AFFINE = {"-1,1": (1 / 127.5, -1.0), "0,1": (1 / 255.0, 0.0), "0,255": (1.0, 0.0)}
 _INT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
@@ -202,13 +214,26 @@ def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | Non
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(str(exc)) from None
     except UnidentifiedImageError:
-        raise DecodeError("not a recognised image format", error_type="unidentified_image") from None
+        raise _unidentified(data) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") or SyntaxError.
         raise DecodeError(f"corrupt or truncated image: {exc}", error_type="corrupt_image") from None
     # orientations 5-8 turn the image by 90°: the displayed width is the stored height
     width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     return Decoded(_to_rgb(img), width, height)
+
+
+def _unidentified(data: bytes) -> DecodeError:
+    """A HEIF/AVIF container that no plugin could open is corrupt (or its plugin is missing), not unknown."""
+    brand = data[8:12] if data[4:8] == b"ftyp" else b""
+    if brand in _HEIF_BRANDS and not HEIF_PLUGIN:
+        return DecodeError("HEIC/HEIF image, but pillow-heif is not installed where this ran: pip install pillow-heif",
+                           error_type="unidentified_image")
+    if brand in _HEIF_BRANDS | _AVIF_BRANDS:
+        kind = "AVIF" if brand in _AVIF_BRANDS else "HEIF"
+        return DecodeError(f"corrupt or truncated {kind} image (ftyp brand {brand.decode()!r})",
+                           error_type="corrupt_image")
+    return DecodeError("not a recognised image format", error_type="unidentified_image")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -20,6 +20,7 @@ class Progress:
         self.failed = self.detections = 0
         self.done, self.shards = done_images, done_shards
         self.base = done_images  # images finished by an earlier attempt: not part of this run's rate
+        self.line_open = False  # a terminal bar drawn without its newline yet
 
     def listed(self, total_images: int | None, total_shards: int) -> None:
         self.total, self.total_shards = total_images, total_shards
@@ -55,13 +56,20 @@ class Progress:
             line = (f"\r[{bar}] {self.done}/{total} images {pct:5.1f}% | {rate:6.1f} img/s | "
                     f"failures {self.failed} | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}")
             self.stream.write(line)
+            self.line_open = True
             if self.shards == self.total_shards:
-                self.stream.write("\n")
+                self.end_line()
         else:
             self.stream.write(f"progress: {self.done}/{total} images ({pct:.1f}%), {rate:.1f} img/s, "
                               f"failures {self.failed}, shards {self.shards}/{self.total_shards or '?'}, "
                               f"ETA {_eta(eta)}\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        if self.line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line_open = False
 
 
 def _eta(seconds: float) -> str:

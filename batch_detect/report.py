@@ -86,6 +86,8 @@ def render_text(summary: dict) -> str:
         "detections per class: " + (", ".join(f"{k} {v}" for k, v in summary["per_class"]) or "none"),
         "scores: " + " ".join(f"{i / 10:.1f}-{(i + 1) / 10:.1f}:{n}" for i, n in enumerate(summary["score_bins"]) if n),
         "failures: " + (", ".join(f"{k} {v}" for k, v in summary["failure_types"]) or "none"),
+        # the run's own warnings: e.g. why classes show as "class 1" (no labels)
+        *(f"warning: {w}" for w in m.get("warnings", [])),
     ]
     if len(m.get("runs", [])) > 1:  # an incremental output: what each run added
         lines.insert(2, "runs: " + ", ".join(

@@ -117,10 +117,23 @@ def write_corpus(folder: str) -> dict[str, tuple]:
     with open(os.path.join(folder, "bomb_header.png"), "wb") as fh:
         fh.write(_png_with_size(100_000, 100_000))
     expected["bomb_header.png"] = ("fail", "image_too_large")
-    # A HEIF container header: a real format that Pillow cannot decode without a plugin.
-    with open(os.path.join(folder, "unsupported_heic.jpg"), "wb") as fh:
+    # Phone formats, encoded here by libheif (pillow-heif) and libavif (Pillow): upright, and stored turned
+    # with EXIF orientation 6 as cameras write them; both must display as `scene`.
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    for ext, fmt in ((".heic", "HEIF"), (".avif", "AVIF")):
+        save(f"phone{ext}", scene, ("ok", (400, 300), gt), format=fmt, quality=90)
+        save(f"phone_rotated{ext}", scene.transpose(Image.Transpose.ROTATE_90), ("ok", (400, 300), gt), format=fmt,
+             quality=90, exif=exif.tobytes())
+        whole = open(os.path.join(folder, f"phone{ext}"), "rb").read()
+        with open(os.path.join(folder, f"truncated{ext}"), "wb") as fh:
+            fh.write(whole[: len(whole) // 2])
+        expected[f"truncated{ext}"] = ("fail", "corrupt_image")
+    # A HEIF container header with no image in it, named .jpg.
+    with open(os.path.join(folder, "empty_heic.jpg"), "wb") as fh:
         fh.write(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
-    expected["unsupported_heic.jpg"] = ("fail", "unidentified_image")
+    expected["empty_heic.jpg"] = ("fail", "corrupt_image")
     for name, etype in write_bad_inputs(folder).items():
         expected[name] = ("fail", etype)
     return expected

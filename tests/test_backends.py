@@ -32,12 +32,16 @@ def probe(python: str, backend: str, model: str, images: list[str]) -> dict:
 TOLERANCE = {"shapes_ssd_float32.tflite": 1e-3, "shapes_ssd_uint8.tflite": 0.05}
 
 
-@pytest.mark.parametrize("model", sorted(TOLERANCE))
-def test_litert_and_tflite_runtime_agree(tmp_path, models_dir, model):
+def need_tflite_environment() -> None:
     if not os.path.exists(TFLITE_PYTHON):
         msg = f"no tflite-runtime environment at {TFLITE_PYTHON} (make test creates .venv-tflite)"
         print(f"SKIP: {msg}")
         pytest.skip(msg)
+
+
+@pytest.mark.parametrize("model", sorted(TOLERANCE))
+def test_litert_and_tflite_runtime_agree(tmp_path, models_dir, model):
+    need_tflite_environment()
     write_dataset(str(tmp_path), 12, seed=77)
     images = sorted(glob.glob(str(tmp_path / "*.jpg")))
     path = os.path.join(models_dir, model)
@@ -52,3 +56,31 @@ def test_litert_and_tflite_runtime_agree(tmp_path, models_dir, model):
         for a, b in zip(sorted(dets), sorted(other)):
             assert a[0] == b[0]
             assert a[1:] == pytest.approx(b[1:], abs=TOLERANCE[model])
+
+
+def test_the_tflite_runtime_install_runs_the_whole_job(tmp_path, models_dir):
+    """`pip install 'batch-detect[tflite-runtime]'` resolves to numpy 1.x: every dependency it brings (Ray,
+    pyarrow, s3fs, Pillow) must work with it, through a whole run, its Parquet and `verify`."""
+    need_tflite_environment()
+    versions = subprocess.run([TFLITE_PYTHON, "-c", "import numpy, pyarrow; print(numpy.__version__, pyarrow.__version__)"],
+                              capture_output=True, text=True, timeout=120)
+    assert versions.returncode == 0, versions.stderr[-3000:]
+    assert versions.stdout.startswith("1."), f"the environment has numpy {versions.stdout}: not the extra's"
+    truth = write_dataset(str(tmp_path / "images"), 12, seed=78)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": "", "BATCH_DETECT_TFLITE_BACKEND": "tflite_runtime", "PYTHONPATH": ROOT}
+    cli = [TFLITE_PYTHON, "-m", "batch_detect"]
+    result = subprocess.run([*cli, "run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
+                             "--labels", os.path.join(models_dir, "shapes_labels.txt"), "--input",
+                             str(tmp_path / "images"), "--output", str(out), "--shard-size", "4"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.load(open(out / "_manifest.json"))
+    assert manifest["model"]["backend"] == "tflite_runtime" and manifest["counts"]["images"] == len(truth)
+    checked = subprocess.run([*cli, "verify", str(out), "--input", str(tmp_path / "images")],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr[-2000:]
+    import duckdb
+
+    found = duckdb.execute(f"SELECT count(*) FROM read_parquet('{out}/detections/*.parquet')").fetchone()[0]
+    assert found >= len(truth), "the shapes model finds at least one object per synthetic scene"

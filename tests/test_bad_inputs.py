@@ -40,3 +40,4 @@ def test_corpus_outcomes(local_ray, models_dir, tmp_path):
             # boxes follow the displayed (EXIF-oriented) image
             assert any(d[0] == box[0] and iou(d[1:], box[1:]) >= 0.5 for d in dets.get(name, [])), (name, box)
     assert failed["bomb_header.png"][0] == "validate"
+    assert all(failed[n][0] == "decode" for n in ("truncated.heic", "truncated.avif", "empty_heic.jpg"))

@@ -27,7 +27,9 @@ def test_labels_plain_and_with_ids():
 
 def test_failure_fields_come_from_the_exception_type():
     assert failure_fields(DecodeError("bad", error_type="corrupt_image"), "read") == ("decode", "corrupt_image", "bad")
-    assert failure_fields(ZeroDivisionError("x"), "infer") == ("infer", "ZeroDivisionError", "x")
+    # unexpected exceptions get their stage's documented type; the class name stays in the message
+    assert failure_fields(ZeroDivisionError("x"), "infer") == ("infer", "inference_error", "ZeroDivisionError: x")
+    assert failure_fields(KeyError(), "decode") == ("decode", "decode_error", "KeyError")
 
 
 def test_local_paths_become_absolute_urls_do_not(tmp_path, monkeypatch):

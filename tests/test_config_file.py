@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from batch_detect.cli import build_parser, config_from_args
+from batch_detect.dryrun import _quotas
 from batch_detect.errors import ConfigError
 from batch_detect.synthetic import write_dataset
 
@@ -52,8 +53,39 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, models_dir):
                             capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr
     assert "20 images found" in result.stdout and "3 shards" in result.stdout
+    assert "sample: 16 images" in result.stdout  # the README's sample size, spread over the 3 shards
     assert "ssd_postprocess" in result.stdout and "uint8" in result.stdout and "estimate:" in result.stdout
     assert not out.exists()
     bad = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--config", str(job), "--shard-sise", "3"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("line, key, expected, given", [
+    ('score_threshold = "high"', "score_threshold", "must be a number", "a string 'high'"),
+    ("shard_size = 3.5", "shard_size", "must be an integer", "a decimal number 3.5"),
+    ('input = ["a/", "b/"]', "input", "must be a string", "a list ['a/', 'b/']"),
+    ('storage_options = "key=AKIA1,secret=s3cr3t"', "storage_options", "must be a table", "a string"),
+])
+def test_wrongly_typed_values_name_the_key_the_type_and_the_value(tmp_path, line, key, expected, given):
+    job = tmp_path / "job.toml"
+    job.write_text(f'model = "m.tflite"\noutput = "o"\n{line}\n' + ("" if key == "input" else 'input = "i"\n'))
+    with pytest.raises(ConfigError) as err:
+        parse("--config", str(job))
+    message = str(err.value)
+    assert key in message and expected in message and given in message and str(job) in message
+    assert "s3cr3t" not in message  # a storage_options string can carry credentials
+
+
+def test_a_wrongly_typed_value_exits_2_without_a_traceback(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('model = "m.tflite"\ninput = "i"\noutput = "o"\nscore_threshold = "high"\n')
+    result = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--config", str(job)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "score_threshold" in result.stderr and "must be a number" in result.stderr
+
+
+def test_the_dry_run_sample_is_16_images_or_all_when_fewer():
+    assert sum(_quotas([8, 8, 4], 16)) == 16 and sum(_quotas([16, 1], 16)) == 16
+    assert _quotas([2, 3], 16) == [2, 3] and _quotas([64] * 20, 16).count(1) == 16

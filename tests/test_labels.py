@@ -19,6 +19,7 @@ from batch_detect.config import RunConfig
 from batch_detect.interpreter import load_backend, make_interpreter, read_model
 from batch_detect.labels import embedded_labels
 from batch_detect.pipeline import run
+from batch_detect.report import render_text, summarize
 from batch_detect.synthetic import write_dataset
 
 # Not the committed names, so the test knows which labels a run used.
@@ -112,3 +113,23 @@ def test_class_ids_outside_the_labels_get_null_and_a_warning(local_ray, models_d
     text = io.StringIO()
     _print_summary(manifest, text)
     assert "warning: " + manifest["warnings"][0] in text.getvalue()
+
+
+def test_no_labels_and_more_labels_than_classes_are_warned_about(local_ray, models_dir, images, tmp_path):
+    bare = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images,
+                         output=str(tmp_path / "bare"), score_threshold=0.3)).manifest
+    assert bare["status"] == "complete" and bare["labels"] is None
+    assert len(bare["warnings"]) == 1 and bare["warnings"][0].startswith("no labels: every detection's label is null")
+    assert "--labels FILE" in bare["warnings"][0] and "embedded in the model's metadata zip" in bare["warnings"][0]
+    text = io.StringIO()
+    _print_summary(bare, text)
+    assert "warning: no labels" in text.getvalue()
+    report = render_text(summarize(str(tmp_path / "bare")))
+    assert "class 1" in report and "warning: no labels" in report  # the report says why it shows class ids
+
+    five = tmp_path / "five_labels.txt"
+    five.write_text("circle\nsquare\ntriangle\nstar\nhexagon\n")  # the YOLO head [1, 4+3, N] has 3 classes
+    many = run(RunConfig(model=os.path.join(models_dir, "shapes_yolov8_float32.tflite"), labels=str(five),
+                         input=images, output=str(tmp_path / "many"), score_threshold=0.3)).manifest
+    assert many["status"] == "complete"
+    assert len(many["warnings"]) == 1 and many["warnings"][0].startswith(f"5 labels ({five}) but the model has 3 classes")

@@ -19,7 +19,8 @@ from helpers import recall_precision
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 NO_TF_REASON = (f"TensorFlow is not importable in {sys.executable} (CI's venv has no TF: the [quantize] extra); "
-                "run with an interpreter that has it, e.g. /work/tfvenv/bin/python -m pytest tests/test_quantize.py")
+                "run with a Python that has it: pip install -e '.[quantize,test]' in a venv, then "
+                "VENV/bin/python -m pytest tests/test_quantize.py")
 # The fixture's uint8 PTQ against its float parent measures 1.000/0.996/0.004 (README); this model measures
 # recall 1.000, precision 1.000, mean |dscore| 0.004 here (0.007 on another 60 scenes with 50 calibration
 # images). The bounds leave room for that; a wrong scale or zero point loses boxes and moves scores > 0.1.

@@ -117,3 +117,45 @@ def test_credentials_from_the_environment_and_typed_options(bucket, tmp_path):
     assert manifest["config"]["storage_options"]["anon"] is False
     assert manifest["config"]["storage_options"]["client_kwargs"] == {"region_name": "us-east-1"}
     assert SECRET not in json.dumps(manifest) and SECRET not in result.stdout + result.stderr
+
+
+def test_credential_and_endpoint_problems_are_one_sentence_before_anything_is_written(bucket, tmp_path):
+    """No credentials, a secret without its key, an endpoint nobody listens on: each exits 2 with one line
+    naming the store, what failed and the fix, no secret in it, and nothing written to the output. The
+    environment holds no AWS credentials (nor a profile file) for the CLI to find instead."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    name, options, fs, truth = bucket
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(RAY_ADDRESS="", AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # free once the socket closes: nothing listens
+    endpoint = f"endpoint_url={options['endpoint_url']}"
+    cases = {
+        "no-credentials": ([endpoint], "no S3 credentials were found to sign requests to"),
+        "secret-without-key": ([endpoint, f"secret={SECRET}"], "are incomplete (key is missing)"),
+        "closed-port": ([f"endpoint_url={closed}", f"key={options['key']}", f"secret={SECRET}"],
+                        f"cannot connect to the S3 endpoint {closed} to reach"),
+    }
+    for case, (storage, message) in cases.items():
+        args = [sys.executable, "-m", "batch_detect", "run", "--model", f"s3://{name}/models/m.tflite",
+                "--input", f"s3://{name}/in/", "--output", f"s3://{name}/out-{case}"]
+        for option in storage:
+            args += ["--storage-option", option]
+        t0 = time.perf_counter()
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 2, (case, result.stderr[-2000:])
+        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("batch-detect: error:")]
+        assert len(errors) == 1 and message in errors[0] and f"s3://{name}/models/m.tflite" in errors[0], case
+        assert "Traceback" not in result.stderr and SECRET not in result.stderr + result.stdout
+        assert time.perf_counter() - t0 < 60, f"{case}: the check took too long"
+        assert not fs.exists(f"{name}/out-{case}")
+    # the other commands that read a bucket say the same
+    status = subprocess.run([sys.executable, "-m", "batch_detect", "status", f"s3://{name}/out-any",
+                             "--storage-option", endpoint], capture_output=True, text=True, timeout=120, env=env)
+    assert status.returncode == 2 and "no S3 credentials were found" in status.stderr, status.stderr[-2000:]
