@@ -24,6 +24,7 @@ from .detector import Detector
 from .errors import ClusterError, ConfigError
 from .errors import ModelError
 from .interpreter import load_backend, read_model, sha256
+from .metrics import record_shard
 from .plan import Shard
 from .reading import Reader
 from .sink import OutputStore
@@ -170,7 +171,9 @@ class DetectorActor:
         t0 = time.perf_counter()
         rows, timings = self._run(shard)
         self.store.write_shard(shard.shard_id, rows.columns, shard.run)
-        return summarize_shard(rows, timings, time.perf_counter() - t0)
+        summary = summarize_shard(rows, timings, time.perf_counter() - t0)
+        record_shard(self.settings.output_url, str(os.getpid()), summary, timings)
+        return summary
 
 
 def summarize_shard(rows: ShardRows, timings: dict, wall_s: float) -> dict:

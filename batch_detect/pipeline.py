@@ -43,6 +43,7 @@ from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .history import Selection, select_new, with_versions
 from .labels import embedded_labels, label_warnings, load_labels
 from .lease import Lease
+from .metrics import record_dispatch
 from .plan import Chunk, PlanStream, Shard, chunked, plan_input, stored_shards
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
@@ -495,9 +496,14 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                 stopped.append(why)
                 dispatcher.stop()  # what is in flight commits and is compacted; nothing new starts
 
+    reported = {"at": 0.0, "shards": state.num_committed}
+
     def tick() -> None:
         committer.tick()
         lease.renew()
+        if time.monotonic() - reported["at"] >= 1.0:
+            record_dispatch(config.output, state.num_committed - reported["shards"], len(dispatcher.inflight))
+            reported.update(at=time.monotonic(), shards=state.num_committed)
 
     dispatcher = Dispatcher(pool, source(), store, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
                             tick=tick, drained=lambda: committer.cut(final=True))

@@ -96,3 +96,20 @@ def test_sigterm_leaves_a_consistent_output_that_resumes(models_dir, tmp_path):
     assert rows(out) == (400, 400)
     report = verify(out, images)
     assert report.ok, report.problems
+
+
+def test_progress_in_logs_is_a_line_a_minute_not_a_line_a_shard():
+    import io
+
+    from batch_detect.progress import Progress
+
+    log = io.StringIO()  # not a terminal: plain lines
+    bar = Progress(None, None, stream=log)
+    shard = {"images": 8, "failures": 0, "detections": 3}
+    for _ in range(50):
+        bar.update(shard)
+    bar.listed(500, 51)
+    bar.update(shard)  # the last shard
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2, lines  # the first shard and the end; nothing in between within the minute
+    assert lines[0].startswith("progress: 8/? images") and lines[1].startswith("progress: 408/500 images")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -11,11 +13,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import duckdb
 import pytest
 
+from batch_detect.commitlog import read_state
+from batch_detect.sink import OutputStore
 from batch_detect.synthetic import write_dataset
+from batch_detect.verify import verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,44 +61,50 @@ def head():
         fh.write(secrets.token_hex(32))
     # Token authentication, as Ray >= 2.59 does for local clusters; the token is this test's own.
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
+           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the endpoint within a second, not ten
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
-    dash, gcs = free_port(), free_port()
+    dash, gcs, metrics = free_port(), free_port(), free_port()
     cmd = [os.path.join(bindir, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
            # Own ports for every agent: the suite's other local Ray holds the default ones.
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={metrics}",
            f"--ray-client-server-port={free_port()}"]
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        yield f"http://127.0.0.1:{dash}", env, gcs
+        yield f"http://127.0.0.1:{dash}", env, gcs, metrics
     finally:
         kill_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_job_entrypoint(head, tmp_path):
-    address, env, _ = head
-    images = tmp_path / "images"
-    truth = write_dataset(str(images), 40, seed=99)
-    out = tmp_path / "out"
+def submit(address: str, env: dict, args: list[str], *, wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit` of jobs/detect.py with the fixture SSD model and `args`."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
-           "--working-dir", ROOT, "--",
-           "python", "jobs/detect.py", "--model", "models/shapes_ssd_uint8.tflite",
-           "--labels", "models/shapes_labels.txt", "--input", str(images), "--output", str(out),
-           "--shard-size", "8"]
+           "--working-dir", ROOT, *([] if wait else ["--no-wait"]), "--",
+           "python", "jobs/detect.py", "--model", "models/shapes_ssd_uint8.tflite", *args]
     # Right after `ray start` the job agent may not be up yet ("No available agent"): retry that only.
     deadline = time.time() + 120
     while True:
         result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
         log = result.stdout + result.stderr
         if result.returncode == 0 or "No available agent" not in log or time.time() > deadline:
-            break
+            return result
         time.sleep(3)
+
+
+def test_ray_job_submit_runs_the_job_entrypoint(head, tmp_path):
+    address, env, _, _ = head
+    images = tmp_path / "images"
+    truth = write_dataset(str(images), 40, seed=99)
+    out = tmp_path / "out"
+    result = submit(address, env, ["--labels", "models/shapes_labels.txt", "--input", str(images), "--output",
+                                    str(out), "--shard-size", "8"])
+    log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "status: complete" in log and "succeeded" in log
     n_ok = duckdb.execute(f"SELECT count(*) FROM read_parquet('{out}/images/*.parquet')").fetchone()[0]
@@ -102,7 +114,7 @@ def test_ray_job_submit_runs_the_job_entrypoint(head, tmp_path):
 
 
 def test_cli_joins_a_running_cluster_and_reports_auth_problems(head, tmp_path):
-    _, env, gcs = head
+    _, env, gcs, _ = head
     images = tmp_path / "images"
     write_dataset(str(images), 10, seed=3)
     base = [sys.executable, "-m", "batch_detect", "run", "--model", os.path.join(ROOT, "models", "shapes_ssd_uint8.tflite"),
@@ -117,3 +129,49 @@ def test_cli_joins_a_running_cluster_and_reports_auth_problems(head, tmp_path):
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "cannot join the Ray cluster" in bad.stderr and "RAY_AUTH_MODE=token" in bad.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def scrape(port: int, name: str, output: str) -> float:
+    """The value of batch-detect metric `name` for `output` on the node's Prometheus endpoint (0 before the
+    first sample)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for m in re.finditer(r"^(?:ray_)?batch_detect_" + name + r"(?:_total)?\{([^}]*)\} (\S+)$", text, re.M):
+        if f'output="{output}"' in m.group(1):
+            total += float(m.group(2))
+    return total
+
+
+def test_metrics_move_and_ray_job_stop_leaves_a_resumable_output(head, tmp_path):
+    address, env, gcs, metrics = head
+    images = tmp_path / "images"
+    write_dataset(str(images), 800, seed=97, sizes=((96, 72), (72, 96)))
+    out = str(tmp_path / "out")
+    args = ["--input", str(images), "--output", out, "--shard-size", "8", "--num-actors", "1"]
+    started = submit(address, env, args, wait=False)
+    assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
+    job_id = re.search(r"raysubmit_\w+", started.stdout + started.stderr).group(0)
+    seen: list[float] = []
+    deadline = time.time() + 240
+    while time.time() < deadline and not (len(seen) >= 2 and 0 < seen[0] < seen[-1]):
+        value = scrape(metrics, "images", out)
+        if value and (not seen or value != seen[-1]):
+            seen.append(value)
+        time.sleep(0.5)
+    assert len(seen) >= 2 and seen[0] < seen[-1], f"batch_detect_images never moved on the endpoint: {seen}"
+    assert scrape(metrics, "infer_seconds", out) > 0 and scrape(metrics, "shards_committed", out) > 0
+
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    stop = subprocess.run([ray, "job", "stop", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    state = read_state(OutputStore(out))
+    assert manifest["status"] == "interrupted", manifest["status"]  # not left "running" by a SIGKILL
+    assert manifest["counts"]["committed_shards"] == state.num_committed < 100
+    resumed = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--model",
+                              os.path.join(ROOT, "models", "shapes_ssd_uint8.tflite"), *args, "--resume",
+                              "--address", f"127.0.0.1:{gcs}"], env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = verify(out, str(images))
+    assert report.ok and report.facts["images"] + report.facts["failures"] == 800, report.problems

@@ -159,3 +159,33 @@ def test_credential_and_endpoint_problems_are_one_sentence_before_anything_is_wr
     status = subprocess.run([sys.executable, "-m", "batch_detect", "status", f"s3://{name}/out-any",
                              "--storage-option", endpoint], capture_output=True, text=True, timeout=120, env=env)
     assert status.returncode == 2 and "no S3 credentials were found" in status.stderr, status.stderr[-2000:]
+
+
+def test_status_of_a_running_job_on_s3(local_ray, bucket, tmp_path, models_dir):
+    """`batch-detect status` reads only what the job commits: from the bucket, while it runs and after."""
+    import threading
+    import time
+
+    from batch_detect.status import status
+
+    name, options, fs, _ = bucket
+    images = tmp_path / "many"
+    write_dataset(str(images), 120, seed=22, sizes=((96, 72), (72, 96)))
+    out = f"s3://{name}/status-out"
+    cfg = RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=str(images), output=out,
+                    shard_size=8, num_actors=1, storage_options=options)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(m=run(cfg).manifest))
+    worker.start()
+    seen = []
+    while worker.is_alive():
+        if fs.exists(f"{name}/status-out/_manifest.json"):
+            s = status(out, options)
+            if s["state"] == "running" and (not seen or s["done"] != seen[-1]):
+                seen.append(s["done"])
+        time.sleep(0.5)
+    worker.join()
+    assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] > seen[0], seen  # a moving count
+    final = status(out, options)
+    assert final["state"] == "complete" and final["done"] == final["planned"] == 120, final
+    assert result["m"]["status"] == "complete"
