@@ -4,6 +4,7 @@ fsspec release the GIL) while the interpreter works on the previous image, then 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -19,6 +20,8 @@ from .errors import failure_fields
 from .plan import Shard
 from .reading import Reader
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ShardRows:
@@ -32,6 +35,7 @@ class ShardRows:
             for k, v in zip(_FAIL_COLS, (outcome.uri, self.shard_id, outcome.stage, outcome.error_type,
                                           outcome.message)):
                 self.failures[k].append(v)
+            _log_first_failure(self.shard_id, outcome)
             return
         d = outcome.detections
         for k, v in zip(_IMAGE_COLS, (outcome.uri, self.shard_id, outcome.width, outcome.height,
@@ -65,6 +69,19 @@ class ShardRows:
             "detections": len(self.detections["uri"]),
             "failures": len(self.failures["uri"]),
         }
+
+
+_logged_kinds: set[tuple[str, str]] = set()
+
+
+def _log_first_failure(shard_id: str, failure: ImageFailure) -> None:
+    """The actor's log names the shard and image of the first failure of each kind it meets; the rest
+    are counted in the failures table (a bad prefix must not write a million log lines)."""
+    kind = (failure.stage, failure.error_type)
+    if kind not in _logged_kinds:
+        _logged_kinds.add(kind)
+        log.warning("%s: %s failed (%s/%s): %s; further %s/%s failures are in the failures table only",
+                    shard_id, failure.uri, *kind, failure.message[:300], *kind)
 
 
 # Set only by tests (forwarded to actors by the driver): images whose URI contains it crash the worker.

@@ -113,3 +113,18 @@ def test_progress_in_logs_is_a_line_a_minute_not_a_line_a_shard():
     lines = log.getvalue().splitlines()
     assert len(lines) == 2, lines  # the first shard and the end; nothing in between within the minute
     assert lines[0].startswith("progress: 8/? images") and lines[1].startswith("progress: 408/500 images")
+
+
+def test_actor_logs_name_the_shard_and_image_of_the_first_failure_of_each_kind(caplog):
+    from batch_detect.detector import ImageFailure
+    from batch_detect.worker import ShardRows
+
+    rows = ShardRows("shard-000007")
+    with caplog.at_level("WARNING", logger="batch_detect.worker"):
+        for i in range(3):
+            rows.add(ImageFailure(f"s3://b/junk_{i}.jpg", "decode", "corrupt_image_test", "cannot identify"), None)
+        rows.add(ImageFailure("s3://b/huge.jpg", "validate", "image_too_large_test", "too big"), None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(rows.failures["uri"]) == 4 and len(lines) == 2, lines
+    assert lines[0].startswith("shard-000007: s3://b/junk_0.jpg failed (decode/corrupt_image_test)")
+    assert "s3://b/huge.jpg" in lines[1]
