@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             n = summary.nothing_new
             if getattr(args, "json", False):
                 print(json.dumps({"status": "nothing_new", **n}, indent=2, sort_keys=True))
+            elif n.get("complete"):
+                print(f"already complete: {n['unchanged']} planned images in {summary.output}, and the input still "
+                      f"lists exactly them; nothing to do ({n['total_s']:.1f}s)")
             else:
                 print(f"nothing new: {n['unchanged']} objects listed, all processed by the {n['runs']} runs in "
                       f"{summary.output}; nothing was written ({n['total_s']:.1f}s)")

@@ -29,9 +29,9 @@ EXPECTED = {
     "score_threshold": NUMBER, "node_memory_share": NUMBER, "max_failure_rate": NUMBER,
     "shard_size": INT, "max_pixels": INT, "batch_size": INT, "num_actors": INT, "cpus_per_actor": INT,
     "max_shards_in_flight": INT, "part_rows": INT, "memory_per_actor_mb": INT,
-    "jpeg_draft": BOOL, "overwrite": BOOL, "resume": BOOL, "allow_nonempty_output": BOOL,
+    "jpeg_draft": BOOL, "overwrite": BOOL, "resume": BOOL, "allow_nonempty_output": BOOL, "incremental": BOOL,
     "input_mean": NUMBERS, "input_std": NUMBERS, "extensions": WORDS, "storage_options": TABLE,
-}  # every other setting is TEXT
+}  # every other setting is TEXT, or BOOL where its default is a bool
 _EXAMPLES = {NUMBER: 0.5, INT: 64, BOOL: "true", TEXT: '"..."'}
 
 
@@ -47,7 +47,7 @@ def check_type(name: str, value, default, source: str) -> None:
     the settings whose default is None."""
     if value is None and default is None:
         return
-    expected = EXPECTED.get(name, TEXT)
+    expected = EXPECTED.get(name, BOOL if isinstance(default, bool) else TEXT)
     if expected[1](value):
         return
     if name == "storage_options":

@@ -28,16 +28,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import ray
-
 from . import __version__
 from .config import RunConfig
 from .destination import check_output_location
 from .detector import inspect_interpreter
 from .commitlog import LOG_DIR, CommitLog, LogState
 from .committer import Committer
-from .distributed import (MIB, PREFETCH, ActorPool, Dispatcher, WorkerSettings, compact_task, connect,
-                          estimate_actor_memory, node_capacity, size_pool)
 from .errors import FailureRateExceeded, ModelError, OutputError, Terminated
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .history import Selection, select_new, with_versions
@@ -61,7 +57,7 @@ _IDENTITY_DEFAULTS = {"input_mean": None, "input_std": None, "output_format": "a
 class RunSummary:
     output: str
     manifest: dict
-    nothing_new: dict | None = None  # an incremental run that found nothing to do: what its listing saw
+    nothing_new: dict | None = None  # a run that found nothing to do (nothing new, or already complete): what it saw
 
     @property
     def counts(self) -> dict:
@@ -354,11 +350,19 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
         # Nothing new and nothing unfinished: answer from the listing alone, without starting Ray.
         first = next(plan.shards, None)
         state = ready["commit_log"].state
-        if first is None and all(p["done"] for p in state.parts) and state.compacted_end == state.planned_end:
+        if first is None and _all_compacted(state):
             return RunSummary(output=config.output, manifest=previous,
                               nothing_new={**planning.selection.facts(), "runs": len(state.runs),
                                            "total_s": time.perf_counter() - t_start})
         plan.shards = itertools.chain([first] if first is not None else [], plan.shards)
+    elif planning.mode == "resume" and previous.get("status") == "complete" and _all_compacted(ready["commit_log"].state):
+        # A finished output re-run: the listing is checked against its plan, without starting Ray.
+        state = ready["commit_log"].state
+        _check_listing(plan, store, planning, state)
+        again = {**previous, "counts": {**previous["counts"], "skipped_committed_shards": state.num_committed}}
+        return RunSummary(output=config.output, manifest=again,
+                          nothing_new={"complete": True, "unchanged": state.planned_items, "runs": len(state.runs),
+                                       "total_s": time.perf_counter() - t_start})
     runs_before = [r for r in (previous or {}).get("runs", []) if r["run_id"] != planning.run]
     this_run = next((r for r in (previous or {}).get("runs", []) if r["run_id"] == planning.run), None)
     manifest = {
@@ -379,6 +383,11 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
         "plan": {"form": plan.form, "shard_size": config.shard_size, "dir": PLAN_DIR + "/"},
         "runs": runs_before,
     }
+
+    # Ray is imported only now: a run with nothing to do (above) answers in the time Python starts.
+    import ray
+
+    from .distributed import MIB, PREFETCH, connect, estimate_actor_memory, size_pool
 
     t_ray = time.perf_counter()
     # Join the cluster and size the pool before writing anything: a cluster we cannot use leaves no output.
@@ -424,6 +433,10 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
 def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: CommitLog, lease: Lease, t_start: float,
               ray_start_s: float, num_actors: int, capacity, cluster_cpus: float, memory_per_actor: int,
               started_ray: bool, on_start, on_shard, on_listed) -> RunSummary:
+    import ray
+
+    from .distributed import ActorPool, Dispatcher, WorkerSettings, compact_task, node_capacity
+
     store: OutputStore = ready["store"]
     plan: PlanStream = ready["plan"]
     planning: Planning = ready["planning"]
@@ -574,6 +587,25 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                             + _warnings(manifest, ready["labels"]))
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)
+
+
+def _all_compacted(state) -> bool:
+    """Every run listed, every planned shard committed and in a part that is written."""
+    return state.finished and all(p["done"] for p in state.parts) and state.compacted_end == state.planned_end
+
+
+def _check_listing(plan: PlanStream, store: OutputStore, planning: Planning, state) -> None:
+    """The listing against the stored plan, chunk by chunk, as a resumed run's listing thread checks it
+    (raises the same refusal), here in the caller's thread: nothing is queued, nothing written."""
+    feed = PlanFeed(plan, store, planning, state.chunks, state.listed)
+    h = hashlib.sha256()
+    shards = 0
+    for chunk in chunked(plan.shards, 0):
+        feed._check_or_write(chunk)
+        h.update(chunk.sha.encode())
+        shards += len(chunk.shards)
+    if h.hexdigest() != state.listed["fingerprint"]:
+        raise feed._changed(f"the listing now has {shards} shards, the stored plan {state.listed['shards']}")
 
 
 FAIL_FAST_MIN = 500  # images an invocation processes before --max-failure-rate may stop it early

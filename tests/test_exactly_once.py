@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from batch_detect.cli import main
 from batch_detect.config import RunConfig
 from batch_detect.errors import OutputError
 from batch_detect.pipeline import run
@@ -172,12 +173,19 @@ def test_verify_catches_each_kind_of_damage(good_output, tmp_path):
             os.remove(os.path.join(images, "new_image.jpg"))
 
 
-def test_rerun_of_a_complete_output_does_nothing_and_stays_whole(good_output, models_dir):
+def test_rerun_of_a_complete_output_does_nothing_and_stays_whole(good_output, models_dir, capsys):
     images, out = good_output
-    manifest = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images,
-                             output=out, shard_size=8)).manifest
+    before = os.path.getmtime(os.path.join(out, "_manifest.json"))
+    summary = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images,
+                            output=out, shard_size=8))
+    manifest = summary.manifest
+    assert summary.nothing_new is not None and summary.nothing_new["complete"]  # answered without Ray
+    assert os.path.getmtime(os.path.join(out, "_manifest.json")) == before  # nothing rewritten
     assert manifest["counts"]["skipped_committed_shards"] == manifest["plan"]["num_shards"]
     assert manifest["status"] == "complete" and verify(out, images).ok
+    assert main(["run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", images,
+                 "--output", out, "--shard-size", "8"]) == 0
+    assert "already complete" in capsys.readouterr().out
     with pytest.raises(OutputError, match="a different model: resuming would mix"):
         run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_float32.tflite"), input=images,
                       output=out, shard_size=8))

@@ -95,8 +95,8 @@ def test_300_then_100_new_then_nothing_new_then_one_changed(local_ray, models_di
     before = {p: os.stat(p).st_mtime_ns for p in _files(out)}
     code = main(["run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", images,
                  "--output", out, "--shard-size", "16", "--incremental"])
-    said = capsys.readouterr().out
-    assert code == 0 and "nothing new: 400 objects listed" in said, said
+    said = capsys.readouterr()
+    assert code == 0 and "nothing new: 400 objects listed" in said.out, said
     assert {p: os.stat(p).st_mtime_ns for p in _files(out)} == before
 
     # A changed object (same URI, new bytes: another image's scene) is processed again, alone.
