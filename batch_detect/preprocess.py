@@ -208,7 +208,8 @@ def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | Non
                 side = max(draft_size)  # square: enough whichever way the image is turned
                 img.draft("RGB", (side, side))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if orientation != 1:  # exif_transpose copies the whole image even when there is nothing to turn
+                img = ImageOps.exif_transpose(img)
     except ImageTooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
