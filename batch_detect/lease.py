@@ -49,6 +49,28 @@ def _holder_gone(holder: dict, now: float) -> str | None:
     return None
 
 
+def _create(store, path: str, data: bytes) -> None:
+    """Create `path` holding `data`, or raise FileExistsError: never a moment with the file empty. Locally,
+    a temp file linked into place (link refuses an existing name); on object stores, a conditional put."""
+    if getattr(store.fs, "local_file", False):
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.remove(tmp)
+        return
+    store.fs.pipe_file(path, data, mode="create")
+
+
+def _modified(store, path: str) -> float:
+    try:
+        return store.fs.modified(path).timestamp()
+    except (OSError, NotImplementedError, AttributeError):
+        return time.time()  # unknown: count it as fresh rather than take a live lease
+
+
 class Lease:
     def __init__(self, store, token: str, holder: dict):
         self.store, self.token, self.holder = store, token, holder
@@ -63,7 +85,7 @@ class Lease:
         store.fs.makedirs(store.root, exist_ok=True)
         for attempt in range(2):
             try:
-                store.fs.pipe_file(path, json.dumps(holder).encode(), mode="create")
+                _create(store, path, json.dumps(holder).encode())
                 return cls(store, token, holder)
             except FileExistsError:
                 pass
@@ -71,8 +93,8 @@ class Lease:
                 other = json.loads(store.fs.cat_file(path))
             except FileNotFoundError:
                 continue  # released meanwhile: try again
-            except ValueError:
-                other = {}  # torn or foreign: judge it by age alone
+            except ValueError:  # not ours to read: judge it by the file's age
+                other = {"renewed_at": _modified(store, path)}
             why = _holder_gone(other, time.time())
             if why is None or attempt:
                 since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(other.get("acquired_at", 0))))

@@ -68,13 +68,18 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def prepare(config: RunConfig) -> dict:
+def _check_config_and_stores(config: RunConfig) -> None:
+    config.validate()
+    check_store_access([config.model, config.labels, config.input, config.output], config.storage_options)
+
+
+def prepare(config: RunConfig, checked: bool = False) -> dict:
     """Every check that needs no cluster. Raises a BatchDetectError naming the problem; writes nothing.
     The input is opened and its first shard listed (an empty or missing input is refused here); the
-    rest is listed while the run goes."""
-    config.validate()
+    rest is listed while the run goes. `checked`: the config and stores were checked already."""
+    if not checked:
+        _check_config_and_stores(config)
     so = config.storage_options
-    check_store_access([config.model, config.labels, config.input, config.output], so)
     t0 = time.perf_counter()
     backend = load_backend()
     model_content = read_model(config.model, so)
@@ -305,6 +310,7 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
     shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan)."""
     t_start = time.perf_counter()
     lease = None
+    _check_config_and_stores(config)  # before the lease: it is the run's first request to the output
     try:
         probe = OutputStore(config.output, config.storage_options)
         # An existing output is leased before its log is read: two drivers must never plan on one state.
@@ -338,7 +344,7 @@ def _sigterm_as_interrupt():
 
 
 def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed) -> RunSummary:
-    ready = prepare(config)
+    ready = prepare(config, checked=True)
     store: OutputStore = ready["store"]
     plan: PlanStream = ready["plan"]
     planning: Planning = ready["planning"]

@@ -237,6 +237,11 @@ def test_lease_rules(tmp_path):
     store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time()}).encode())
     with pytest.raises(OutputError, match="being written by another"):
         Lease.acquire(store)  # another machine's live lease
+    store.put_atomic(LOCK, b"")  # unreadable (torn, foreign): judged by the file's age, fresh here
+    with pytest.raises(OutputError, match="being written by another"):
+        Lease.acquire(store)
+    os.utime(store.path(LOCK), (time.time() - 600, time.time() - 600))
+    Lease.acquire(store).release()
 
 
 def test_incremental_on_s3(local_ray, models_dir, s3_server, tmp_path):
