@@ -33,7 +33,10 @@ def main() -> None:
     thread.start()
     removed_at = None
     if remove:
-        while thread.is_alive() and committed_count(out) < 3:
+        # Both actors must have worked (one per node) before one node goes: on a loaded machine the second
+        # can take a while to start, and a node removed before would test nothing.
+        while thread.is_alive() and (committed_count(out) < 3
+                                     or len({ev.get("node_id") for ev in shard_events(out)}) < 2):
             time.sleep(0.05)
         removed_at = committed_count(out)
         cluster.remove_node(workers[1], allow_graceful=False)
