@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(dry_run(config))
                 return 0
             summary = run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
-                          on_listed=lambda images, shards: progress["bar"].listed(images, shards))
+                          on_listed=lambda images, shards: progress["bar"].listed(images, shards),
+                          on_phase=lambda text: print(f"{text} ...", file=sys.stderr, flush=True))
         except FailureRateExceeded as exc:
             _error(exc, prefix="batch-detect: ")
             return 1

@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import itertools
 import logging
+import os
 import queue
 import signal
 import threading
@@ -305,9 +306,10 @@ class PlanFeed:
         self.stop.set()
 
 
-def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunSummary:
+def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None) -> RunSummary:
     """`on_start(actors, done_shards, done_images)` once the pool is sized; `on_shard(summary)` per staged
-    shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan)."""
+    shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
+    `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is)."""
     t_start = time.perf_counter()
     lease = None
     _check_config_and_stores(config)  # before the lease: it is the run's first request to the output
@@ -318,7 +320,7 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None) -> RunS
     except (ValueError, ImportError) as exc:
         raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
     try:
-        return _run(config, t_start, lease, on_start, on_shard, on_listed)
+        return _run(config, t_start, lease, on_start, on_shard, on_listed, on_phase or (lambda text: None))
     finally:
         if lease is not None:
             lease.release()
@@ -343,7 +345,8 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed) -> RunSummary:
+def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed, on_phase) -> RunSummary:
+    on_phase(f"checking the model, the input and the output ({config.output})")
     ready = prepare(config, checked=True)
     store: OutputStore = ready["store"]
     plan: PlanStream = ready["plan"]
@@ -396,6 +399,9 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
     from .distributed import MIB, PREFETCH, connect, estimate_actor_memory, size_pool
 
     t_ray = time.perf_counter()
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    on_phase(f"joining the Ray cluster at {address}" if address else
+             "starting Ray on this machine (no --address: an embedded cluster for this run)")
     # Join the cluster and size the pool before writing anything: a cluster we cannot use leaves no output.
     started_ray = connect(config.address)
     try:

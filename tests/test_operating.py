@@ -84,6 +84,8 @@ def test_sigterm_leaves_a_consistent_output_that_resumes(models_dir, tmp_path):
     took = time.time() - t_signal["t"]
     assert code == 143, output[-3000:]
     assert "interrupted" in output
+    # what the wait before the first shard is, as it happens
+    assert output.index("checking the model, the input") < output.index("starting Ray on this machine")
     assert took < 10, f"the driver took {took:.1f}s to stop after SIGTERM"
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
     state = read_state(OutputStore(out))
