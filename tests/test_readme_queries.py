@@ -59,3 +59,36 @@ def test_readme_duckdb_recipes(local_ray, models_dir, tmp_path):
         for table, subquery in shuffled.items():
             again = again.replace(f"read_parquet('out/{table}/*.parquet')", subquery)
         assert rounded(duckdb.execute(again).fetchall()) == rounded(results[statements.index(statement)]), statement
+
+
+def test_readme_shell_and_polars_lines_run_after_the_readme_setup(local_ray, models_dir, tmp_path):
+    """The flow's `duckdb -c` line and the Polars lines, as the README writes them, with what `make demo`
+    installs (the duckdb command line and Polars come with the [query] extra)."""
+    import shutil
+    import subprocess
+    import sys
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    shell = re.search(r"^duckdb -c \"(.*)\"$", text, re.M).group(1)
+    python = re.search(r"```python\n(import polars as pl\n.*?)\n(?:spark\..*\n)?```", text, re.S).group(1)
+    duckdb_cli = shutil.which("duckdb", path=os.path.dirname(sys.executable))
+    assert duckdb_cli, "the duckdb command line is not installed beside this Python: pip install -e '.[query]'"
+    images = tmp_path / "images"
+    write_dataset(str(images), 20, seed=33)
+    out = tmp_path / "out"
+    run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
+                  labels=os.path.join(models_dir, "shapes_labels.txt"), input=str(images), output=str(out)))
+    got = subprocess.run([duckdb_cli, "-csv", "-c", shell], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    labels = {line.split(",")[0] for line in got.stdout.splitlines()[1:]}
+    assert labels and labels <= {"circle", "square", "triangle"}, got.stdout
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(python.replace('pl.read_parquet("out/detections/*.parquet").group_by("label").len()',
+                            'result = pl.read_parquet("out/detections/*.parquet").group_by("label").len()'), scope)
+    finally:
+        os.chdir(cwd)
+    polars_labels = set(scope["result"]["label"].to_list())
+    assert polars_labels == labels
