@@ -1,9 +1,9 @@
 """The job, start to finish: check everything that can be checked before any actor starts (config,
 model, labels, input, output, cluster), then list, plan, dispatch and commit as one stream, manifest last.
 
-The listing runs on a thread of its own: it cuts the input into shards, stores the plan chunk by chunk,
-and hands chunks to the dispatch loop through a short queue, so the first shards run while the rest is
-still being listed and the driver never holds the whole input.
+The listing runs on a thread of its own (`feed.py`): it cuts the input into shards, stores the plan
+chunk by chunk, and hands chunks to the dispatch loop through a short queue, so the first shards run
+while the rest is still being listed and the driver never holds the whole input.
 
 Re-running the same command into the same output resumes it: committed shards are skipped, the rest
 are redone under the same deterministic names. A run whose model or settings differ is refused unless
@@ -21,27 +21,26 @@ import hashlib
 import itertools
 import logging
 import os
-import queue
 import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from . import __version__
 from .config import RunConfig
 from .destination import check_output_location
 from .detector import inspect_interpreter
-from .commitlog import LOG_DIR, CommitLog, LogState
+from .commitlog import LOG_DIR, CommitLog
 from .committer import Committer
 from .errors import FailureRateExceeded, ModelError, OutputError, Terminated
 from .interpreter import load_backend, make_interpreter, read_model, sha256
-from .history import Selection, select_new, with_versions
+from .feed import Planning, PlanFeed, check_listing, first_shard_of, planning_for
 from .labels import embedded_labels, label_warnings, load_labels
 from .lease import Lease
 from .metrics import record_dispatch
-from .plan import Chunk, PlanStream, Shard, chunked, plan_input, stored_shards
+from .plan import PlanStream, Shard, plan_input
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
 
@@ -104,7 +103,7 @@ def prepare(config: RunConfig, checked: bool = False) -> dict:
                 **{k: getattr(config, k) for k in _IDENTITY_SETTINGS}}
     previous = _previous_run(store, config, identity)
     commit_log = CommitLog.open(store) if previous else None
-    planning = _planning(config, store, previous, commit_log.state if commit_log else None)
+    planning = planning_for(config, store, previous, commit_log.state if commit_log else None)
     plan = plan_input(config.input, form=config.input_format, extensions=config.extensions,
                       shard_size=config.shard_size, image_column=config.image_column, id_column=config.id_column,
                       storage_options=so, select=planning.select, first_shard=planning.first_shard,
@@ -118,57 +117,6 @@ def prepare(config: RunConfig, checked: bool = False) -> dict:
         "commit_log": commit_log, "planning": planning,
         "timings": {"check_model_s": t_model, "first_listing_s": time.perf_counter() - t0 - t_model},
     }
-
-
-@dataclass
-class Planning:
-    """Which run this invocation is and how its plan relates to what the output holds.
-
-    mode: `fresh` (a new output: run 1), `resume` (a plain re-run: the listing must equal the stored
-    plan), `new-run` (incremental, after a finished run: the next run, of what is new), `continue`
-    (incremental, the last run unfinished: its stored shards are finished and the listing is compared
-    with every plan stored so far, its own included)."""
-
-    mode: str
-    run: int
-    first_shard: int = 0
-    first_chunk: int = 0
-    select: object = None  # the plan_input select of an incremental listing
-    selection: Selection | None = None
-    pending: list = field(default_factory=list)  # chunk events of this run with shards left to do
-
-
-def _planning(config: RunConfig, store: OutputStore, previous: dict | None, state) -> Planning:
-    so = config.storage_options
-    if previous is None:
-        if not config.incremental:
-            return Planning("fresh", 1)
-        # An incremental run 1 records versions even for a manifest's URIs: run 2 compares them.
-        selection = Selection()
-        select_from = select_new(store, LogState(), 1, selection)
-        return Planning("fresh", 1, select=lambda listed: select_from(with_versions(listed, so)), selection=selection)
-    runs = state.runs
-    last = runs[-1]["run"] if runs else 1
-    if not config.incremental:
-        if len(runs) > 1 or any(len(r.get("passes", ())) > 1 for r in runs):
-            raise OutputError(
-                f"output {config.output!r} holds {len(runs)} incremental runs: pass --incremental to process what "
-                "is new in the input (a plain re-run compares the whole listing with the first run's plan)")
-        return Planning("resume", last)
-    closed = state.finished and previous.get("status") == "complete" and previous.get("run_id") == last
-    run = last + 1 if closed else last
-    selection = Selection()
-    select_from = select_new(store, state, run, selection)
-    pending = [] if closed else [c for c in state.chunks if c["first_shard"] >= _first_shard_of(state, run)
-                                 and state.committed[c["first_shard"]:c["first_shard"] + c["shards"]].count(1)
-                                 < c["shards"]]
-    return Planning("new-run" if closed else "continue", run, first_shard=state.planned_end,
-                    first_chunk=len(state.chunks), select=lambda listed: select_from(with_versions(listed, so)),
-                    selection=selection, pending=pending)
-
-
-def _first_shard_of(state, run: int) -> int:
-    return next((r["first_shard"] for r in state.runs if r["run"] == run), 0)
 
 
 def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict | None:
@@ -210,100 +158,6 @@ def _warnings(manifest: dict, labels: list | None) -> list[str]:
                    f"{which}); their label is null. Check that the labels ({manifest['labels_source']}) "
                    "belong to this model")
     return out
-
-
-_END = object()
-
-
-class PlanFeed:
-    """The listing thread: plan chunks are checked against the stored plan (a resumed run) or written to
-    it (a new one), then queued for dispatch. The queue is short: listing runs ahead of dispatch by a
-    couple of chunks, never by the whole input. A resumed incremental run first re-reads its own stored
-    chunks that still have shards to do (`pending`), then lists what is new."""
-
-    def __init__(self, plan: PlanStream, store: OutputStore, planning: Planning, stored_chunks: list[dict],
-                 stored_listed: dict | None, depth: int = 2):
-        self.plan, self.store, self.planning = plan, store, planning
-        self.stored, self.stored_listed = list(stored_chunks), stored_listed
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.facts: dict = {}
-        self.thread = threading.Thread(target=self._run, name="plan-feed", daemon=True)
-
-    def start(self) -> "PlanFeed":
-        self.thread.start()
-        return self
-
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        try:
-            for ev in self.planning.pending:
-                shards = list(stored_shards(self.store.iter_plan([ev]), self.plan.form, self.planning.run))
-                self._put(Chunk(ev["chunk"], shards, ev["sha"]))
-            h = hashlib.sha256()
-            shards = items = chunks = 0
-            for chunk in chunked(self.plan.shards, self.planning.first_chunk):
-                if self.stop.is_set():
-                    return
-                self._check_or_write(chunk)
-                h.update(chunk.sha.encode())
-                shards, items, chunks = shards + len(chunk.shards), items + chunk.items, chunks + 1
-                self._put(chunk)
-            facts = {"run": self.planning.run, "chunks": chunks, "shards": shards, "items": items,
-                     "fingerprint": h.hexdigest(), "form": self.plan.form, "skipped": self.plan.stats.skipped,
-                     "skipped_examples": self.plan.stats.skipped_examples, "duplicates": self.plan.stats.duplicates}
-            facts["listed"] = items
-            if self.planning.selection is not None:
-                facts.update(self.planning.selection.facts())
-                facts["listed"] = sum(self.planning.selection.facts().values())
-            if self.stored_listed is not None and self.stored_listed["fingerprint"] != facts["fingerprint"]:
-                raise self._changed(f"the listing now has {shards} shards, the stored plan "
-                                    f"{self.stored_listed['shards']}")
-            self._put((_END, facts))
-        except BaseException as exc:  # handed to the dispatch thread, which raises it
-            self._put((_END, exc))
-
-    def _check_or_write(self, chunk: Chunk) -> None:
-        if chunk.index < len(self.stored):
-            ev = self.stored[chunk.index]
-            if ev["sha"] != chunk.sha:
-                raise self._changed(f"shards {ev['first_shard']}-{ev['first_shard'] + ev['shards'] - 1} differ")
-        elif self.stored_listed is not None:
-            raise self._changed(f"it lists more than the stored plan's {self.stored_listed['shards']} shards")
-        else:
-            self.store.write_chunk(chunk.index, chunk.shards)
-
-    def _changed(self, detail: str) -> OutputError:
-        return OutputError(
-            f"output {self.store.url!r} holds a run made with a different input listing ({detail}): resuming "
-            "would mix results. Pass --incremental to add what is new in the input to it as a new run, choose a "
-            "new --output, or pass --overwrite to replace it")
-
-    def chunks(self) -> Iterator:
-        """Chunks as the listing thread stores them, or None when none is ready yet (the dispatch loop
-        must not block on a slow listing); the listing's facts in `self.facts` at the end."""
-        while True:
-            try:
-                item = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                yield None
-                continue
-            if isinstance(item, tuple) and item[0] is _END:
-                if isinstance(item[1], BaseException):
-                    raise item[1]
-                self.facts = item[1]
-                return
-            yield item
-
-    def close(self) -> None:
-        self.stop.set()
 
 
 def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None) -> RunSummary:
@@ -367,7 +221,7 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
     elif planning.mode == "resume" and previous.get("status") == "complete" and _all_compacted(ready["commit_log"].state):
         # A finished output re-run: the listing is checked against its plan, without starting Ray.
         state = ready["commit_log"].state
-        _check_listing(plan, store, planning, state)
+        check_listing(plan, store, planning, state)
         again = {**previous, "counts": {**previous["counts"], "skipped_committed_shards": state.num_committed}}
         return RunSummary(output=config.output, manifest=again,
                           nothing_new={"complete": True, "unchanged": state.planned_items, "runs": len(state.runs),
@@ -503,8 +357,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         if state.listed is None:
             committer.listed(**feed.facts)
         if on_listed is not None:
-            run_shards = state.planned_end - _first_shard_of(state, run_no)
-            run_items = sum(c["items"] for c in state.chunks if c["first_shard"] >= _first_shard_of(state, run_no))
+            run_shards = state.planned_end - first_shard_of(state, run_no)
+            run_items = sum(c["items"] for c in state.chunks if c["first_shard"] >= first_shard_of(state, run_no))
             on_listed(None if plan.form == "tar" else run_items, run_shards)
 
     failing: dict = {"images": 0, "failures": 0, "types": {}}
@@ -606,20 +460,6 @@ def _all_compacted(state) -> bool:
     return state.finished and all(p["done"] for p in state.parts) and state.compacted_end == state.planned_end
 
 
-def _check_listing(plan: PlanStream, store: OutputStore, planning: Planning, state) -> None:
-    """The listing against the stored plan, chunk by chunk, as a resumed run's listing thread checks it
-    (raises the same refusal), here in the caller's thread: nothing is queued, nothing written."""
-    feed = PlanFeed(plan, store, planning, state.chunks, state.listed)
-    h = hashlib.sha256()
-    shards = 0
-    for chunk in chunked(plan.shards, 0):
-        feed._check_or_write(chunk)
-        h.update(chunk.sha.encode())
-        shards += len(chunk.shards)
-    if h.hexdigest() != state.listed["fingerprint"]:
-        raise feed._changed(f"the listing now has {shards} shards, the stored plan {state.listed['shards']}")
-
-
 FAIL_FAST_MIN = 500  # images an invocation processes before --max-failure-rate may stop it early
 
 
@@ -653,7 +493,7 @@ def _plan_fingerprint(state) -> str | None:
 def _run_entry(manifest: dict, state, run: int, status: str, config: RunConfig) -> dict:
     """The manifest's record of one run: when, what its listing found, what it planned and processed."""
     facts = next((r.get("listed") or {} for r in state.runs if r["run"] == run), {}) or {}
-    first = _first_shard_of(state, run)
+    first = first_shard_of(state, run)
     nxt = next((r["first_shard"] for r in state.runs if r["run"] > run), state.planned_end)
     totals = state.run_totals.get(run, {})
     return {"run_id": run, "started_at": manifest["started_at"], "finished_at": _now(), "status": status,
