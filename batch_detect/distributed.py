@@ -68,7 +68,9 @@ def connect(address: str | None) -> bool:
     kwargs = {"configure_logging": False, "log_to_driver": True}
     target = address or os.environ.get("RAY_ADDRESS")
     if not target:
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": a Ray of our own, even where `ray start` (or another job) already runs one on this
+        # machine; without it ray.init joins the most recent one it finds, CPUs and all.
+        ray.init(address="local", include_dashboard=False, **kwargs)
         return True
     try:
         ray.init(address=target, **kwargs)

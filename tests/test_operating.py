@@ -53,8 +53,10 @@ def test_failure_rate_stops_a_hopeless_run_early(models_dir, tmp_path):
     done = state.totals["images"] + state.totals["failures"]
     assert FAIL_FAST_MIN <= done < 0.3 * 2000, done
     assert manifest["counts"]["failures"] == done
-    # What was committed is compacted and readable exactly once; verify names only the work left to do.
-    assert rows(out) == (done, done)
+    # What was committed is compacted up to the first shard it dropped (parts are contiguous; the rest is
+    # compacted by the re-run) and readable exactly once; verify names only the work left to do.
+    visible, distinct = rows(out)
+    assert visible == distinct and FAIL_FAST_MIN - 3 * 64 <= visible <= done, (visible, done)
     report = verify(out)
     assert not report.ok and all("re-run" in p for p in report.problems), report.problems
     print(f"stopped after {done} of 2000 images in {time.time() - t0:.1f}s")
