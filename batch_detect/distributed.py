@@ -24,6 +24,7 @@ from .detector import Detector
 from .errors import ClusterError, ConfigError
 from .errors import ModelError
 from .interpreter import load_backend, read_model, sha256
+from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, CallClock, NodeWatch
 from .plan import Shard
 from .reading import Reader
 from .sink import OutputStore
@@ -232,6 +233,7 @@ class ActorPool:
         self.waiting: dict = {}  # info ref -> (actor index, deadline): starting or restarting
         self.recheck: list[tuple[float, int, float]] = []  # (when, actor index, deadline)
         self.placements: dict[int, dict] = {}
+        self.nodes = NodeWatch()  # nodes given up on, for the manifest
         self.last_growth_check = time.monotonic()
 
     def start(self) -> None:
@@ -304,6 +306,10 @@ class ActorPool:
     def recovering(self) -> bool:
         return bool(self.waiting or self.recheck)
 
+    def on_node(self, node_id: str) -> list[int]:
+        """The actors last seen on node `node_id`."""
+        return [i for i, p in self.placements.items() if p["node_id"] == node_id]
+
     def kill(self) -> None:
         for a in self.actors:
             ray.kill(a)
@@ -314,7 +320,7 @@ class ActorPool:
             per_node[p["node_id"]] = per_node.get(p["node_id"], 0) + 1
         return {"actors": len(self.actors), "actors_at_start": self.at_start, "cpus_per_actor": cpus_per_actor,
                 "memory_per_actor": self.settings.memory_per_actor, "nodes": sorted(per_node),
-                "actors_per_node": per_node}
+                "actors_per_node": per_node, "lost_nodes": list(self.nodes.lost.values())}
 
 
 _END = object()
@@ -325,6 +331,7 @@ class _Work:
     shard: Shard
     part: Shard | None  # None: the whole shard, staged by the actor; else a slice of it, rows come back
     attempt: int = 1
+    patience: int = 1  # times the call deadline it is given: doubled each time it runs past it
 
 
 @dataclass
@@ -341,7 +348,9 @@ class Dispatcher:
     staged; `on_shard` gets each staged shard's summary (the caller logs it). A shard whose actor dies is
     retried once whole (the death may have nothing to do with it: OOM, a lost node). If it kills a worker
     again, it is bisected until each image that kills workers stands alone; those become
-    `worker_crashed` failure records and the rest of the shard completes. `watch` adds other refs (e.g.
+    `worker_crashed` failure records and the rest of the shard completes. Calls on a node Ray declares dead,
+    or running past the deadline (`liveness.py`), are given up and their work re-queued to the other actors
+    at once (a late result of such a call is never read, so never committed). `watch` adds other refs (e.g.
     compaction tasks) to the same wait, with a callback."""
 
     def __init__(self, pool: ActorPool, source: Iterator[Shard], store: OutputStore, *, max_in_flight: int,
@@ -352,7 +361,8 @@ class Dispatcher:
         self.on_shard, self.tick, self.drained = on_shard, tick, drained
         self.was_drained = False
         self.pending: deque[_Work] = deque()
-        self.inflight: dict = {}  # ObjectRef -> (actor index, work)
+        self.inflight: dict = {}  # ObjectRef -> (actor index, work, weight, sent at)
+        self.clock = CallClock()
         self.isolating: dict[str, _Isolation] = {}
         self.watched: dict = {}  # ObjectRef -> callback(result)
         self.exhausted = self.starved = self.stopping = False
@@ -393,6 +403,7 @@ class Dispatcher:
                     self._result(ref)
                 else:
                     self.pool.answered(ref)
+            self._give_up_lost()
 
     def _top_up(self) -> None:
         """Pull shards from the plan only as far as the actors can take them: the backpressure that keeps
@@ -424,7 +435,7 @@ class Dispatcher:
                 actor = self.pool.actors[i]
                 call = actor.process.remote(work.shard) if not alone else actor.process_part.remote(work.part)
                 weight = self.max_in_flight if alone else 1
-                self.inflight[call] = (i, work, weight)
+                self.inflight[call] = (i, work, weight, time.monotonic())
                 self.pool.load[i] += weight
 
     def _check_stuck(self) -> None:
@@ -438,7 +449,7 @@ class Dispatcher:
             raise RuntimeError("every detector actor has died; see the Ray logs for the cause")
 
     def _result(self, ref) -> None:
-        i, work, weight = self.inflight.pop(ref)
+        i, work, weight, sent = self.inflight.pop(ref)
         self.pool.load[i] -= weight
         if self.stopping:
             return
@@ -446,6 +457,11 @@ class Dispatcher:
             result = ray.get(ref)
         except (RayActorError, WorkerCrashedError) as exc:
             self.pool.lost(i)
+            node = self.pool.placements.get(i, {}).get("node_id")
+            self._nodes_lost(force=True)
+            if node in self.pool.nodes.dead:
+                self.pending.appendleft(work)  # its node went, not the shard's doing: no attempt counted
+                return
             self._crashed(work, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return
         except RayTaskError as exc:
@@ -454,10 +470,49 @@ class Dispatcher:
                 raise RuntimeError(f"shard {work.shard.shard_id} failed {work.attempt} times: {exc}") from None
             self.pending.appendleft(_Work(work.shard, work.part, work.attempt + 1))
             return
+        self.clock.record(time.monotonic() - sent)
         if work.part is None:
             self.on_shard(result)
         else:
             self._part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
+
+    def _give_up_lost(self) -> None:
+        """Re-queue the calls that will not come back: on nodes Ray now reports dead, or past the deadline."""
+        if not self.inflight:
+            return
+        self._nodes_lost()
+        limit = self.clock.deadline_s()
+        now = time.monotonic()
+        late = {i for i, work, _, sent in self.inflight.values() if now - sent > limit * work.patience}
+        for i in sorted(late):
+            node_id = self.pool.placements.get(i, {}).get("node_id", "?")
+            entry = self.pool.nodes.record(node_id, f"an actor there did not answer within {limit:.0f}s")
+            n = self._requeue(i, late=True)
+            entry["shards_requeued"] += n
+            log.warning("node %s (%s) lost: actor %d has not answered for %.0fs (%dx its usual time, at least "
+                        "%.0fs); %d shards re-queued to the other actors", node_id[:8], entry["address"], i, limit,
+                        DEADLINE_FACTOR, DEADLINE_FLOOR_S, n)
+
+    def _nodes_lost(self, force: bool = False) -> None:
+        """Ask (every few seconds, or now) whether a node with our actors died; re-queue their calls."""
+        used = {p["node_id"] for p in self.pool.placements.values()}
+        for entry in self.pool.nodes.poll(used, force):
+            n = sum(self._requeue(i) for i in self.pool.on_node(entry["node_id"]))
+            entry["shards_requeued"] += n
+            log.warning("node %s (%s) lost: Ray reports it dead; %d shards in flight there re-queued to the other "
+                        "actors", entry["node_id"][:8], entry["address"], n)
+
+    def _requeue(self, i: int, late: bool = False) -> int:
+        """Give up actor i's calls (their results, if any come, are never read) and queue their work first;
+        the actor leaves the pool until it answers again (restarted elsewhere, or reachable again). Work
+        given up for lateness gets twice the time next: a shard that is merely slow still finishes."""
+        mine = [ref for ref, entry in self.inflight.items() if entry[0] == i]
+        for ref in mine:
+            _, work, weight, _ = self.inflight.pop(ref)
+            self.pool.load[i] -= weight
+            self.pending.appendleft(_Work(work.shard, work.part, work.attempt, work.patience * (2 if late else 1)))
+        self.pool.lost(i)
+        return len(mine)
 
     def _crashed(self, work: _Work, cause: str) -> None:
         if work.part is None and work.attempt == 1:
