@@ -119,17 +119,19 @@ def test_worker_link_cut_mid_run_is_survived_promptly(make_cluster, images, tmp_
 
 
 def test_worker_raylet_killed_mid_run(make_cluster, images, tmp_path):
-    """SIGKILL to the worker's raylet: its actor dies with it, Ray declares the node dead, and its shards
-    finish on the head's actor."""
+    """SIGKILL to the worker's raylet: its actor dies with it, the calls there fail at once, and its
+    shards finish on the head's actor."""
     cluster = make_cluster(2)
     out = str(tmp_path / "out")
     pid = cluster.raylet_pid(1)
     rc, output, wall_s, killed_at = run_driver(cluster, images, out, fault=lambda: os.kill(pid, signal.SIGKILL))
     print(f"raylet killed at {killed_at:.1f}s: {wall_s:.1f}s in all")
     assert rc == 0, output[-4000:]
+    assert "actor died on shard" in output, output[-3000:]  # its calls failed at once and were retried
     manifest = assert_exactly_once(out, images, IMAGES)
-    assert [n["address"] for n in manifest["cluster"]["lost_nodes"]] == [cluster.nodes[1].address]
-    assert wall_s < 120, f"{wall_s:.0f}s"
+    # Ray declares the node dead some seconds later: only a run still going by then records it.
+    assert {n["address"] for n in manifest["cluster"]["lost_nodes"]} <= {cluster.nodes[1].address}
+    assert wall_s < 60, f"{wall_s:.0f}s"
 
 
 def test_job_submitted_to_three_nodes_uses_every_node(make_cluster, images, tmp_path):
@@ -163,9 +165,9 @@ MOTO = ("import logging,sys,time;logging.basicConfig(level=logging.INFO,stream=s
         "time.sleep(100000)")
 UPLOAD = ("import sys,time,s3fs;fs=s3fs.S3FileSystem(key='k',secret='s',endpoint_url=sys.argv[1])\n"
           "for _ in range(100):\n"
-          "  try: fs.mkdir('bd'); break\n"
+          "  try: fs.mkdir('bdnet'); break\n"
           "  except Exception: time.sleep(0.3)\n"
-          "fs.put(sys.argv[2].rstrip('/')+'/','bd/in/',recursive=True);fs.put(sys.argv[3],'bd/models/m.tflite')")
+          "fs.put(sys.argv[2].rstrip('/')+'/','bdnet/in/',recursive=True);fs.put(sys.argv[3],'bdnet/models/m.tflite')")
 S3_OPTIONS = ("--storage-option", "key=k", "--storage-option", "secret=s", "--storage-option",
               f"endpoint_url={S3_ENDPOINT}")
 
@@ -181,10 +183,10 @@ def test_s3_cut_off_for_20s_mid_run(make_cluster, images, tmp_path):
         subprocess.Popen(cluster.exec_cmd(S3_NS, [sys.executable, "-c", MOTO, S3_ADDRESS]), env=cluster.env,
                          stdout=fh, stderr=subprocess.STDOUT)
     subprocess.run(cluster.exec_cmd(cluster.head.ns, [sys.executable, "-c", UPLOAD, S3_ENDPOINT, images, MODEL]),
-                   env=cluster.env, check=True, timeout=300)
+                   env=cluster.env, check=True, timeout=300, capture_output=True)
 
     def staged() -> int:
-        return sum("PUT /bd/out/_staging/images/shard-" in ln for ln in requests.read_text().splitlines())
+        return sum("PUT /bdnet/out/_staging/images/shard-" in ln for ln in requests.read_text().splitlines())
 
     def cut_for_20s() -> None:
         cluster.link(S3_PORT_NAME, up=False)
@@ -193,15 +195,15 @@ def test_s3_cut_off_for_20s_mid_run(make_cluster, images, tmp_path):
         finally:
             cluster.link(S3_PORT_NAME, up=True)
 
-    out = "s3://bd/out"
+    out = "s3://bdnet/out"
     rc, output, wall_s, cut_at = run_driver(
-        cluster, "s3://bd/in/", out, fault=cut_for_20s, ready=lambda: staged() >= 0.3 * SHARDS,
-        extra=("--model", "s3://bd/models/m.tflite", *S3_OPTIONS))
+        cluster, "s3://bdnet/in/", out, fault=cut_for_20s, ready=lambda: staged() >= 0.3 * SHARDS,
+        extra=("--model", "s3://bdnet/models/m.tflite", *S3_OPTIONS))
     print(f"S3 cut off at {cut_at:.1f}s for 20 s: {wall_s:.1f}s in all")
     assert rc == 0, output[-4000:]
     assert "status: complete" in output
     check = subprocess.run(cluster.exec_cmd(cluster.head.ns, [
-        sys.executable, "-m", "batch_detect", "verify", out, "--input", "s3://bd/in/", *S3_OPTIONS, "--json"]),
+        sys.executable, "-m", "batch_detect", "verify", out, "--input", "s3://bdnet/in/", *S3_OPTIONS, "--json"]),
         env=cluster.env, cwd=netns.ROOT, capture_output=True, text=True, timeout=300)
     report = json.loads(check.stdout)
     assert report["ok"], report["problems"]
