@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 
 from .config import _SECRET_KEY, IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
 from .decoding import OUTPUT_FORMATS
-from .errors import BatchDetectError, FailureRateExceeded, Terminated
+from .errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, Terminated
 from .geometry import RESIZE_MODES
 from .progress import Progress
 from .storage import check_storage_options, check_store_access
@@ -379,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         except FailureRateExceeded as exc:
             _error(exc, prefix="batch-detect: ")
             return 1
+        except HeadUnreachable as exc:
+            _error(exc)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)  # Ray's exit handler would wait minutes for the unreachable head
         except BatchDetectError as exc:
             _error(exc)
             return 2

@@ -21,10 +21,10 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from .detector import Detector
-from .errors import ClusterError, ConfigError
+from .errors import ClusterError, ConfigError, HeadUnreachable
 from .errors import ModelError
 from .interpreter import load_backend, read_model, sha256
-from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, CallClock, NodeWatch
+from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, GCS_SILENCE_S, CallClock, NodeWatch
 from .plan import Shard
 from .reading import Reader
 from .sink import OutputStore
@@ -92,10 +92,12 @@ def estimate_actor_memory(model_bytes: int, input_bytes: int, prefetch: int) -> 
     return 300 * MIB + 4 * model_bytes + (prefetch + 1) * (36 * MIB + 2 * input_bytes)
 
 
-def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float) -> dict[str, int]:
-    """Actors each live node can hold: bounded by its CPUs and by a share of its memory."""
+def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float,
+                  nodes: list[dict] | None = None) -> dict[str, int]:
+    """Actors each live node can hold (of `nodes`, as ray.nodes() lists them; by default asked now): bounded
+    by its CPUs and by a share of its memory."""
     out = {}
-    for node in ray.nodes():
+    for node in ray.nodes() if nodes is None else nodes:
         if not node.get("Alive"):
             continue
         res = node.get("Resources", {})
@@ -201,12 +203,21 @@ def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
     return rows
 
 
-def _compact(output_url: str, storage_options: dict, part: int, shard_ids: list[str]) -> dict:
+def _compact(output_url: str | None, storage_options: dict, part: int, shard_ids: list[str]) -> dict:
+    if output_url is None:  # the warm-up call: see warm_up_compaction
+        return {}
     return OutputStore(output_url, storage_options).compact(part, shard_ids)
 
 
 # Compaction is I/O: it takes no CPU slot from the detector actors, and a retry is harmless (idempotent).
 compact_task = ray.remote(num_cpus=0, max_retries=3)(_compact)
+
+
+def warm_up_compaction() -> None:
+    """Ray stores a remote function in the GCS on its first call, and that call waits for the GCS: made
+    mid-run while the head is unreachable, it would hang the dispatch loop. So the first call is made
+    at the start, with nothing to do."""
+    compact_task.remote(None, {}, 0, [])
 
 
 class ActorPool:
@@ -215,7 +226,7 @@ class ActorPool:
     passes)."""
 
     def __init__(self, settings: WorkerSettings, num_actors: int, cpus_per_actor: int,
-                 grow: Callable[[], int] | None):
+                 grow: Callable[[list[dict]], int] | None):
         env = {k: v for k, v in os.environ.items() if k.startswith("BATCH_DETECT_")}
         # Variables of ours (e.g. the test-only crash hook) reach actors on every node.
         self.actor_cls = ray.remote(DetectorActor).options(
@@ -234,6 +245,7 @@ class ActorPool:
         self.recheck: list[tuple[float, int, float]] = []  # (when, actor index, deadline)
         self.placements: dict[int, dict] = {}
         self.nodes = NodeWatch()  # nodes given up on, for the manifest
+        self.head_lost = False  # the GCS stopped answering: Ray calls that need it would hang
         self.last_growth_check = time.monotonic()
 
     def start(self) -> None:
@@ -264,9 +276,12 @@ class ActorPool:
         """Nodes that joined mid-run (autoscaling) get actors; work goes to them once they answer."""
         if self.grow_to is None or not pending or time.monotonic() - self.last_growth_check < GROWTH_CHECK_S:
             return
+        nodes = self.nodes.latest  # asked off this loop: asking here could hang it on an unreachable head
+        if nodes is None:
+            return
         self.last_growth_check = time.monotonic()
         # Actors still starting will take pending work too: grow only for what they cannot absorb.
-        wanted = min(self.grow_to() - len(self.actors), pending - len(self.waiting))
+        wanted = min(self.grow_to(nodes) - len(self.actors), pending - len(self.waiting))
         for _ in range(max(0, wanted)):
             self.actors.append(self.actor_cls.remote(self.settings))
             self.load.append(0)
@@ -311,6 +326,9 @@ class ActorPool:
         return [i for i, p in self.placements.items() if p["node_id"] == node_id]
 
     def kill(self) -> None:
+        self.nodes.stop()
+        if self.head_lost:
+            return  # killing goes through the unreachable GCS; the actors end with this driver anyway
         for a in self.actors:
             ray.kill(a)
 
@@ -379,6 +397,8 @@ class Dispatcher:
         self.isolating.clear()
 
     def run(self) -> None:
+        self.pool.nodes.start()
+        warm_up_compaction()
         while True:
             self._top_up()
             self.pool.grow(len(self.pending))
@@ -458,7 +478,7 @@ class Dispatcher:
         except (RayActorError, WorkerCrashedError) as exc:
             self.pool.lost(i)
             node = self.pool.placements.get(i, {}).get("node_id")
-            self._nodes_lost(force=True)
+            self._nodes_lost()
             if node in self.pool.nodes.dead:
                 self.pending.appendleft(work)  # its node went, not the shard's doing: no attempt counted
                 return
@@ -477,7 +497,16 @@ class Dispatcher:
             self._part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
 
     def _give_up_lost(self) -> None:
-        """Re-queue the calls that will not come back: on nodes Ray now reports dead, or past the deadline."""
+        """Re-queue the calls that will not come back: on nodes Ray now reports dead, or past the deadline.
+        Stop the run when the head itself is unreachable: Ray would end this process minutes later, with
+        nothing said and the manifest left 'running'."""
+        silent = self.pool.nodes.silent_s()
+        if silent > GCS_SILENCE_S:
+            self.pool.head_lost = True
+            raise HeadUnreachable(
+                f"lost contact with the Ray cluster's head (GCS at {ray.get_runtime_context().gcs_address}): no "
+                f"answer for {silent:.0f}s, a network partition or a dead head node. What was committed stays in "
+                "the output; re-run the same command once the head is reachable to finish the run")
         if not self.inflight:
             return
         self._nodes_lost()
@@ -493,10 +522,10 @@ class Dispatcher:
                         "%.0fs); %d shards re-queued to the other actors", node_id[:8], entry["address"], i, limit,
                         DEADLINE_FACTOR, DEADLINE_FLOOR_S, n)
 
-    def _nodes_lost(self, force: bool = False) -> None:
-        """Ask (every few seconds, or now) whether a node with our actors died; re-queue their calls."""
+    def _nodes_lost(self) -> None:
+        """Whether the GCS's latest answer reports a node with our actors dead; re-queue their calls."""
         used = {p["node_id"] for p in self.pool.placements.values()}
-        for entry in self.pool.nodes.poll(used, force):
+        for entry in self.pool.nodes.poll(used):
             n = sum(self._requeue(i) for i in self.pool.on_node(entry["node_id"]))
             entry["shards_requeued"] += n
             log.warning("node %s (%s) lost: Ray reports it dead; %d shards in flight there re-queued to the other "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections import deque
 from typing import Callable, Iterable
@@ -21,6 +22,7 @@ from ray.exceptions import RayError
 log = logging.getLogger(__name__)
 
 NODE_CHECK_S = 2.0  # how often the driver asks the GCS which nodes are alive (one small RPC)
+GCS_SILENCE_S = 30.0  # the head unreachable this long: the run stops with an error (Ray's own end is minutes away)
 DEADLINE_FLOOR_S = 20.0  # never give up on a call sooner than this
 DEADLINE_FACTOR = 10  # ... nor sooner than this many times the slowest usual (p95) call
 DEADLINE_UNMEASURED_S = 300.0  # before enough calls have been timed
@@ -32,32 +34,52 @@ def _now() -> str:
 
 
 class NodeWatch:
-    """Which of the nodes we use the GCS reports dead (asked at most every `period` seconds), and the record
-    of every node given up on, for the manifest: {node_id, address, lost_at, why, shards_requeued}."""
+    """The GCS's view of the nodes, asked every `period` seconds on a thread of its own (over a cut link
+    the question may hang: the dispatch loop must not); which of the nodes we use it reports dead; how long
+    it has been silent; and the record of every node given up on, for the manifest: {node_id, address,
+    lost_at, why, shards_requeued}."""
 
     def __init__(self, nodes: Callable[[], list[dict]] = ray.nodes, period: float = NODE_CHECK_S):
         self.nodes, self.period = nodes, period
         self.dead: set[str] = set()
         self.lost: dict[str, dict] = {}
         self.addresses: dict[str, str] = {}
-        self.last = 0.0
+        self.snapshot: list[dict] | None = None  # the latest answer not yet looked at by poll
+        self.latest: list[dict] | None = None  # the latest answer
+        self.answered_at = 0.0
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
 
-    def poll(self, used: Iterable[str], force: bool = False) -> list[dict]:
+    def start(self) -> None:
+        if self.thread is None:
+            self.answered_at = time.monotonic()
+            self.thread = threading.Thread(target=self._ask, name="node-watch", daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _ask(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.snapshot = self.latest = self.nodes()
+                self.answered_at = time.monotonic()
+            except RayError as exc:  # the GCS is briefly unreachable: asked again next period
+                log.debug("cannot ask the GCS for nodes: %s", exc)
+            self.stopped.wait(self.period)
+
+    def silent_s(self) -> float:
+        """Seconds since the GCS last answered (0 before the watch starts)."""
+        return time.monotonic() - self.answered_at if self.thread is not None else 0.0
+
+    def poll(self, used: Iterable[str]) -> list[dict]:
         """Nodes among `used` newly reported dead since the last poll (their records)."""
-        now = time.monotonic()
-        used = set(used) - self.dead
-        if not used or (not force and now - self.last < self.period):
-            return []
-        self.last = now
-        try:
-            nodes = self.nodes()
-        except RayError as exc:  # the GCS is briefly unreachable: the next poll asks again
-            log.debug("cannot ask the GCS for nodes: %s", exc)
-            return []
+        self.start()
+        nodes, self.snapshot = self.snapshot, None
         found = []
-        for node in nodes:
+        for node in nodes or ():
             self.addresses[node["NodeID"]] = node.get("NodeManagerAddress")
-            if node["NodeID"] in used and not node.get("Alive"):
+            if node["NodeID"] in used and node["NodeID"] not in self.dead and not node.get("Alive"):
                 self.dead.add(node["NodeID"])
                 entry = self.record(node["NodeID"], "reported dead by Ray")
                 entry.setdefault("reported_dead_at", _now())

@@ -96,7 +96,7 @@ class NetCluster:
     temp_root: str
     env: dict
     nodes: list[Node] = field(default_factory=list)
-    extra: list[str] = field(default_factory=list)
+    made: list[str] = field(default_factory=list)  # every namespace this cluster created, in order
 
     @property
     def head(self) -> Node:
@@ -111,6 +111,7 @@ class NetCluster:
     def add_namespace(self, name: str, address: str, port_name: str) -> None:
         """Namespace `name` with eth0 = `address`, plugged into the switch through `port_name`."""
         _ip("netns", "add", name)
+        self.made.append(name)
         _ip("link", "add", "eth0", "netns", name, "type", "veth", "peer", "name", port_name, "netns", SWITCH)
         _ip("-n", SWITCH, "link", "set", port_name, "master", "br0", "up")
         _ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
@@ -133,9 +134,19 @@ class NetCluster:
                    f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=0.0.0.0"]
         else:
             cmd = [ray, "start", f"--address={self.gcs}", *common]
-        started = subprocess.run(self.exec_cmd(ns, cmd), env=self.env, capture_output=True, text=True, timeout=180)
-        if started.returncode != 0:
-            raise RuntimeError(f"ray start on {ns} failed: {started.stdout[-2000:]}{started.stderr[-2000:]}")
+        for attempt in (1, 2):
+            started = subprocess.run(self.exec_cmd(ns, cmd), env=self.env, capture_output=True, text=True,
+                                     timeout=180)
+            if started.returncode == 0:
+                break
+            # On a loaded machine a raylet may miss `ray start`'s 30 s registration wait: once more, afresh.
+            for pid in self.pids(ns):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if attempt == 2:
+                raise RuntimeError(f"ray start on {ns} failed: {started.stdout[-2000:]}{started.stderr[-2000:]}")
         self.nodes.append(node)
         return node
 
@@ -185,7 +196,7 @@ class NetCluster:
 
     def teardown(self) -> list[str]:
         """Kill every process of every namespace we made, delete them; returns what is still left."""
-        for name in [n.ns for n in reversed(self.nodes)] + self.extra + [SWITCH]:
+        for name in reversed(self.made):
             kill_namespace(name)
         shutil.rmtree(self.temp_root, ignore_errors=True)
         return namespaces()
@@ -207,6 +218,7 @@ def build(num_nodes: int, dashboard: bool = False) -> NetCluster:
     cluster = NetCluster(temp_root, env)
     try:
         _ip("netns", "add", SWITCH)
+        cluster.made.append(SWITCH)
         _ip("-n", SWITCH, "link", "add", "br0", "type", "bridge")
         _ip("-n", SWITCH, "link", "set", "br0", "up")
         for i in range(num_nodes):

@@ -177,7 +177,6 @@ def test_s3_cut_off_for_20s_mid_run(make_cluster, images, tmp_path):
     for 20 s mid-run: the storage retries ride it out, or the shards hit fail and are retried; none is lost."""
     cluster = make_cluster(2)
     cluster.add_namespace(S3_NS, S3_ADDRESS, S3_PORT_NAME)
-    cluster.extra.append(S3_NS)
     requests = tmp_path / "s3.log"
     with open(requests, "w") as fh:  # its request log tells how far the run is (this namespace cannot reach it)
         subprocess.Popen(cluster.exec_cmd(S3_NS, [sys.executable, "-c", MOTO, S3_ADDRESS]), env=cluster.env,
@@ -208,3 +207,25 @@ def test_s3_cut_off_for_20s_mid_run(make_cluster, images, tmp_path):
     report = json.loads(check.stdout)
     assert report["ok"], report["problems"]
     assert report["facts"]["images"] == IMAGES and report["facts"]["failures"] == 0, report["facts"]
+
+
+def test_head_cut_off_from_the_driver_stops_with_an_error_and_resumes(make_cluster, images, tmp_path):
+    """The driver on the worker node, the head's link cut at 30%: the driver stops within a minute with
+    an error that says so (not Ray's end of the process minutes later), the manifest says failed, and once
+    the head is back the same command finishes the output exactly once."""
+    cluster = make_cluster(2)
+    out = str(tmp_path / "out")
+    rc, output, wall_s, cut_at = run_driver(cluster, images, out, ns=cluster.nodes[1].ns,
+                                            fault=lambda: cluster.cut(0), timeout=300)
+    print(f"head cut off at {cut_at:.1f}s: the driver stopped at {wall_s:.1f}s")
+    assert rc == 2, output[-4000:]
+    assert "lost contact with the Ray cluster's head (GCS at 10.231.0.1:6390)" in output, output[-3000:]
+    assert wall_s - cut_at < 90, f"the driver took {wall_s - cut_at:.0f}s after the cut to stop"
+    manifest = manifest_of(out)
+    assert manifest["status"] == "failed" and "HeadUnreachable" in manifest["error"], manifest.get("error")
+
+    cluster.cut(0, up=True)
+    rc, output, _, _ = run_driver(cluster, images, out)  # from the head, as a user would go on
+    assert rc == 0, output[-4000:]
+    assert "already committed, resuming" in output
+    assert_exactly_once(out, images, IMAGES)
