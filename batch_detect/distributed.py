@@ -244,6 +244,7 @@ class ActorPool:
         self.waiting: dict = {}  # info ref -> (actor index, deadline): starting or restarting
         self.recheck: list[tuple[float, int, float]] = []  # (when, actor index, deadline)
         self.placements: dict[int, dict] = {}
+        self.hosts: set[str] = set()  # every node an actor ran on: one lost mid-run is still one of them
         self.nodes = NodeWatch()  # nodes given up on, for the manifest
         self.head_lost = False  # the GCS stopped answering: Ray calls that need it would hang
         self.last_growth_check = time.monotonic()
@@ -302,6 +303,7 @@ class ActorPool:
         i, deadline = self.waiting.pop(ref)
         try:
             self.placements[i] = ray.get(ref)
+            self.hosts.add(self.placements[i]["node_id"])
             self.alive.add(i)
         except ActorUnavailableError:  # still restarting: ask again shortly, until the deadline
             if time.monotonic() < deadline:
@@ -337,7 +339,7 @@ class ActorPool:
         for p in self.placements.values():
             per_node[p["node_id"]] = per_node.get(p["node_id"], 0) + 1
         return {"actors": len(self.actors), "actors_at_start": self.at_start, "cpus_per_actor": cpus_per_actor,
-                "memory_per_actor": self.settings.memory_per_actor, "nodes": sorted(per_node),
+                "memory_per_actor": self.settings.memory_per_actor, "nodes": sorted(self.hosts),
                 "actors_per_node": per_node, "lost_nodes": list(self.nodes.lost.values())}
 
 
