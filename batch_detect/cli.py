@@ -216,6 +216,9 @@ def _print_summary(manifest: dict, out) -> None:
         print(f"failures by stage/type: {kinds}", file=out)
     for warning in manifest.get("warnings", []):
         print(f"warning: {warning}", file=out)
+    for node in manifest["cluster"].get("lost_nodes", []):
+        print(f"node lost: {node['node_id'][:8]} ({node['address']}) at {node['lost_at']}, {node['why']}; "
+              f"{node['shards_requeued']} shards re-queued", file=out)
     rate = t["images_per_s"]
     print(f"time: {t['total_s']:.1f}s total, {t['run_s']:.1f}s processing"
           + (f" ({rate:.1f} images/s)" if rate else "")

@@ -113,6 +113,7 @@ def test_worker_link_cut_mid_run_is_survived_promptly(make_cluster, images, tmp_
     lost = manifest["cluster"]["lost_nodes"]
     assert [n["address"] for n in lost] == [cluster.nodes[1].address], lost
     assert f"node {lost[0]['node_id'][:8]} ({cluster.nodes[1].address}) lost" in output, output[-3000:]
+    assert f"node lost: {lost[0]['node_id'][:8]} ({cluster.nodes[1].address})" in output  # in the summary too
     # Ray itself declares the node dead only after ~60 s (its default health checks), and the calls there
     # fail then: before this fix the run took 72 s here (cut at 6 s); the call deadline gives them up sooner.
     assert cut_s < 60, f"the run took {cut_s:.0f}s with the worker cut"
