@@ -64,7 +64,9 @@ class NodeWatch:
             try:
                 self.snapshot = self.latest = self.nodes()
                 self.answered_at = time.monotonic()
-            except RayError as exc:  # the GCS is briefly unreachable: asked again next period
+            except (RayError, RuntimeError, OSError) as exc:
+                # No answer this time (the GCS unreachable, or Ray shutting down as the run ends): asked
+                # again next period; the silence is what the dispatch loop watches.
                 log.debug("cannot ask the GCS for nodes: %s", exc)
             self.stopped.wait(self.period)
 
