@@ -81,6 +81,18 @@ def remove_leftovers() -> None:
         kill_namespace(name)
 
 
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if text.encode() in fh.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 @dataclass
 class Node:
     index: int
@@ -195,11 +207,13 @@ class NetCluster:
     # --- the end --------------------------------------------------------------------------------
 
     def teardown(self) -> list[str]:
-        """Kill every process of every namespace we made, delete them; returns what is still left."""
+        """Kill every process of every namespace we made, delete them; returns what is still left: our
+        namespaces, and processes that name this cluster's temp dir (every Ray process of its nodes)."""
         for name in reversed(self.made):
             kill_namespace(name)
+        left = namespaces() + [f"pid {pid}" for pid in _processes_naming(self.temp_root)]
         shutil.rmtree(self.temp_root, ignore_errors=True)
-        return namespaces()
+        return left
 
 
 def build(num_nodes: int, dashboard: bool = False) -> NetCluster:

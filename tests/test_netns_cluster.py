@@ -45,7 +45,7 @@ def make_cluster(netns_ok):
     yield make
     for cluster in made:
         left = cluster.teardown()
-        assert not left, f"namespaces left behind: {left}"
+        assert not left, f"left behind: {left}"
 
 
 @pytest.fixture(scope="module")
