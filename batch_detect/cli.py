@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 
 from .config import _SECRET_KEY, IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
 from .decoding import OUTPUT_FORMATS
-from .errors import BatchDetectError, FailureRateExceeded, Terminated
+from .errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, Terminated
 from .geometry import RESIZE_MODES
 from .progress import Progress
 from .storage import check_storage_options, check_store_access
@@ -215,6 +216,9 @@ def _print_summary(manifest: dict, out) -> None:
         print(f"failures by stage/type: {kinds}", file=out)
     for warning in manifest.get("warnings", []):
         print(f"warning: {warning}", file=out)
+    for node in manifest["cluster"].get("lost_nodes", []):
+        print(f"node lost: {node['node_id'][:8]} ({node['address']}) at {node['lost_at']}, {node['why']}; "
+              f"{node['shards_requeued']} shards re-queued", file=out)
     rate = t["images_per_s"]
     print(f"time: {t['total_s']:.1f}s total, {t['run_s']:.1f}s processing"
           + (f" ({rate:.1f} images/s)" if rate else "")
@@ -380,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         except FailureRateExceeded as exc:
             _error(exc, prefix="batch-detect: ")
             return 1
+        except HeadUnreachable as exc:
+            _error(exc)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)  # Ray's exit handler would wait minutes for the unreachable head
         except BatchDetectError as exc:
             _error(exc)
             return 2

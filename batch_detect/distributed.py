@@ -21,9 +21,10 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from .detector import Detector
-from .errors import ClusterError, ConfigError
+from .errors import ClusterError, ConfigError, HeadUnreachable
 from .errors import ModelError
 from .interpreter import load_backend, read_model, sha256
+from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, GCS_SILENCE_S, CallClock, NodeWatch
 from .metrics import record_shard
 from .plan import Shard
 from .reading import Reader
@@ -94,10 +95,12 @@ def estimate_actor_memory(model_bytes: int, input_bytes: int, prefetch: int) -> 
     return 300 * MIB + 4 * model_bytes + (prefetch + 1) * (36 * MIB + 2 * input_bytes)
 
 
-def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float) -> dict[str, int]:
-    """Actors each live node can hold: bounded by its CPUs and by a share of its memory."""
+def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float,
+                  nodes: list[dict] | None = None) -> dict[str, int]:
+    """Actors each live node can hold (of `nodes`, as ray.nodes() lists them; by default asked now): bounded
+    by its CPUs and by a share of its memory."""
     out = {}
-    for node in ray.nodes():
+    for node in ray.nodes() if nodes is None else nodes:
         if not node.get("Alive"):
             continue
         res = node.get("Resources", {})
@@ -205,12 +208,21 @@ def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
     return rows
 
 
-def _compact(output_url: str, storage_options: dict, part: int, shard_ids: list[str]) -> dict:
+def _compact(output_url: str | None, storage_options: dict, part: int, shard_ids: list[str]) -> dict:
+    if output_url is None:  # the warm-up call: see warm_up_compaction
+        return {}
     return OutputStore(output_url, storage_options).compact(part, shard_ids)
 
 
 # Compaction is I/O: it takes no CPU slot from the detector actors, and a retry is harmless (idempotent).
 compact_task = ray.remote(num_cpus=0, max_retries=3)(_compact)
+
+
+def warm_up_compaction() -> None:
+    """Ray stores a remote function in the GCS on its first call, and that call waits for the GCS: made
+    mid-run while the head is unreachable, it would hang the dispatch loop. So the first call is made
+    at the start, with nothing to do."""
+    compact_task.remote(None, {}, 0, [])
 
 
 class ActorPool:
@@ -219,7 +231,7 @@ class ActorPool:
     passes)."""
 
     def __init__(self, settings: WorkerSettings, num_actors: int, cpus_per_actor: int,
-                 grow: Callable[[], int] | None):
+                 grow: Callable[[list[dict]], int] | None):
         env = {k: v for k, v in os.environ.items() if k.startswith("BATCH_DETECT_")}
         # Variables of ours (e.g. the test-only crash hook) reach actors on every node.
         self.actor_cls = ray.remote(DetectorActor).options(
@@ -237,6 +249,9 @@ class ActorPool:
         self.waiting: dict = {}  # info ref -> (actor index, deadline): starting or restarting
         self.recheck: list[tuple[float, int, float]] = []  # (when, actor index, deadline)
         self.placements: dict[int, dict] = {}
+        self.hosts: set[str] = set()  # every node an actor ran on: one lost mid-run is still one of them
+        self.nodes = NodeWatch()  # nodes given up on, for the manifest
+        self.head_lost = False  # the GCS stopped answering: Ray calls that need it would hang
         self.last_growth_check = time.monotonic()
 
     def start(self) -> None:
@@ -267,9 +282,12 @@ class ActorPool:
         """Nodes that joined mid-run (autoscaling) get actors; work goes to them once they answer."""
         if self.grow_to is None or not pending or time.monotonic() - self.last_growth_check < GROWTH_CHECK_S:
             return
+        nodes = self.nodes.latest  # asked off this loop: asking here could hang it on an unreachable head
+        if nodes is None:
+            return
         self.last_growth_check = time.monotonic()
         # Actors still starting will take pending work too: grow only for what they cannot absorb.
-        wanted = min(self.grow_to() - len(self.actors), pending - len(self.waiting))
+        wanted = min(self.grow_to(nodes) - len(self.actors), pending - len(self.waiting))
         for _ in range(max(0, wanted)):
             self.actors.append(self.actor_cls.remote(self.settings))
             self.load.append(0)
@@ -290,6 +308,7 @@ class ActorPool:
         i, deadline = self.waiting.pop(ref)
         try:
             self.placements[i] = ray.get(ref)
+            self.hosts.add(self.placements[i]["node_id"])
             self.alive.add(i)
         except ActorUnavailableError:  # still restarting: ask again shortly, until the deadline
             if time.monotonic() < deadline:
@@ -309,7 +328,14 @@ class ActorPool:
     def recovering(self) -> bool:
         return bool(self.waiting or self.recheck)
 
+    def on_node(self, node_id: str) -> list[int]:
+        """The actors last seen on node `node_id`."""
+        return [i for i, p in self.placements.items() if p["node_id"] == node_id]
+
     def kill(self) -> None:
+        self.nodes.stop()
+        if self.head_lost:
+            return  # killing goes through the unreachable GCS; the actors end with this driver anyway
         for a in self.actors:
             ray.kill(a)
 
@@ -318,8 +344,8 @@ class ActorPool:
         for p in self.placements.values():
             per_node[p["node_id"]] = per_node.get(p["node_id"], 0) + 1
         return {"actors": len(self.actors), "actors_at_start": self.at_start, "cpus_per_actor": cpus_per_actor,
-                "memory_per_actor": self.settings.memory_per_actor, "nodes": sorted(per_node),
-                "actors_per_node": per_node}
+                "memory_per_actor": self.settings.memory_per_actor, "nodes": sorted(self.hosts),
+                "actors_per_node": per_node, "lost_nodes": list(self.nodes.lost.values())}
 
 
 _END = object()
@@ -330,6 +356,7 @@ class _Work:
     shard: Shard
     part: Shard | None  # None: the whole shard, staged by the actor; else a slice of it, rows come back
     attempt: int = 1
+    patience: int = 1  # times the call deadline it is given: doubled each time it runs past it
 
 
 @dataclass
@@ -346,7 +373,9 @@ class Dispatcher:
     staged; `on_shard` gets each staged shard's summary (the caller logs it). A shard whose actor dies is
     retried once whole (the death may have nothing to do with it: OOM, a lost node). If it kills a worker
     again, it is bisected until each image that kills workers stands alone; those become
-    `worker_crashed` failure records and the rest of the shard completes. `watch` adds other refs (e.g.
+    `worker_crashed` failure records and the rest of the shard completes. Calls on a node Ray declares dead,
+    or running past the deadline (`liveness.py`), are given up and their work re-queued to the other actors
+    at once (a late result of such a call is never read, so never committed). `watch` adds other refs (e.g.
     compaction tasks) to the same wait, with a callback."""
 
     def __init__(self, pool: ActorPool, source: Iterator[Shard], store: OutputStore, *, max_in_flight: int,
@@ -357,7 +386,8 @@ class Dispatcher:
         self.on_shard, self.tick, self.drained = on_shard, tick, drained
         self.was_drained = False
         self.pending: deque[_Work] = deque()
-        self.inflight: dict = {}  # ObjectRef -> (actor index, work)
+        self.inflight: dict = {}  # ObjectRef -> (actor index, work, weight, sent at)
+        self.clock = CallClock()
         self.isolating: dict[str, _Isolation] = {}
         self.watched: dict = {}  # ObjectRef -> callback(result)
         self.exhausted = self.starved = self.stopping = False
@@ -374,6 +404,8 @@ class Dispatcher:
         self.isolating.clear()
 
     def run(self) -> None:
+        self.pool.nodes.start()
+        warm_up_compaction()
         while True:
             self._top_up()
             self.pool.grow(len(self.pending))
@@ -398,6 +430,7 @@ class Dispatcher:
                     self._result(ref)
                 else:
                     self.pool.answered(ref)
+            self._give_up_lost()
 
     def _top_up(self) -> None:
         """Pull shards from the plan only as far as the actors can take them: the backpressure that keeps
@@ -429,7 +462,7 @@ class Dispatcher:
                 actor = self.pool.actors[i]
                 call = actor.process.remote(work.shard) if not alone else actor.process_part.remote(work.part)
                 weight = self.max_in_flight if alone else 1
-                self.inflight[call] = (i, work, weight)
+                self.inflight[call] = (i, work, weight, time.monotonic())
                 self.pool.load[i] += weight
 
     def _check_stuck(self) -> None:
@@ -443,7 +476,7 @@ class Dispatcher:
             raise RuntimeError("every detector actor has died; see the Ray logs for the cause")
 
     def _result(self, ref) -> None:
-        i, work, weight = self.inflight.pop(ref)
+        i, work, weight, sent = self.inflight.pop(ref)
         self.pool.load[i] -= weight
         if self.stopping:
             return
@@ -451,6 +484,11 @@ class Dispatcher:
             result = ray.get(ref)
         except (RayActorError, WorkerCrashedError) as exc:
             self.pool.lost(i)
+            node = self.pool.placements.get(i, {}).get("node_id")
+            self._nodes_lost()
+            if node in self.pool.nodes.dead:
+                self.pending.appendleft(work)  # its node went, not the shard's doing: no attempt counted
+                return
             self._crashed(work, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return
         except RayTaskError as exc:
@@ -459,10 +497,58 @@ class Dispatcher:
                 raise RuntimeError(f"shard {work.shard.shard_id} failed {work.attempt} times: {exc}") from None
             self.pending.appendleft(_Work(work.shard, work.part, work.attempt + 1))
             return
+        self.clock.record(time.monotonic() - sent)
         if work.part is None:
             self.on_shard(result)
         else:
             self._part_done(work, ShardRows.from_columns(work.shard.shard_id, result))
+
+    def _give_up_lost(self) -> None:
+        """Re-queue the calls that will not come back: on nodes Ray now reports dead, or past the deadline.
+        Stop the run when the head itself is unreachable: Ray would end this process minutes later, with
+        nothing said and the manifest left 'running'."""
+        silent = self.pool.nodes.silent_s()
+        if silent > GCS_SILENCE_S:
+            self.pool.head_lost = True
+            raise HeadUnreachable(
+                f"lost contact with the Ray cluster's head (GCS at {ray.get_runtime_context().gcs_address}): no "
+                f"answer for {silent:.0f}s, a network partition or a dead head node. What was committed stays in "
+                "the output; re-run the same command once the head is reachable to finish the run")
+        if not self.inflight:
+            return
+        self._nodes_lost()
+        limit = self.clock.deadline_s()
+        now = time.monotonic()
+        late = {i for i, work, _, sent in self.inflight.values() if now - sent > limit * work.patience}
+        for i in sorted(late):
+            node_id = self.pool.placements.get(i, {}).get("node_id", "?")
+            entry = self.pool.nodes.record(node_id, f"an actor there did not answer within {limit:.0f}s")
+            n = self._requeue(i, late=True)
+            entry["shards_requeued"] += n
+            log.warning("node %s (%s) lost: actor %d has not answered for %.0fs (%dx its usual time, at least "
+                        "%.0fs); %d shards re-queued to the other actors", node_id[:8], entry["address"], i, limit,
+                        DEADLINE_FACTOR, DEADLINE_FLOOR_S, n)
+
+    def _nodes_lost(self) -> None:
+        """Whether the GCS's latest answer reports a node with our actors dead; re-queue their calls."""
+        used = {p["node_id"] for p in self.pool.placements.values()}
+        for entry in self.pool.nodes.poll(used):
+            n = sum(self._requeue(i) for i in self.pool.on_node(entry["node_id"]))
+            entry["shards_requeued"] += n
+            log.warning("node %s (%s) lost: Ray reports it dead; %d shards in flight there re-queued to the other "
+                        "actors", entry["node_id"][:8], entry["address"], n)
+
+    def _requeue(self, i: int, late: bool = False) -> int:
+        """Give up actor i's calls (their results, if any come, are never read) and queue their work first;
+        the actor leaves the pool until it answers again (restarted elsewhere, or reachable again). Work
+        given up for lateness gets twice the time next: a shard that is merely slow still finishes."""
+        mine = [ref for ref, entry in self.inflight.items() if entry[0] == i]
+        for ref in mine:
+            _, work, weight, _ = self.inflight.pop(ref)
+            self.pool.load[i] -= weight
+            self.pending.appendleft(_Work(work.shard, work.part, work.attempt, work.patience * (2 if late else 1)))
+        self.pool.lost(i)
+        return len(mine)
 
     def _crashed(self, work: _Work, cause: str) -> None:
         if work.part is None and work.attempt == 1:

@@ -34,6 +34,12 @@ class ClusterError(BatchDetectError):
     """The Ray cluster cannot be joined or cannot host the actors."""
 
 
+class HeadUnreachable(ClusterError):
+    """Mid-run, the head node's GCS stopped answering (a partition, or the head died): the run stops with
+    what is committed kept, and the process exits without waiting on Ray's shutdown, which would wait for
+    the head."""
+
+
 class ModelError(BatchDetectError):
     """The model cannot be used: missing, not a TFLite file, or not a detector we can decode."""
 

@@ -324,8 +324,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         output_url=config.output, storage_options=config.storage_options,
     )
 
-    def grow() -> int:
-        return sum(node_capacity(config.cpus_per_actor, memory_per_actor, config.node_memory_share).values())
+    def grow(nodes: list[dict]) -> int:
+        return sum(node_capacity(config.cpus_per_actor, memory_per_actor, config.node_memory_share, nodes).values())
 
     resume = planning.mode == "resume"
     feed = PlanFeed(plan, store, planning, state.chunks if resume else [], state.listed if resume else None)
@@ -419,7 +419,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         raise
     finally:
         pool.kill()
-        if started_ray:
+        if started_ray and not pool.head_lost:  # disconnecting waits for the head: minutes when it is gone
             ray.shutdown()
 
     listed = state.listed
