@@ -97,14 +97,17 @@ def assert_exactly_once(out: str, images: str, n: int) -> dict:
     return manifest
 
 
-def test_worker_link_cut_mid_run_is_survived_promptly(make_cluster, images, tmp_path):
-    """The issue's case: two nodes, the worker's cable pulled at 30% of 1,200 images. The lost node's
-    shards go to the head's actor as soon as Ray reports the node dead, not minutes later."""
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_worker_link_cut_mid_run_is_survived_promptly(make_cluster, images, tmp_path, attempt):
+    """The issue's case, three times on fresh clusters (it must be reproducible): two nodes, the worker's
+    cable pulled at 30% of 1,200 images. The lost node's shards go to the head's actor promptly."""
     cluster = make_cluster(2)
-    rc, output, clean_s, _ = run_driver(cluster, images, str(tmp_path / "clean"))
-    assert rc == 0, output[-4000:]
-    manifest = assert_exactly_once(str(tmp_path / "clean"), images, IMAGES)
-    assert len(manifest["cluster"]["nodes"]) == 2, manifest["cluster"]  # an actor on each node
+    clean_s = float("nan")
+    if attempt == 1:
+        rc, output, clean_s, _ = run_driver(cluster, images, str(tmp_path / "clean"))
+        assert rc == 0, output[-4000:]
+        manifest = assert_exactly_once(str(tmp_path / "clean"), images, IMAGES)
+        assert len(manifest["cluster"]["nodes"]) == 2, manifest["cluster"]  # an actor on each node
 
     rc, output, cut_s, cut_at = run_driver(cluster, images, str(tmp_path / "cut"), fault=lambda: cluster.cut(1))
     print(f"without the cut: {clean_s:.1f}s; worker cut at {cut_at:.1f}s: {cut_s:.1f}s in all")
