@@ -131,7 +131,9 @@ def test_worker_raylet_killed_mid_run(make_cluster, images, tmp_path):
     rc, output, wall_s, killed_at = run_driver(cluster, images, out, fault=lambda: os.kill(pid, signal.SIGKILL))
     print(f"raylet killed at {killed_at:.1f}s: {wall_s:.1f}s in all")
     assert rc == 0, output[-4000:]
-    assert "actor died on shard" in output, output[-3000:]  # its calls failed at once and were retried
+    # Its calls fail at once and are retried ("actor died on shard …") unless the actor had finished them
+    # before it noticed its raylet was gone (a fast run on a quiet machine): either way, exactly once.
+    print("calls retried after the kill:", output.count("actor died on shard"))
     manifest = assert_exactly_once(out, images, IMAGES)
     # Ray declares the node dead some seconds later: only a run still going by then records it.
     assert {n["address"] for n in manifest["cluster"]["lost_nodes"]} <= {cluster.nodes[1].address}
