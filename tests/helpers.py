@@ -157,3 +157,22 @@ def kill_driver_when(cmd: list[str], ready, timeout: float = 180, sig: int = sig
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def token_cluster_env(prefix: str, **extra: str) -> tuple[str, dict]:
+    """A short temp dir (Ray's unix sockets under it have a length limit) holding a fresh auth token, and
+    the environment for `ray start`/clients of a token-authenticated cluster of a test's own, as Ray >= 2.59
+    runs local clusters: the venv's `ray` on PATH, no usage stats, no address or token from outside."""
+    import secrets
+    import sys
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    token_path = os.path.join(temp_dir, "auth_token")
+    with open(token_path, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path, **extra}
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(k, None)
+    return temp_dir, env

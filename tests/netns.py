@@ -12,7 +12,6 @@ in the same way with the address asked for."""
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+from helpers import token_cluster_env
 
 PREFIX = "bdnet-"
 SWITCH = PREFIX + "sw"
@@ -219,16 +220,9 @@ class NetCluster:
 def build(num_nodes: int, dashboard: bool = False) -> NetCluster:
     """A head and `num_nodes - 1` workers, 1 CPU each, token auth with a token of this cluster's own."""
     remove_leftovers()
-    temp_root = tempfile.mkdtemp(prefix="bdnet-", dir="/tmp")
-    token_path = os.path.join(temp_root, "auth_token")
-    with open(token_path, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    env = {**os.environ, "PATH": BINDIR + os.pathsep + os.environ["PATH"], "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
-           # The nodes' workers import this checkout's batch_detect.
-           "PYTHONPATH": ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
-        env.pop(k, None)
+    # The nodes' workers import this checkout's batch_detect.
+    temp_root, env = token_cluster_env(
+        PREFIX, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
     cluster = NetCluster(temp_root, env)
     try:
         _ip("netns", "add", SWITCH)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -22,6 +20,7 @@ from batch_detect.commitlog import read_state
 from batch_detect.sink import OutputStore
 from batch_detect.synthetic import write_dataset
 from batch_detect.verify import verify
+from helpers import token_cluster_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,17 +53,8 @@ def kill_cluster(temp_dir: str) -> None:
 @pytest.fixture
 def head():
     bindir = os.path.dirname(sys.executable)
-    # Short path: Ray's unix sockets live under the temp dir and have a length limit.
-    temp_dir = tempfile.mkdtemp(prefix="bdray-", dir="/tmp")
-    token_path = os.path.join(temp_dir, "auth_token")
-    with open(token_path, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    # Token authentication, as Ray >= 2.59 does for local clusters; the token is this test's own.
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
-           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the endpoint within a second, not ten
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_TOKEN", None)
+    # metrics reach the endpoint within a second, not ten
+    temp_dir, env = token_cluster_env("bdray-", RAY_metrics_report_interval_ms="1000")
     dash, gcs, metrics = free_port(), free_port(), free_port()
     cmd = [os.path.join(bindir, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
