@@ -44,6 +44,9 @@ class RunConfig:
     id_column: str | None = None  # Parquet input: the column whose value names each image in the output
     batch_size: int = 1  # images per invoke when the model's batch dimension is dynamic; else 1
     address: str | None = None
+    # Embedded runs (no address) planning fewer images than this go to worker processes without Ray,
+    # whose start costs more than they take; 0: always Ray.
+    ray_min_images: int = 256
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
     cpus_per_actor: int = 1  # also the interpreter's num_threads
     max_shards_in_flight: int = 2  # per actor: the backpressure bound
@@ -98,6 +101,8 @@ class RunConfig:
             raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"--num-actors must be at least 1, got {self.num_actors}")
+        if self.ray_min_images < 0:
+            raise ConfigError(f"--ray-min-images must be 0 (always Ray) or more, got {self.ray_min_images}")
         if self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
         if self.memory_per_actor_mb is not None and self.memory_per_actor_mb < 1:

@@ -13,52 +13,24 @@ import logging
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
-from .detector import Detector
 from .errors import ClusterError, ConfigError, HeadUnreachable
-from .errors import ModelError
-from .interpreter import load_backend, read_model, sha256
 from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, GCS_SILENCE_S, CallClock, NodeWatch
 from .metrics import record_shard
 from .plan import Shard
-from .reading import Reader
 from .sink import OutputStore
-from .worker import ShardRows, run_shard
+from .worker import PREFETCH, ShardProcessor, ShardRows, WorkerSettings, summarize_shard  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MAX_SHARD_ATTEMPTS = 3
 GROWTH_CHECK_S = 2.0  # how often the pool looks for nodes that joined
-PREFETCH = 4  # images read and decoded ahead of the interpreter, per actor
 ACTOR_START_TIMEOUT_S = 180
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    model_url: str
-    model_sha256: str
-    memory_per_actor: int
-    backend: str
-    num_threads: int
-    score_threshold: float
-    resize: str
-    normalization: str
-    max_pixels: int
-    jpeg_draft: bool
-    labels: list | None
-    output_url: str
-    storage_options: dict
-    extensions: tuple[str, ...] = ()  # which tar members are images
-    image_column: str | None = None  # Parquet input: the column of image bytes
-    batch_size: int = 1  # images per invoke, where the model's batch dimension is dynamic
-    prefetch: int = PREFETCH
-    output_format: str = "auto"
 
 
 def connect(address: str | None) -> bool:
@@ -131,70 +103,20 @@ def size_pool(num_actors: int | None, cpus_per_actor: int, memory_per_actor: int
     return max(1, min(num_actors, num_shards)), capacity
 
 
-class DetectorActor:
-    """Holds one interpreter for its lifetime; processes whole shards and stages their rows itself."""
+class DetectorActor(ShardProcessor):
+    """A ShardProcessor as a Ray actor: one interpreter for its lifetime; whole shards in, their rows
+    staged by the actor itself, a summary (with its node) back."""
 
     def __init__(self, settings: WorkerSettings):
-        backend = load_backend(settings.backend)
-        # Each actor streams the model from its URL (a restart reads it again), and runs only the
-        # exact bytes the driver checked.
-        model_content = read_model(settings.model_url, settings.storage_options)
-        if sha256(model_content) != settings.model_sha256:
-            raise ModelError(f"model {settings.model_url!r} changed since the job started (sha256 differs)")
-        self.detector = Detector(
-            backend,
-            model_content,
-            num_threads=settings.num_threads,
-            score_threshold=settings.score_threshold,
-            resize=settings.resize,
-            normalization=settings.normalization,
-            max_pixels=settings.max_pixels,
-            model_url=settings.model_url,
-            jpeg_draft=settings.jpeg_draft,
-            output_format=settings.output_format,
-        )
-        self.detector.set_batch(settings.batch_size)
-        self.settings = settings
-        self.reader = Reader(settings.storage_options)
-        self.store = OutputStore(settings.output_url, settings.storage_options)
-        self.pool = ThreadPoolExecutor(max_workers=max(2, settings.num_threads), thread_name_prefix="prefetch")
+        super().__init__(settings, node_id=ray.get_runtime_context().get_node_id())
 
     def info(self) -> dict:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-
-    def _run(self, shard: Shard):
-        s = self.settings
-        return run_shard(shard, self.detector, self.reader, s.labels, self.pool, s.prefetch, s.extensions,
-                         s.image_column)
-
-    def process_part(self, part: Shard) -> dict:
-        """Some of a shard's images, rows returned instead of written (used to isolate poison images)."""
-        rows, _ = self._run(part)
-        return {"images": rows.images, "detections": rows.detections, "failures": rows.failures}
+        return {"node_id": self.node_id, "pid": os.getpid()}
 
     def process(self, shard: Shard) -> dict:
-        t0 = time.perf_counter()
-        rows, timings = self._run(shard)
-        self.store.write_shard(shard.shard_id, rows.columns, shard.run)
-        summary = summarize_shard(rows, timings, time.perf_counter() - t0)
+        summary, timings = self.process_timed(shard)
         record_shard(self.settings.output_url, str(os.getpid()), summary, timings)
         return summary
-
-
-def summarize_shard(rows: ShardRows, timings: dict, wall_s: float) -> dict:
-    """A committed shard's line in the commit log: counts, failure kinds, where and how long."""
-    breakdown: dict[str, int] = {}
-    for stage, etype in zip(rows.failures["stage"], rows.failures["error_type"]):
-        key = f"{stage}/{etype}"
-        breakdown[key] = breakdown.get(key, 0) + 1
-    unlabelled: dict[str, int] = {}
-    for cid, label in zip(rows.detections["class_id"], rows.detections["label"]):
-        if label is None:
-            unlabelled[str(cid)] = unlabelled.get(str(cid), 0) + 1
-    return {"shard_id": rows.shard_id, **rows.counts, "failure_types": breakdown, "wall_s": round(wall_s, 4),
-            "unlabelled_class_ids": unlabelled,
-            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-            **{k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}}
 
 
 def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
@@ -584,4 +506,5 @@ class Dispatcher:
             del self.isolating[work.shard.shard_id]
             self.store.write_shard(work.shard.shard_id, iso.rows.columns, work.shard.run)
             self.on_shard(summarize_shard(iso.rows, {"read_decode_s": 0.0, "infer_s": 0.0,
-                                                     "isolated_crashes": iso.crashes}, 0.0))
+                                                     "isolated_crashes": iso.crashes}, 0.0,
+                                          ray.get_runtime_context().get_node_id()))

@@ -16,12 +16,14 @@ planned (or whose version changed), numbers its shards after theirs, and stamps 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -39,10 +41,12 @@ from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .feed import Planning, PlanFeed, check_listing, first_shard_of, planning_for
 from .labels import embedded_labels, label_warnings, load_labels
 from .lease import Lease
+from .local import NODE_ID, LocalDispatcher, worker_count
 from .metrics import record_dispatch
 from .plan import PlanStream, Shard, plan_input
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
+from .worker import PREFETCH, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -247,16 +251,68 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
         "runs": runs_before,
     }
 
-    # Ray is imported only now: a run with nothing to do (above) answers in the time Python starts.
+    local_workers, local_images = _without_ray(config, planning, plan)
+    if local_workers:
+        on_phase(f"{local_images} images, under --ray-min-images {config.ray_min_images}: running on "
+                 f"{local_workers} worker process(es) of this machine, without starting Ray")
+        lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
+        ray_facts = None
+    else:
+        # Ray is imported only now: a run with nothing to do (above) answers in the time Python starts.
+        ray_facts = _start_ray(config, ready, planning, plan, on_phase)
+        try:
+            lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
+        except BaseException:
+            if ray_facts["started_ray"]:
+                import ray
+                ray.shutdown()
+            raise
+    try:
+        with _sigterm_as_interrupt():
+            return _dispatch(config, ready, manifest, commit_log, lease, t_start, ray_facts, local_workers,
+                             on_start, on_shard, on_listed, on_phase)
+    finally:
+        if owns_lease:
+            lease.release()
+
+
+def _without_ray(config: RunConfig, planning: Planning, plan: PlanStream) -> tuple[int, int]:
+    """(worker processes, images) when this run is small enough to do without Ray, else (0, 0): no cluster
+    named, fewer images than --ray-min-images (counted by listing at most that many), file or Parquet
+    input (a tar's images are known only as it streams)."""
+    if not config.ray_min_images or config.address or os.environ.get("RAY_ADDRESS") or plan.form == "tar":
+        return 0, 0
+    ray_module = sys.modules.get("ray")
+    if ray_module is not None and ray_module.is_initialized():  # a driver already inside Ray: use it
+        return 0, 0
+    images = sum(c["items"] for c in planning.pending)
+    head: list[Shard] = []
+    for shard in plan.shards:
+        head.append(shard)
+        images += len(shard.uris)
+        if images >= config.ray_min_images:
+            break
+    plan.shards = itertools.chain(head, plan.shards)
+    if images >= config.ray_min_images:
+        return 0, 0
+    shards = len(head) + sum(c["shards"] for c in planning.pending)
+    workers = config.num_actors or worker_count(config.cpus_per_actor, max(1, shards))
+    return workers, images
+
+
+def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: PlanStream | None,
+               on_phase) -> dict:
+    """Join the cluster (or start an embedded one) and size the pool, before anything is written: a
+    cluster we cannot use leaves no output. `plan` given: never more actors than the shards it holds."""
     import ray
 
-    from .distributed import MIB, PREFETCH, connect, estimate_actor_memory, size_pool
+    from .distributed import MIB, connect, estimate_actor_memory, size_pool
 
+    info = ready["info"].input
     t_ray = time.perf_counter()
     address = config.address or os.environ.get("RAY_ADDRESS")
     on_phase(f"joining the Ray cluster at {address}" if address else
              "starting Ray on this machine (no --address: an embedded cluster for this run)")
-    # Join the cluster and size the pool before writing anything: a cluster we cannot use leaves no output.
     started_ray = connect(config.address)
     try:
         input_bytes = info.height * info.width * info.channels * (4 if info.tensor.dtype == "float32" else 1)
@@ -264,18 +320,31 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
                             else estimate_actor_memory(len(ready["model_content"]), input_bytes, PREFETCH))
         num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor, memory_per_actor,
                                          config.node_memory_share, 1 << 62)
-        # Never more actors than shards: list as many shards as the pool would hold (a few descriptors).
-        pending_shards = sum(c["shards"] for c in planning.pending)
-        head = list(itertools.islice(plan.shards, max(0, num_actors - pending_shards)))
-        plan.shards = itertools.chain(head, plan.shards)
-        num_actors = max(1, min(num_actors, len(head) + pending_shards))
+        if plan is not None:
+            # Never more actors than shards: list as many shards as the pool would hold (a few descriptors).
+            pending_shards = sum(c["shards"] for c in planning.pending)
+            head = list(itertools.islice(plan.shards, max(0, num_actors - pending_shards)))
+            plan.shards = itertools.chain(head, plan.shards)
+            num_actors = max(1, min(num_actors, len(head) + pending_shards))
         cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
-        ray_start_s = time.perf_counter() - t_ray
-        if lease is None:
-            lease = Lease.acquire(store)  # a new output (or --overwrite): leased once the cluster is usable
-            owns_lease = True
-        else:
-            owns_lease = False
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    return {"started_ray": started_ray, "ray_start_s": time.perf_counter() - t_ray, "num_actors": num_actors,
+            "capacity": capacity, "cluster_cpus": cluster_cpus, "memory_per_actor": memory_per_actor}
+
+
+def _open_output(config: RunConfig, ready: dict, manifest: dict, lease):
+    """The lease (a new output, or --overwrite: taken once the run is known to be able to run), the
+    cleared output for --overwrite, the commit log and the running manifest."""
+    store: OutputStore = ready["store"]
+    if lease is None:
+        lease = Lease.acquire(store)
+        owns_lease = True
+    else:
+        owns_lease = False
+    try:
         if config.overwrite:
             store.clear()
         try:
@@ -284,25 +353,14 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
         except OSError as exc:
             raise OutputError(f"cannot write to output {config.output!r}: {type(exc).__name__}: {exc}") from None
     except BaseException:
-        if started_ray:
-            ray.shutdown()
-        raise
-    try:
-        with _sigterm_as_interrupt():
-            return _dispatch(config, ready, manifest, commit_log, lease, t_start, ray_start_s, num_actors, capacity,
-                             cluster_cpus, memory_per_actor, started_ray, on_start, on_shard, on_listed)
-    finally:
         if owns_lease:
             lease.release()
+        raise
+    return lease, owns_lease, commit_log
 
 
 def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: CommitLog, lease: Lease, t_start: float,
-              ray_start_s: float, num_actors: int, capacity, cluster_cpus: float, memory_per_actor: int,
-              started_ray: bool, on_start, on_shard, on_listed) -> RunSummary:
-    import ray
-
-    from .distributed import ActorPool, Dispatcher, WorkerSettings, compact_task, node_capacity
-
+              ray_facts: dict | None, local_workers: int, on_start, on_shard, on_listed, on_phase) -> RunSummary:
     store: OutputStore = ready["store"]
     plan: PlanStream = ready["plan"]
     planning: Planning = ready["planning"]
@@ -314,7 +372,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     run_before = dict(state.run_totals.get(run_no, {}))
     first: dict = {}
     settings = WorkerSettings(
-        model_url=config.model, model_sha256=ready["identity"]["model_sha256"], memory_per_actor=memory_per_actor,
+        model_url=config.model, model_sha256=ready["identity"]["model_sha256"],
+        memory_per_actor=ray_facts["memory_per_actor"] if ray_facts else 0,
         backend=ready["backend"].name,
         num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
         normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
@@ -323,20 +382,22 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         batch_size=config.batch_size,
         output_url=config.output, storage_options=config.storage_options,
     )
-
-    def grow(nodes: list[dict]) -> int:
-        return sum(node_capacity(config.cpus_per_actor, memory_per_actor, config.node_memory_share, nodes).values())
-
     resume = planning.mode == "resume"
     feed = PlanFeed(plan, store, planning, state.chunks if resume else [], state.listed if resume else None)
-    pool = ActorPool(settings, num_actors, config.cpus_per_actor, None if config.num_actors is not None else grow)
-    dispatcher: Dispatcher
+    # Who processes shards: worker processes without Ray ("local"), then Ray ("ray": its pool and
+    # dispatcher) if the run is big or the local workers failed.
+    active: dict = {}
 
     def compact(part: int, shard_ids: list[str], done) -> None:
         def finished(rows: dict) -> None:
             first.setdefault("part", time.perf_counter() - t_start)
             done(rows)
-        dispatcher.watch(compact_task.remote(config.output, config.storage_options, part, shard_ids), finished)
+        if "ray" in active:
+            from .distributed import compact_task
+            active["ray"][1].watch(compact_task.remote(config.output, config.storage_options, part, shard_ids),
+                                   finished)
+        else:
+            active["local"].compact(part, shard_ids, finished)
 
     committer = Committer(commit_log, compact, part_rows=config.part_rows)
     if planning.mode in ("fresh", "new-run"):
@@ -364,6 +425,9 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     failing: dict = {"images": 0, "failures": 0, "types": {}}
     stopped: list[str] = []
 
+    def dispatcher():
+        return active["ray"][1] if "ray" in active else active["local"]
+
     def shard_done(summary: dict) -> None:
         first.setdefault("shard", time.perf_counter() - t_start)
         committer.shard(summary)
@@ -373,29 +437,42 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
             why = _failing_fast(failing, summary, config.max_failure_rate)
             if why:
                 stopped.append(why)
-                dispatcher.stop()  # what is in flight commits and is compacted; nothing new starts
+                dispatcher().stop()  # what is in flight commits and is compacted; nothing new starts
 
     reported = {"at": 0.0, "shards": state.num_committed}
 
     def tick() -> None:
         committer.tick()
         lease.renew()
-        if time.monotonic() - reported["at"] >= 1.0:
-            record_dispatch(config.output, state.num_committed - reported["shards"], len(dispatcher.inflight))
+        if "ray" in active and time.monotonic() - reported["at"] >= 1.0:
+            record_dispatch(config.output, state.num_committed - reported["shards"], len(dispatcher().inflight))
             reported.update(at=time.monotonic(), shards=state.num_committed)
 
-    dispatcher = Dispatcher(pool, source(), store, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
-                            tick=tick, drained=lambda: committer.cut(final=True))
+    shards = source()
+    local = None
     try:
         if on_start is not None:
-            on_start(num_actors, run_before.get("shards", 0),
+            on_start(local_workers or ray_facts["num_actors"], run_before.get("shards", 0),
                      run_before.get("images", 0) + run_before.get("failures", 0))
         t_run = time.perf_counter()
         feed.start()
-        if not (resume and state.listed and state.num_committed == state.planned_end):
-            pool.start()  # models load while the first chunk is listed (a finished output needs no actor)
-        committer.resume()
-        dispatcher.run()
+        if local_workers:
+            local = active["local"] = LocalDispatcher(
+                settings, local_workers, shards, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
+                tick=tick, drained=lambda: committer.cut(final=True))
+            committer.resume()
+            handed_back = local.run()
+            if handed_back:
+                on_phase(f"a worker process failed ({local.why_ray}): going on with Ray, which retries the "
+                         f"{len(handed_back)} shard(s) left and isolates an image that kills workers")
+                ray_facts = _start_ray(config, ready, None, None, on_phase)
+                ray_facts["num_actors"] = max(1, min(ray_facts["num_actors"], len(handed_back)))
+                settings = dataclasses.replace(settings, memory_per_actor=ray_facts["memory_per_actor"])
+                shards = itertools.chain(handed_back, shards)
+        if ray_facts is not None:
+            _run_on_ray(config, ray_facts, settings, shards, store, active, committer, shard_done, tick,
+                        resume_parts=not local_workers,
+                        start_pool=not (resume and state.listed and state.num_committed == state.planned_end))
         committer.flush()
         if stopped:
             raise FailureRateExceeded(stopped[0])
@@ -418,9 +495,12 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                 store.write_json(MANIFEST, manifest)
         raise
     finally:
-        pool.kill()
-        if started_ray and not pool.head_lost:  # disconnecting waits for the head: minutes when it is gone
-            ray.shutdown()
+        if "ray" in active:
+            pool = active["ray"][0]
+            pool.kill()
+            if ray_facts["started_ray"] and not pool.head_lost:  # disconnecting waits for the head: minutes when it is gone
+                import ray
+                ray.shutdown()
 
     listed = state.listed
     end = state.planned_end
@@ -441,9 +521,9 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         input={"form": plan.form, "listed": listed["listed"], "skipped_non_image": listed["skipped"],
                "manifest_duplicates": listed["duplicates"], "skipped_examples": listed["skipped_examples"]},
         output={"parts": len(state.parts), "part_rows": [p.get("rows") for p in state.parts][-3:]},
-        cluster={"cpus": cluster_cpus, "capacity_at_start": capacity, **pool.facts(config.cpus_per_actor)},
+        cluster=_cluster_facts(config, ray_facts, active, local_workers),
         counts=_counts(state, done_before, ready["labels"]),
-        timings={**ready["timings"], "ray_start_s": ray_start_s, "run_s": run_s,
+        timings={**ready["timings"], "ray_start_s": ray_facts["ray_start_s"] if ray_facts else None, "run_s": run_s,
                  "first_shard_committed_s": first.get("shard"), "first_part_written_s": first.get("part"),
                  "total_s": time.perf_counter() - t_start,
                  "images_per_s": processed_now / run_s if run_s > 0 and processed_now else None},
@@ -453,6 +533,45 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                             + _warnings(manifest, ready["labels"]))
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)
+
+
+def _run_on_ray(config: RunConfig, ray_facts: dict, settings: WorkerSettings, shards: Iterator[Shard | None],
+                store: OutputStore, active: dict, committer: Committer, shard_done, tick, *, resume_parts: bool,
+                start_pool: bool) -> None:
+    from .distributed import ActorPool, Dispatcher, node_capacity
+
+    def grow(nodes: list[dict]) -> int:
+        return sum(node_capacity(config.cpus_per_actor, settings.memory_per_actor, config.node_memory_share,
+                                 nodes).values())
+
+    pool = ActorPool(settings, ray_facts["num_actors"], config.cpus_per_actor,
+                     None if config.num_actors is not None else grow)
+    dispatcher = Dispatcher(pool, shards, store, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
+                            tick=tick, drained=lambda: committer.cut(final=True))
+    active["ray"] = (pool, dispatcher)
+    if start_pool:
+        pool.start()  # models load while the first chunk is listed (a finished output needs no actor)
+    if resume_parts:
+        committer.resume()
+    dispatcher.run()
+
+
+def _cluster_facts(config: RunConfig, ray_facts: dict | None, active: dict, local_workers: int) -> dict:
+    """Where the run ran, for the manifest: Ray's pool, or this machine's worker processes (and why it
+    went on with Ray when they failed)."""
+    facts: dict = {}
+    if local_workers:
+        local = active["local"]
+        facts["without_ray"] = {"workers": local_workers, "handed_to_ray": len(local.handed_back),
+                                "why": local.why_ray}
+    if "ray" in active:
+        pool = active["ray"][0]
+        return {"executor": "ray", "cpus": ray_facts["cluster_cpus"], "capacity_at_start": ray_facts["capacity"],
+                **pool.facts(config.cpus_per_actor), **facts}
+    return {"executor": "local processes", "cpus": float(os.cpu_count() or 1), "capacity_at_start": None,
+            "actors": local_workers, "actors_at_start": local_workers, "cpus_per_actor": config.cpus_per_actor,
+            "memory_per_actor": None, "nodes": [NODE_ID], "actors_per_node": {NODE_ID: local_workers},
+            "lost_nodes": [], **facts}
 
 
 def _all_compacted(state) -> bool:

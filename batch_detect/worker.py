@@ -1,5 +1,7 @@
 """One shard through one Detector: reads and decodes run ahead in a small thread pool (Pillow and
 fsspec release the GIL) while the interpreter works on the previous image, then rows are collected.
+`ShardProcessor` is the worker that holds the detector: a Ray actor on a cluster, a plain process for a
+small run without Ray (`local.py`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,101 @@ from typing import Iterator
 
 from .containers import Item, iter_parquet, iter_tar
 from .detector import Detector, ImageFailure, ImageResult
-from .errors import failure_fields
+from .errors import ModelError, failure_fields
+from .interpreter import load_backend, read_model, sha256
 from .plan import Shard
 from .reading import Reader
+from .sink import OutputStore
 
 log = logging.getLogger(__name__)
+
+PREFETCH = 4  # images read and decoded ahead of the interpreter, per worker
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model_url: str
+    model_sha256: str
+    memory_per_actor: int
+    backend: str
+    num_threads: int
+    score_threshold: float
+    resize: str
+    normalization: str
+    max_pixels: int
+    jpeg_draft: bool
+    labels: list | None
+    output_url: str
+    storage_options: dict
+    extensions: tuple[str, ...] = ()  # which tar members are images
+    image_column: str | None = None  # Parquet input: the column of image bytes
+    batch_size: int = 1  # images per invoke, where the model's batch dimension is dynamic
+    prefetch: int = PREFETCH
+    output_format: str = "auto"
+
+
+class ShardProcessor:
+    """Holds one interpreter for its lifetime; processes whole shards and stages their rows itself."""
+
+    def __init__(self, settings: WorkerSettings, node_id: str):
+        backend = load_backend(settings.backend)
+        # Each worker streams the model from its URL (a restart reads it again), and runs only the
+        # exact bytes the driver checked.
+        model_content = read_model(settings.model_url, settings.storage_options)
+        if sha256(model_content) != settings.model_sha256:
+            raise ModelError(f"model {settings.model_url!r} changed since the job started (sha256 differs)")
+        self.detector = Detector(
+            backend,
+            model_content,
+            num_threads=settings.num_threads,
+            score_threshold=settings.score_threshold,
+            resize=settings.resize,
+            normalization=settings.normalization,
+            max_pixels=settings.max_pixels,
+            model_url=settings.model_url,
+            jpeg_draft=settings.jpeg_draft,
+            output_format=settings.output_format,
+        )
+        self.detector.set_batch(settings.batch_size)
+        self.settings = settings
+        self.node_id = node_id
+        self.reader = Reader(settings.storage_options)
+        self.store = OutputStore(settings.output_url, settings.storage_options)
+        self.pool = ThreadPoolExecutor(max_workers=max(2, settings.num_threads), thread_name_prefix="prefetch")
+
+    def _run(self, shard: Shard):
+        s = self.settings
+        return run_shard(shard, self.detector, self.reader, s.labels, self.pool, s.prefetch, s.extensions,
+                         s.image_column)
+
+    def process_part(self, part: Shard) -> dict:
+        """Some of a shard's images, rows returned instead of written (used to isolate poison images)."""
+        rows, _ = self._run(part)
+        return {"images": rows.images, "detections": rows.detections, "failures": rows.failures}
+
+    def process_timed(self, shard: Shard) -> tuple[dict, dict]:
+        t0 = time.perf_counter()
+        rows, timings = self._run(shard)
+        self.store.write_shard(shard.shard_id, rows.columns, shard.run)
+        return summarize_shard(rows, timings, time.perf_counter() - t0, self.node_id), timings
+
+    def process(self, shard: Shard) -> dict:
+        return self.process_timed(shard)[0]
+
+
+def summarize_shard(rows: "ShardRows", timings: dict, wall_s: float, node_id: str) -> dict:
+    """A committed shard's line in the commit log: counts, failure kinds, where and how long."""
+    breakdown: dict[str, int] = {}
+    for stage, etype in zip(rows.failures["stage"], rows.failures["error_type"]):
+        key = f"{stage}/{etype}"
+        breakdown[key] = breakdown.get(key, 0) + 1
+    unlabelled: dict[str, int] = {}
+    for cid, label in zip(rows.detections["class_id"], rows.detections["label"]):
+        if label is None:
+            unlabelled[str(cid)] = unlabelled.get(str(cid), 0) + 1
+    return {"shard_id": rows.shard_id, **rows.counts, "failure_types": breakdown, "wall_s": round(wall_s, 4),
+            "unlabelled_class_ids": unlabelled, "node_id": node_id, "pid": os.getpid(),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}}
 
 
 @dataclass

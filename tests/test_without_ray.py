@@ -1,0 +1,110 @@
+"""Small embedded runs go to worker processes without starting Ray (`local.py`); the output is the one the
+Ray path writes, a worker that dies hands the run to Ray, and a stopped run resumes exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from batch_detect.synthetic import write_dataset
+from batch_detect.verify import verify
+from helpers import committed_count, kill_driver_when, recall_precision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [(320, 240), (400, 300)]
+
+
+def cli(models_dir, images, out, *extra, env_extra=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "batch_detect", "run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
+           "--labels", os.path.join(models_dir, "shapes_labels.txt"), "--input", images, "--output", out,
+           "--shard-size", "16", "--score-threshold", "0.3", *extra]
+    env = {**os.environ, "RAY_ADDRESS": "", **(env_extra or {})}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def rows(out: str) -> list[tuple]:
+    return duckdb.execute(f"""SELECT regexp_replace(uri, '.*/', ''), class_id, label, round(score, 4),
+                                     round(xmin, 4), round(ymin, 4), round(xmax, 4), round(ymax, 4)
+                              FROM read_parquet('{out}/detections/*.parquet') ORDER BY ALL""").fetchall()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("noray") / "images"
+    truth = write_dataset(str(folder), 120, seed=31, sizes=SMALL)
+    return str(folder), truth
+
+
+def test_small_run_without_ray_writes_what_the_ray_path_writes(models_dir, images, tmp_path):
+    folder, truth = images
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    local = cli(models_dir, folder, local_out)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    said = local.stdout + local.stderr
+    assert "without starting Ray" in said and "starting Ray on this machine" not in said, said[-3000:]
+    manifest = json.load(open(os.path.join(local_out, "_manifest.json")))
+    assert manifest["cluster"]["executor"] == "local processes", manifest["cluster"]
+    assert manifest["timings"]["ray_start_s"] is None
+    assert manifest["counts"]["images"] == 120 and manifest["status"] == "complete"
+    assert verify(local_out, folder).ok
+
+    forced = cli(models_dir, folder, ray_out, "--ray-min-images", "0")
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    assert json.load(open(os.path.join(ray_out, "_manifest.json")))["cluster"]["executor"] == "ray"
+    # The same rows, whichever way they were computed; and they find the drawn shapes.
+    local_rows = rows(local_out)
+    assert local_rows and local_rows == rows(ray_out)
+    predicted: dict = {}
+    for name, cid, _, _, x0, y0, x1, y1 in local_rows:
+        predicted.setdefault(name, []).append((cid, x0, y0, x1, y1))
+    expected = {k: [(b.class_id, b.xmin, b.ymin, b.xmax, b.ymax) for b in v] for k, v in truth.items()}
+    recall, precision = recall_precision(expected, predicted)
+    assert recall >= 0.8 and precision >= 0.8, (recall, precision)
+
+
+def test_a_worker_that_dies_hands_the_run_to_ray(models_dir, tmp_path):
+    folder = str(tmp_path / "images")
+    truth = write_dataset(folder, 40, seed=32, sizes=SMALL)
+    out = str(tmp_path / "out")
+    # Test-only hook: the worker process SIGSEGVs on this image, as a crash in native code would.
+    done = cli(models_dir, folder, out, env_extra={"BATCH_DETECT_TEST_CRASH_ON": "img_00021"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "going on with Ray" in done.stderr, done.stderr[-3000:]
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    assert manifest["cluster"]["executor"] == "ray"
+    assert manifest["cluster"]["without_ray"]["handed_to_ray"] >= 1, manifest["cluster"]
+    assert manifest["counts"]["failure_types"] == {"infer/worker_crashed": 1}
+    assert manifest["counts"]["images"] == len(truth) - 1
+    failed = duckdb.execute(f"SELECT uri, error_type FROM read_parquet('{out}/failures/*.parquet')").fetchall()
+    assert [(os.path.basename(u), e) for u, e in failed] == [("img_00021.jpg", "worker_crashed")]
+    assert verify(out, folder).ok
+
+
+def test_sigterm_stops_a_run_without_ray_and_it_resumes_exactly_once(models_dir, tmp_path):
+    folder = str(tmp_path / "images")
+    write_dataset(folder, 600, seed=33, sizes=SMALL)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "batch_detect", "run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
+           "--input", folder, "--output", out, "--shard-size", "4", "--ray-min-images", "1000"]
+    rc, output = kill_driver_when(cmd, lambda: committed_count(out) >= 2, sig=signal.SIGTERM)
+    assert rc == 143, output[-3000:]
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    assert manifest["status"] == "interrupted", manifest["status"]
+    stopped_at = committed_count(out)
+    assert stopped_at < 600 // 4, "the run finished before it was stopped: nothing was tested"
+    # No worker process outlives the driver.
+    leftover = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout.split()
+    assert not leftover, leftover
+    again = subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, cwd=ROOT,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "without starting Ray" in again.stderr  # what was left is small: the resume needs no Ray either
+    assert verify(out, folder).ok
+    n = duckdb.execute(f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{out}/images/*.parquet')").fetchone()
+    assert n == (600, 600)
