@@ -1,49 +1,83 @@
 """Small runs on this machine without Ray: starting Ray costs more than a few hundred images take.
 
 With no cluster to join (no `--address`, no `RAY_ADDRESS`) and a plan of fewer than `--ray-min-images`
-images, the shards go to worker processes of this machine (spawned, one per `cpus_per_actor` CPUs, each a
-`ShardProcessor` like an actor), and the driver logs and compacts exactly as with Ray. A worker that dies
-or a shard that raises ends this mode: the shards not committed are handed back and the run goes on with
-Ray, whose dispatcher retries them and isolates an image that kills workers. So a small run is fast and
-loses nothing the Ray path would keep.
+images, the shards go to worker processes of this machine (`python -m batch_detect.local`, one per
+`cpus_per_actor` CPUs, each a `ShardProcessor` like an actor, fed shard descriptors over a pipe), and the
+driver logs and compacts exactly as with Ray. A worker that dies or a shard that raises ends this mode:
+the shards not committed are handed back and the run goes on with Ray, whose dispatcher retries them and
+isolates an image that kills workers. So a small run is fast and loses nothing the Ray path would keep.
+
+Workers are plain subprocesses rather than `multiprocessing` ones: those re-import the caller's main
+module, which would run an unguarded script calling `pipeline.run` again in every worker.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import pickle
+import queue
 import signal
+import subprocess
+import sys
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections import deque
 from typing import Callable, Iterator
 
 from .plan import Shard
 from .sink import OutputStore
-from .worker import ShardProcessor, WorkerSettings
+from .worker import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 NODE_ID = "local"  # the node of a shard processed without Ray, in the commit log and the manifest
 
-_processor: ShardProcessor | None = None
-
-
-def _start_worker(settings: WorkerSettings, env: dict) -> None:
-    global _processor
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops us
-    os.environ.update(env)  # ours only (BATCH_DETECT_*): as the Ray path forwards them to actors
-    _processor = ShardProcessor(settings, NODE_ID)
-
-
-def _process(shard: Shard) -> dict:
-    if _processor is None:  # pragma: no cover - the initializer failed, and the pool is broken anyway
-        raise RuntimeError("worker not started")
-    return _processor.process(shard)
-
 
 def worker_count(cpus_per_actor: int, shards: int) -> int:
     return max(1, min((os.cpu_count() or 1) // max(1, cpus_per_actor), shards))
+
+
+class _Worker:
+    """One worker process; a thread turns what it writes back into (worker, kind, payload) events."""
+
+    def __init__(self, index: int, settings: WorkerSettings, events: queue.Queue):
+        env = {**os.environ}  # ours (BATCH_DETECT_*) included, as the Ray path forwards them to actors
+        self.index = index
+        self.proc = subprocess.Popen([sys.executable, "-m", "batch_detect.local", str(os.getpid())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.inflight: deque[Shard] = deque()
+        pickle.dump(settings, self.proc.stdin)
+        self.proc.stdin.flush()
+        threading.Thread(target=self._read, args=(events,), name=f"local-worker-{index}", daemon=True).start()
+
+    def _read(self, events: queue.Queue) -> None:
+        try:
+            while True:
+                kind, payload = pickle.load(self.proc.stdout)
+                events.put((self, kind, payload))
+        except (EOFError, OSError, pickle.UnpicklingError):
+            events.put((self, "died", f"the worker process ended (exit code {self.proc.wait()})"))
+
+    def send(self, shard: Shard) -> None:
+        self.inflight.append(shard)
+        try:
+            pickle.dump(shard, self.proc.stdin)
+            self.proc.stdin.flush()
+        except OSError:  # it died: its reader reports that, and this shard is handed back with the rest
+            pass
+
+    def stop(self, now: bool) -> None:
+        try:
+            self.proc.stdin.close()  # end of work: the worker exits when it has read everything
+        except OSError:
+            pass
+        if now:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=None if not now else 5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 class LocalDispatcher:
@@ -56,10 +90,14 @@ class LocalDispatcher:
         self.settings, self.workers, self.source = settings, workers, source
         self.max_in_flight = max_in_flight
         self.on_shard, self.tick, self.drained = on_shard, tick, drained
-        self.inflight: dict[Future, Shard] = {}
         self.exhausted = self.stopping = False
         self.handed_back: list[Shard] = []
         self.why_ray: str | None = None  # why the run went on with Ray
+        self.pool: list[_Worker] = []
+
+    @property
+    def inflight(self) -> list[Shard]:
+        return [s for w in self.pool for s in w.inflight]
 
     def stop(self) -> None:
         """Stop now (fail fast): nothing new starts, results in flight are not committed."""
@@ -70,55 +108,112 @@ class LocalDispatcher:
         done(OutputStore(self.settings.output_url, self.settings.storage_options).compact(part, shard_ids))
 
     def run(self) -> list[Shard]:
-        env = {k: v for k, v in os.environ.items() if k.startswith("BATCH_DETECT_")}
-        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_worker, initargs=(self.settings, env))
+        events: queue.Queue = queue.Queue()
         finished = False
         try:
-            handed_back = self._loop(pool)
-            finished = not handed_back and not self.stopping
-            return handed_back
+            self.pool = [_Worker(i, self.settings, events) for i in range(self.workers)]
+            self._loop(events)
+            finished = not self.handed_back and not self.stopping
+            return self.handed_back
         finally:
-            if not finished:
-                # Interrupted, failing fast or handing over: what is in flight is not waited for (it would
-                # not be committed); a worker stopped mid-shard leaves at most a temp file in staging.
-                for process in list((pool._processes or {}).values()):
-                    process.terminate()
-            pool.shutdown(wait=finished, cancel_futures=True)
+            # Interrupted, failing fast or handing over: what is in flight is not waited for (it would not
+            # be committed); a worker stopped mid-shard leaves at most a temp file in staging.
+            for worker in self.pool:
+                worker.stop(now=not finished)
 
-    def _loop(self, pool: ProcessPoolExecutor) -> list[Shard]:
-        drained = False
+    def _loop(self, events: queue.Queue) -> None:
         while True:
-            while not self.exhausted and len(self.inflight) < self.workers * self.max_in_flight:
-                shard = next(self.source, StopIteration)
-                if shard is StopIteration:
-                    self.exhausted = True
-                elif shard is None:  # the listing has nothing ready yet
-                    break
-                else:
-                    self.inflight[pool.submit(_process, shard)] = shard
+            self._assign()
             self.tick()
             if self.exhausted and (self.stopping or not self.inflight):
-                if not drained:
-                    drained = True
-                    self.drained()
-                return []
-            done, _ = wait(list(self.inflight), timeout=0.5, return_when=FIRST_COMPLETED) if self.inflight \
-                else (set(), None)
-            if not self.inflight:
-                time.sleep(0.01)
-            for future in sorted(done, key=lambda f: self.inflight[f].index):
-                shard = self.inflight.pop(future)
-                try:
-                    summary = future.result()
-                except Exception as exc:
-                    # A worker died (BrokenProcessPool) or a shard raised: Ray takes over from here, with
-                    # its retries and the isolation of an image that kills workers.
-                    self.why_ray = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                    self.handed_back = sorted([shard, *self.inflight.values()], key=lambda s: s.index)
-                    self.inflight.clear()
-                    log.warning("a worker process failed on shard %s (%s); going on with Ray", shard.shard_id,
-                                self.why_ray)
-                    return self.handed_back
+                self.drained()
+                return
+            try:
+                worker, kind, payload = events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if kind == "ready":
+                continue
+            if kind == "done":
+                worker.inflight.popleft()
                 if not self.stopping:
-                    self.on_shard(summary)
+                    self.on_shard(payload)
+                continue
+            # "died" or "error": Ray takes over from here, with its retries and the isolation of an image
+            # that kills workers.
+            self.why_ray = str(payload)[:300]
+            self.handed_back = sorted(self.inflight, key=lambda s: s.index)
+            for w in self.pool:
+                w.inflight.clear()
+            log.warning("a worker process failed (%s); going on with Ray", self.why_ray)
+            return
+
+    def _assign(self) -> None:
+        while not self.exhausted:
+            worker = min(self.pool, key=lambda w: len(w.inflight))
+            if len(worker.inflight) >= self.max_in_flight:
+                return
+            shard = next(self.source, StopIteration)
+            if shard is StopIteration:
+                self.exhausted = True
+            elif shard is None:  # the listing has nothing ready yet
+                return
+            else:
+                worker.send(shard)
+
+
+# --- the worker process ---------------------------------------------------------------------------
+
+
+def _die_with(driver_pid: int) -> None:
+    """A worker must not outlive its driver (a kill -9 gives the driver no chance to stop it): on Linux
+    the kernel sends SIGKILL when the driver goes; elsewhere, and as a backstop, a thread watches."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != driver_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+
+
+def _worker_main(driver_pid: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops us
+    _die_with(driver_pid)
+    commands, results = sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints (native ones too) must not enter the pipe
+
+    def reply(kind: str, payload) -> None:
+        pickle.dump((kind, payload), results)
+        results.flush()
+
+    from .worker import ShardProcessor
+
+    try:
+        processor = ShardProcessor(pickle.load(commands), NODE_ID)
+    except Exception as exc:  # e.g. the model changed: Ray's path reports it the way it reports it for actors
+        reply("error", f"{type(exc).__name__}: {exc}")
+        return 1
+    reply("ready", os.getpid())
+    while True:
+        try:
+            shard = pickle.load(commands)
+        except EOFError:
+            return 0
+        try:
+            reply("done", processor.process(shard))
+        except Exception as exc:
+            reply("error", f"shard {shard.shard_id}: {type(exc).__name__}: {exc}")
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(int(sys.argv[1])))

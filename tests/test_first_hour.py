@@ -58,7 +58,7 @@ def test_an_error_after_the_progress_bar_stands_on_its_own_line(tmp_path, models
         tar.add(images / "img_00000.jpg", arcname="img_00000.jpg")
     rc, text = run_on_a_terminal(["run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
                                   "--input", str(images), "--output", str(tmp_path / "out"), "--shard-size", "4",
-                                  "--num-actors", "1"])
+                                  "--num-actors", "1", "--ray-min-images", "0"])  # a small run would list it all first
     assert rc == 2, text[-3000:]
     assert "\r[" in text, "no progress bar was drawn: the test tested nothing"
     lines = text.replace("\r\n", "\n").split("\n")
