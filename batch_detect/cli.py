@@ -225,7 +225,9 @@ def _print_summary(manifest: dict, out) -> None:
     rate = t["images_per_s"]
     print(f"time: {t['total_s']:.1f}s total, {t['run_s']:.1f}s processing"
           + (f" ({rate:.1f} images/s)" if rate else "")
-          + f" on {manifest['cluster']['actors']} actors", file=out)
+          + f" on {manifest['cluster']['actors']} "
+          + ("worker processes, without Ray" if manifest["cluster"].get("executor") == "local processes" else "actors"),
+          file=out)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -423,6 +423,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
             on_listed(None if plan.form == "tar" else run_items, run_shards)
 
     failing: dict = {"images": 0, "failures": 0, "types": {}}
+    costs: dict = {}  # this invocation's measured per-image costs, for the manifest's `sizing`
     stopped: list[str] = []
 
     def dispatcher():
@@ -430,6 +431,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
 
     def shard_done(summary: dict) -> None:
         first.setdefault("shard", time.perf_counter() - t_start)
+        for k in ("images", "failures", "read_decode_s", "infer_s"):
+            costs[k] = costs.get(k, 0) + summary.get(k, 0)
         committer.shard(summary)
         if on_shard is not None:
             on_shard(summary)
@@ -529,6 +532,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                  "images_per_s": processed_now / run_s if run_s > 0 and processed_now else None},
     )
     manifest["runs"] = manifest["runs"] + [_run_entry(manifest, state, run_no, manifest["status"], config)]
+    manifest["sizing"] = _sizing(config, manifest["cluster"], costs, run_s)
     manifest["warnings"] = (label_warnings(ready["labels"], ready["labels_source"], ready["info"].layout)
                             + _warnings(manifest, ready["labels"]))
     store.write_json(MANIFEST, manifest)
@@ -622,6 +626,25 @@ def _run_entry(manifest: dict, state, run: int, status: str, config: RunConfig) 
             "shards": [first, nxt], "planned": sum(c["items"] for c in state.chunks if first <= c["first_shard"] < nxt),
             "images": totals.get("images", 0), "failures": totals.get("failures", 0),
             "detections": totals.get("detections", 0)}
+
+
+def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict:
+    """How the workers were sized, and what each image cost them in this invocation (means over the
+    shards processed): read+decode+preprocess on the prefetch threads, invoke+decode of outputs+rows on
+    the interpreter's thread. The rule is fixed for now; the costs are what a measured sizing would use."""
+    images = costs.get("images", 0) + costs.get("failures", 0)
+    per = (lambda key: round(1000 * costs.get(key, 0) / images, 2)) if images else (lambda key: None)
+    actors = cluster.get("actors") or 0
+    return {
+        "rule": ("one worker process per --cpus-per-actor CPUs of this machine, at most one per shard"
+                 if cluster.get("executor") == "local processes" else
+                 "one actor per --cpus-per-actor CPUs of each node, within --node-memory-share of its memory"),
+        "actors": actors, "interpreter_threads": config.cpus_per_actor,
+        "prefetch_threads": max(2, config.cpus_per_actor), "prefetch_depth": PREFETCH,
+        "measured": {"images": images, "read_decode_ms_per_image": per("read_decode_s"),
+                     "infer_ms_per_image": per("infer_s"),
+                     "images_per_s_per_actor": round(images / run_s / actors, 2) if images and actors and run_s else None},
+    }
 
 
 def _counts(state, done_before: int, labels) -> dict:

@@ -11,6 +11,7 @@ import io
 import json
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -95,7 +96,7 @@ class OutputStore:
         logs it."""
         for name, schema in TABLES.items():
             cols = dict(columns[name])
-            cols["run_id"] = [run_id] * len(cols["uri"])
+            cols["run_id"] = np.full(len(cols["uri"]), run_id, dtype=np.int32)
             self.write_table(posixpath.join(STAGING, name, f"{shard_id}.parquet"),
                              pa.Table.from_pydict(cols, schema=schema))
 

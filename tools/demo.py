@@ -1,4 +1,4 @@
-"""`make demo`: draw sample images, run the job on an embedded local Ray with the fixture model,
+"""`make demo`: draw sample images, run the job with the fixture model (120 images: worker processes, no Ray start),
 print the summary and a DuckDB query of the output."""
 
 from __future__ import annotations
