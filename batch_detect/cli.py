@@ -370,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
 
         progress: dict = {}
 
-        def on_start(actors: int, done_shards: int, done_images: int) -> None:
+        def on_start(actors: int, done_shards: int, done_images: int, without_ray: bool = False) -> None:
             resumed = f" ({done_shards} shards already committed, resuming)" if done_shards else ""
-            print(f"running on {actors} actors{resumed}; the input is listed as the run goes", file=sys.stderr)
+            workers = f"{actors} worker processes" if without_ray else f"{actors} actors"
+            print(f"running on {workers}{resumed}; the input is listed as the run goes", file=sys.stderr)
             progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
             _open_progress[:] = [progress["bar"]]
 

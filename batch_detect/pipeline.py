@@ -165,8 +165,8 @@ def _warnings(manifest: dict, labels: list | None) -> list[str]:
 
 
 def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None) -> RunSummary:
-    """`on_start(actors, done_shards, done_images)` once the pool is sized; `on_shard(summary)` per staged
-    shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
+    """`on_start(actors, done_shards, done_images, without_ray)` once the pool is sized; `on_shard(summary)`
+    per staged shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
     `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is)."""
     t_start = time.perf_counter()
     lease = None
@@ -456,7 +456,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     try:
         if on_start is not None:
             on_start(local_workers or ray_facts["num_actors"], run_before.get("shards", 0),
-                     run_before.get("images", 0) + run_before.get("failures", 0))
+                     run_before.get("images", 0) + run_before.get("failures", 0), without_ray=bool(local_workers))
         t_run = time.perf_counter()
         feed.start()
         if local_workers:
@@ -501,7 +501,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         if "ray" in active:
             pool = active["ray"][0]
             pool.kill()
-            if ray_facts["started_ray"] and not pool.head_lost:  # disconnecting waits for the head: minutes when it is gone
+            # disconnecting waits for the head: minutes when it is gone
+            if ray_facts["started_ray"] and not pool.head_lost:
                 import ray
                 ray.shutdown()
 
@@ -643,7 +644,8 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
         "prefetch_threads": max(2, config.cpus_per_actor), "prefetch_depth": PREFETCH,
         "measured": {"images": images, "read_decode_ms_per_image": per("read_decode_s"),
                      "infer_ms_per_image": per("infer_s"),
-                     "images_per_s_per_actor": round(images / run_s / actors, 2) if images and actors and run_s else None},
+                     "images_per_s_per_actor": (round(images / run_s / actors, 2)
+                                                if images and actors and run_s else None)},
     }
 
 
