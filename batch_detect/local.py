@@ -84,10 +84,10 @@ class LocalDispatcher:
     """Shards from `source` to `workers` processes, at most `max_in_flight` each; `on_shard` gets each
     staged shard's summary. `run` returns the shards it hands back to Ray (empty when it finished)."""
 
-    def __init__(self, settings: WorkerSettings, workers: int, source: Iterator[Shard | None], *,
+    def __init__(self, settings: WorkerSettings, workers: int, source: Iterator[Shard | None], store: OutputStore, *,
                  max_in_flight: int, on_shard: Callable[[dict], None], tick: Callable[[], None],
                  drained: Callable[[], None]):
-        self.settings, self.workers, self.source = settings, workers, source
+        self.settings, self.workers, self.source, self.store = settings, workers, source, store
         self.max_in_flight = max_in_flight
         self.on_shard, self.tick, self.drained = on_shard, tick, drained
         self.exhausted = self.stopping = False
@@ -105,7 +105,7 @@ class LocalDispatcher:
 
     def compact(self, part: int, shard_ids: list[str], done: Callable[[dict], None]) -> None:
         # Small runs write small parts: in the driver, in order, no worker needed.
-        done(OutputStore(self.settings.output_url, self.settings.storage_options).compact(part, shard_ids))
+        done(self.store.compact(part, shard_ids))
 
     def run(self) -> list[Shard]:
         events: queue.Queue = queue.Queue()

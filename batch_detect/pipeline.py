@@ -461,7 +461,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         feed.start()
         if local_workers:
             local = active["local"] = LocalDispatcher(
-                settings, local_workers, shards, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
+                settings, local_workers, shards, store, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
                 tick=tick, drained=lambda: committer.cut(final=True))
             committer.resume()
             handed_back = local.run()
