@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "on this machine instead of starting Ray (0: always Ray)")
     run.add_argument("--cpus-per-actor", type=int, help="CPUs (and interpreter threads) per actor (default 1)")
     run.add_argument("--max-shards-in-flight", type=int, help="per actor: the backpressure bound (default 2)")
+    run.add_argument("--read-ahead", type=int, metavar="N",
+                     help="images each worker keeps read ahead of its model (default 0: sized from the store's "
+                          "measured latency and the model's time per image; never fewer than 4)")
     run.add_argument("--part-rows", type=int,
                      help="images per output part file (default 100000): files per table = images / this")
     run.add_argument("--memory-per-actor-mb", type=int,

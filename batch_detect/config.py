@@ -50,6 +50,7 @@ class RunConfig:
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
     cpus_per_actor: int = 1  # also the interpreter's num_threads
     max_shards_in_flight: int = 2  # per actor: the backpressure bound
+    read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency (readahead.py)
     part_rows: int = 100_000  # images (and failures) per output part file: files per table ≈ images / this
     memory_per_actor_mb: int | None = None  # None: estimated from the model and the prefetch depth
     node_memory_share: float = 0.8  # of each node's Ray memory that detector actors may reserve
@@ -101,6 +102,9 @@ class RunConfig:
             raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"--num-actors must be at least 1, got {self.num_actors}")
+        if self.read_ahead < 0:
+            raise ConfigError(f"--read-ahead must be 0 (sized from the measured read latency) or more, "
+                              f"got {self.read_ahead}")
         if self.ray_min_images < 0:
             raise ConfigError(f"--ray-min-images must be 0 (always Ray) or more, got {self.ray_min_images}")
         if self.cpus_per_actor < 1:

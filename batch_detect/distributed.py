@@ -24,6 +24,7 @@ from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, GCS_SILENCE_S, CallCloc
 from .metrics import record_shard
 from .plan import Shard
 from .sink import OutputStore
+from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET
 from .worker import PREFETCH, ShardProcessor, ShardRows, WorkerSettings, summarize_shard  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,10 @@ MIB = 1 << 20
 
 def estimate_actor_memory(model_bytes: int, input_bytes: int, prefetch: int) -> int:
     """A detector actor's resident memory, in bytes, for Ray to reserve: a Python worker with numpy,
-    pyarrow and Pillow (~300 MiB), the interpreter (model plus arena, a few times the model), and the
-    images in flight (prefetch + 1 decoded images of up to ~12 MP RGB, plus their input tensors)."""
-    return 300 * MIB + 4 * model_bytes + (prefetch + 1) * (36 * MIB + 2 * input_bytes)
+    pyarrow and Pillow (~300 MiB), the interpreter (model plus arena, a few times the model), the
+    images in flight (prefetch + 1 decoded images of up to ~12 MP RGB, plus their input tensors) and the
+    files read ahead of them (readahead's bytes budget)."""
+    return 300 * MIB + 4 * model_bytes + (prefetch + 1) * (36 * MIB + 2 * input_bytes) + READ_BYTES_BUDGET
 
 
 def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float,

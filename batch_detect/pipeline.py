@@ -46,7 +46,8 @@ from .metrics import record_dispatch
 from .plan import PlanStream, Shard, plan_input
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
-from .worker import PREFETCH, WorkerSettings
+from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, MIB
+from .worker import PREFETCH, WorkerSettings, decode_threads
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
         output_format=config.output_format,
         labels=ready["labels"], extensions=config.extensions, image_column=config.image_column,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size, read_ahead=config.read_ahead,
         output_url=config.output, storage_options=config.storage_options,
     )
     resume = planning.mode == "resume"
@@ -431,8 +432,10 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
 
     def shard_done(summary: dict) -> None:
         first.setdefault("shard", time.perf_counter() - t_start)
-        for k in ("images", "failures", "read_decode_s", "infer_s"):
+        for k in ("images", "failures", "read_decode_s", "infer_s", "read_s", "decode_s", "stall_s", "read_bytes"):
             costs[k] = costs.get(k, 0) + summary.get(k, 0)
+        if "images_ahead" in summary:
+            costs["images_ahead"] = max(costs.get("images_ahead", 0), summary["images_ahead"])
         committer.shard(summary)
         if on_shard is not None:
             on_shard(summary)
@@ -631,8 +634,10 @@ def _run_entry(manifest: dict, state, run: int, status: str, config: RunConfig) 
 
 def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict:
     """How the workers were sized, and what each image cost them in this invocation (means over the
-    shards processed): read+decode+preprocess on the prefetch threads, invoke+decode of outputs+rows on
-    the interpreter's thread. The rule is fixed for now; the costs are what a measured sizing would use."""
+    shards processed). Reads are timed on the read threads (waiting on the store included), decodes
+    (decode, resize, tensor) on the decode threads, infer (invoke, outputs, rows) on the interpreter's;
+    stall is the interpreter's wait for a decoded image: near 0 when reading and decoding keep up.
+    Reads in flight follow the measured latency (readahead.py); actors and threads follow a fixed rule."""
     images = costs.get("images", 0) + costs.get("failures", 0)
     per = (lambda key: round(1000 * costs.get(key, 0) / images, 2)) if images else (lambda key: None)
     actors = cluster.get("actors") or 0
@@ -641,9 +646,15 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
                  if cluster.get("executor") == "local processes" else
                  "one actor per --cpus-per-actor CPUs of each node, within --node-memory-share of its memory"),
         "actors": actors, "interpreter_threads": config.cpus_per_actor,
-        "prefetch_threads": max(2, config.cpus_per_actor), "prefetch_depth": PREFETCH,
+        "decode_threads": decode_threads(config.cpus_per_actor), "decode_depth": PREFETCH,
+        "read_ahead": (f"fixed: {config.read_ahead} images (--read-ahead)" if config.read_ahead else
+                       "sized per worker: ceil(read latency / infer time per image) + 1 images, at least the "
+                       f"decode depth, at most {MAX_READS} and {READ_BYTES_BUDGET // MIB} MiB of files"),
+        "images_ahead": costs.get("images_ahead"),  # the most any worker had ahead at the end of a shard
         "measured": {"images": images, "read_decode_ms_per_image": per("read_decode_s"),
-                     "infer_ms_per_image": per("infer_s"),
+                     "read_ms_per_image": per("read_s"), "decode_ms_per_image": per("decode_s"),
+                     "infer_ms_per_image": per("infer_s"), "stall_ms_per_image": per("stall_s"),
+                     "kb_per_image": round(costs.get("read_bytes", 0) / 1024 / images, 1) if images else None,
                      "images_per_s_per_actor": (round(images / run_s / actors, 2)
                                                 if images and actors and run_s else None)},
     }

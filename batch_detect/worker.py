@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
@@ -24,13 +24,14 @@ from .detector import Detector, ImageFailure, ImageResult
 from .errors import ModelError, failure_fields
 from .interpreter import load_backend, read_model, sha256
 from .plan import Shard
+from .readahead import MAX_READS, ReadAhead
 from .reading import Reader
 from .schema import DETECTIONS
 from .sink import OutputStore
 
 log = logging.getLogger(__name__)
 
-PREFETCH = 4  # images read and decoded ahead of the interpreter, per worker
+PREFETCH = 4  # images decoded ahead of the interpreter, per worker (reads go further ahead: readahead.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class WorkerSettings:
     batch_size: int = 1  # images per invoke, where the model's batch dimension is dynamic
     prefetch: int = PREFETCH
     output_format: str = "auto"
+    read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency
 
 
 class ShardProcessor:
@@ -82,11 +84,12 @@ class ShardProcessor:
         self.node_id = node_id
         self.reader = Reader(settings.storage_options)
         self.store = OutputStore(settings.output_url, settings.storage_options)
-        self.pool = ThreadPoolExecutor(max_workers=max(2, settings.num_threads), thread_name_prefix="prefetch")
+        self.pools = Pools.create(decode_threads(settings.num_threads), settings.prefetch)
+        self.read_ahead = ReadAhead(settings.read_ahead)  # kept across shards: the next starts sized
 
     def _run(self, shard: Shard):
         s = self.settings
-        return run_shard(shard, self.detector, self.reader, s.labels, self.pool, s.prefetch, s.extensions,
+        return run_shard(shard, self.detector, self.reader, s.labels, self.pools, self.read_ahead, s.extensions,
                          s.image_column)
 
     def process_part(self, part: Shard) -> dict:
@@ -102,6 +105,11 @@ class ShardProcessor:
 
     def process(self, shard: Shard) -> dict:
         return self.process_timed(shard)[0]
+
+
+def decode_threads(interpreter_threads: int) -> int:
+    """Decode threads per worker: enough to keep an interpreter of this many threads fed."""
+    return max(2, interpreter_threads)
 
 
 def summarize_shard(rows: "ShardRows", timings: dict, wall_s: float, node_id: str) -> dict:
@@ -240,7 +248,7 @@ _FAIL_COLS = ("uri", "shard_id", "stage", "error_type", "message")
 
 def shard_items(shard: Shard, reader: Reader, extensions: tuple[str, ...], image_column: str | None,
                 stats: dict) -> Iterator[Item]:
-    """(uri, bytes getter) for each image of a shard. Files are read on the prefetch threads (the getter
+    """(uri, bytes getter) for each image of a shard. Files are read on the read threads (the getter
     reads); tar members and Parquet cells arrive from one sequential stream (the getter hands them over)."""
     if shard.form == "tar":
         return iter_tar(shard.source, reader.filesystem(shard.source), extensions, stats)
@@ -254,45 +262,78 @@ def run_shard(
     detector: Detector,
     reader: Reader,
     labels: list[str] | None,
-    pool: ThreadPoolExecutor,
-    prefetch: int,
+    pools: "Pools",
+    read_ahead: ReadAhead,
     extensions: tuple[str, ...] = (),
     image_column: str | None = None,
 ) -> tuple[ShardRows, dict]:
+    """Three stages, each bounded: reads (as many ahead as the store's latency needs, `read_ahead`),
+    decodes (`pools.depth` decoded images at most: the memory that counts) and the interpreter on this
+    thread. Order is kept: rows come out in the shard's order."""
     rows = ShardRows(shard.shard_id)
-    timings = {"read_decode_s": 0.0, "infer_s": 0.0}
+    timings = {"read_decode_s": 0.0, "infer_s": 0.0, "read_s": 0.0, "decode_s": 0.0, "stall_s": 0.0,
+               "read_bytes": 0}
+    sequential = shard.form in ("tar", "parquet")  # bytes arrive from one stream: nothing to overlap
 
-    def load(uri: str, get_bytes):
-        # read + decode + tensor, off the inference thread; exceptions travel back as values
+    def read(uri: str, get_bytes):
         t0 = time.perf_counter()
-        stage = "read"
         try:
-            data = get_bytes()
-            stage = "decode"
-            prepared = detector.prepare(data)
-            return prepared, None, time.perf_counter() - t0
+            return get_bytes(), None, time.perf_counter() - t0
         except Exception as exc:
-            return None, ImageFailure(uri, *failure_fields(exc, stage)), time.perf_counter() - t0
+            return None, ImageFailure(uri, *failure_fields(exc, "read")), time.perf_counter() - t0
 
-    window: deque = deque()
+    def decode(uri: str, read_future: Future):
+        # on a decode thread, in shard order; exceptions travel back as values
+        data, failure, read_s = read_future.result()
+        if failure is not None:
+            return None, failure, read_s, 0.0, 0
+        t0 = time.perf_counter()
+        try:
+            return detector.prepare(data), None, read_s, time.perf_counter() - t0, len(data)
+        except Exception as exc:
+            return None, ImageFailure(uri, *failure_fields(exc, "decode")), read_s, time.perf_counter() - t0, len(data)
+
     items = shard_items(shard, reader, extensions, image_column, timings)
-    depth = max(prefetch, 2 * detector.batch)  # a full batch ready while the previous one runs
+    reads: deque = deque()
+    decodes: deque = deque()
+    depth = max(pools.depth, 2 * detector.batch)  # a full batch ready while the previous one runs
+    exhausted = False
 
     def refill() -> None:
-        while len(window) < depth:
+        # Images ahead of the interpreter: `depth` decoded (or decoding), and as many more being read as
+        # the store's latency needs (read_ahead.reads counts both: Little's law over the whole window).
+        nonlocal exhausted
+        ahead = depth if sequential else max(depth, read_ahead.reads)
+        while not exhausted and len(reads) + len(decodes) < ahead:
             nxt = next(items, None)
             if nxt is None:
-                return
-            window.append((nxt[0], pool.submit(load, *nxt)))
+                exhausted = True
+                break
+            if sequential:
+                done: Future = Future()
+                done.set_result(read(*nxt))
+                reads.append((nxt[0], done))
+            else:
+                reads.append((nxt[0], pools.read.submit(read, *nxt)))
+        while reads and len(decodes) < depth:
+            uri, read_future = reads.popleft()
+            decodes.append((uri, pools.decode.submit(decode, uri, read_future)))
 
     refill()
-    while window:
+    while decodes:
         batch = []
-        while window and len(batch) < detector.batch:
-            uri, future = window.popleft()
+        while decodes and len(batch) < detector.batch:
+            uri, future = decodes.popleft()
             refill()
-            prepared, failure, spent = future.result()
-            timings["read_decode_s"] += spent
+            t0 = time.perf_counter()
+            prepared, failure, read_s, decode_s, nbytes = future.result()
+            timings["stall_s"] += time.perf_counter() - t0
+            timings["read_s"] += read_s
+            timings["decode_s"] += decode_s
+            timings["read_decode_s"] += read_s + decode_s
+            timings["read_bytes"] += nbytes
+            if not sequential and nbytes:
+                read_ahead.read_done(read_s, nbytes)
             if failure is not None:
                 rows.add(failure, labels)
             else:
@@ -305,5 +346,24 @@ def run_shard(
             os.kill(os.getpid(), signal.SIGSEGV)
         for outcome in detector.finish_batch(batch):
             rows.add(outcome, labels)
-        timings["infer_s"] += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        timings["infer_s"] += spent
+        read_ahead.images_done(spent, len(batch))
+        refill()  # the reads ahead follow what was just measured
+    timings["images_ahead"] = depth if sequential else max(depth, read_ahead.reads)
     return rows, timings
+
+
+@dataclass
+class Pools:
+    """A worker's threads: reads (threads start only as reads are asked for, up to readahead's cap) and
+    decodes, with `depth` decoded images at most waiting for the interpreter."""
+
+    read: ThreadPoolExecutor
+    decode: ThreadPoolExecutor
+    depth: int
+
+    @classmethod
+    def create(cls, decode_threads: int, depth: int) -> "Pools":
+        return cls(ThreadPoolExecutor(max_workers=MAX_READS, thread_name_prefix="read"),
+                   ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode"), depth)

@@ -259,15 +259,19 @@ def main() -> int:
     if mem_counts:
         ssd = os.path.join(ROOT, "benchmarks", "models", MODELS["ssd"][0])
         results["memory"] = memory_run(ssd, mem_counts, lambda n: paths[:n], work, env, args.shard_size)
-    os.makedirs(args.out, exist_ok=True)
     # One file pair per core count, so the 2-core and 16-core tables sit side by side.
-    with open(os.path.join(args.out, f"bench_{cores}core.json"), "w") as fh:
+    save(args.out, f"bench_{cores}core", results, render(results))
+    return 0
+
+
+def save(folder: str, stem: str, results: dict, table: str) -> None:
+    """Results as `stem`.json and the table as `stem`.md, in `folder`; the table printed."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, stem + ".json"), "w") as fh:
         json.dump(results, fh, indent=2)
-    table = render(results)
-    with open(os.path.join(args.out, f"bench_{cores}core.md"), "w") as fh:
+    with open(os.path.join(folder, stem + ".md"), "w") as fh:
         fh.write(table + "\n")
     print(table)
-    return 0
 
 
 def render(results: dict) -> str:

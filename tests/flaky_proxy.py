@@ -1,11 +1,13 @@
 """A loopback HTTP proxy in front of the S3 server that fails a seeded fraction of object GETs with a
-transient 503 SlowDown, as a throttled or overloaded store does."""
+transient 503 SlowDown, as a throttled or overloaded store does, and can add a fixed latency to every
+answer, as a store across a network does (each request waits on its own: concurrency still helps)."""
 
 from __future__ import annotations
 
 import http.client
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -14,7 +16,7 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 
 class FlakyProxy:
-    def __init__(self, upstream: str, fail_fraction: float, seed: int = 0):
+    def __init__(self, upstream: str, fail_fraction: float = 0.0, seed: int = 0, latency_s: float = 0.0):
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
         self.fail_fraction = fail_fraction
@@ -22,6 +24,7 @@ class FlakyProxy:
         self.lock = threading.Lock()
         self.injected = 0
         self.object_gets = 0
+        self.latency_s = latency_s
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,6 +34,8 @@ class FlakyProxy:
                 pass
 
             def _forward(self):
+                if proxy.latency_s:
+                    time.sleep(proxy.latency_s)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 path = urlsplit(self.path).path

@@ -1,0 +1,116 @@
+"""Object-store latency: this job's processing rate reading from S3 (moto's server on 127.0.0.1) behind a
+proxy that adds a fixed latency to every request, as a store across a network does.
+
+Each worker must keep enough reads in flight to hide the latency (Little's law: reads in flight = latency x
+images/s). The same images, model and workers are run with reads in flight sized from the measured latency
+(the default, `--read-ahead 0`) and with fixed counts, at each latency, in one invocation:
+
+    python benchmarks/s3_latency.py [--images 240] [--latency-ms 0,50,200] [--read-ahead auto,2]
+
+Runs without Ray (fewer images than --ray-min-images) unless `--ray`, so Ray's start does not blur the
+rate; the rate is the job's own (images / processing time, from its manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from bench import cpu_model, make_images, save  # noqa: E402
+from flaky_proxy import FlakyProxy  # noqa: E402
+
+MODEL = os.path.join(ROOT, "benchmarks", "models", "ssd_mobilenet_v2_300_uint8.tflite")
+
+
+def run_job(input_url: str, output: str, options: dict, read_ahead: str, ray: bool, before: str | None) -> dict:
+    cmd = [sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", input_url,
+           "--output", output, "--shard-size", "32", "--score-threshold", "0.5", "--overwrite"]
+    if read_ahead not in ("auto", "before"):
+        cmd += ["--read-ahead", read_ahead]
+    if ray:
+        cmd += ["--ray-min-images", "0"]
+    for k, v in options.items():
+        cmd += ["--storage-option", f"{k}={v}"]
+    t0 = time.perf_counter()
+    tree = before if read_ahead == "before" else ROOT  # "before": an earlier checkout's code, same everything else
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree,
+                          env={**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": tree})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"job failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    m = json.load(open(os.path.join(output, "_manifest.json")))
+    assert m["counts"]["failures"] == 0, m["counts"]
+    return {"wall_s": wall, "images": m["counts"]["images"], "run_s": m["timings"]["run_s"],
+            "images_per_s": m["counts"]["images"] / m["timings"]["run_s"], "sizing": m.get("sizing")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=240)
+    parser.add_argument("--latency-ms", default="0,50,200")
+    parser.add_argument("--read-ahead", default="auto,2", help="arms: auto and/or fixed reads in flight")
+    parser.add_argument("--ray", action="store_true", help="run on embedded Ray instead of worker processes")
+    parser.add_argument("--before", help="a checkout of an earlier commit: adds the arm 'before' (its code)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    from moto.server import ThreadedMotoServer
+    import s3fs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "bench-key", "secret": "bench-secret", "endpoint_url": f"http://{host}:{port}"}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("bench")
+    paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), args.images)
+    for p in paths:
+        fs.put_file(p, f"bench/in/{os.path.basename(p)}")
+    work = tempfile.mkdtemp(prefix="s3lat-")
+    cores = os.cpu_count() or 1
+    results = {"cores": cores, "cpu": cpu_model(), "images": args.images, "executor": "ray" if args.ray else
+               "worker processes", "before": args.before and subprocess.run(
+                   ["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                   text=True).stdout.strip(), "runs": []}
+    try:
+        for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
+            with FlakyProxy(options["endpoint_url"], latency_s=latency_ms / 1000) as proxy:
+                for arm in (["before"] if args.before else []) + args.read_ahead.split(","):
+                    r = run_job("s3://bench/in/", os.path.join(work, f"out_{latency_ms:g}_{arm}"),
+                                {**options, "endpoint_url": proxy.url}, arm, args.ray, args.before)
+                    r.update(latency_ms=latency_ms, read_ahead=arm)
+                    results["runs"].append(r)
+                    print(f"latency {latency_ms:g} ms, read-ahead {arm}: {r['images_per_s']:.1f} images/s "
+                          f"({r['run_s']:.1f} s processing, {r['wall_s']:.1f} s wall)", flush=True)
+    finally:
+        server.stop()
+    save(args.out, f"s3_latency_{cores}core", results, render(results))
+    return 0
+
+
+def render(results: dict) -> str:
+    arms = list(dict.fromkeys(r["read_ahead"] for r in results["runs"]))
+    lines = [f"{results['cores']} cores ({results['cpu']}); {results['images']} JPEGs from S3 (moto on 127.0.0.1) "
+             f"behind a proxy adding a fixed latency per request; {results['executor']}; SSD model; images/s = "
+             "the job's images / its processing time", "",
+             "| latency ms | " + " | ".join(f"{a} ({results['before']}) img/s" if a == "before" else
+                                            f"read-ahead {a} img/s" for a in arms) + " | images ahead chosen (auto) |",
+             "|---" * (len(arms) + 2) + "|"]
+    for lat in dict.fromkeys(r["latency_ms"] for r in results["runs"]):
+        row = {r["read_ahead"]: r for r in results["runs"] if r["latency_ms"] == lat}
+        chosen = (row.get("auto", {}).get("sizing") or {}).get("images_ahead", "")
+        lines.append(f"| {lat:g} | " + " | ".join(f"{row[a]['images_per_s']:.1f}" if a in row else "" for a in arms)
+                     + f" | {chosen} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Reads ahead of the interpreter sized to the store's latency (`readahead.py`): the rule itself, and a run
+reading from S3 (moto's server on 127.0.0.1) through a proxy that adds latency to every request."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import s3fs
+
+from batch_detect.config import RunConfig
+from batch_detect.pipeline import run
+from batch_detect.readahead import BYTES_BUDGET, MAX_READS, START, ReadAhead
+from batch_detect.synthetic import write_dataset
+from batch_detect.verify import verify
+from batch_detect.worker import PREFETCH
+
+
+def test_littles_law_from_measurements():
+    ra = ReadAhead()
+    assert ra.reads == START  # nothing measured yet
+    ra.read_done(0.100, 200_000)  # 100 ms per read
+    ra.images_done(0.200, 10)  # 20 ms per image at the interpreter
+    assert ra.reads == 6  # ceil(100 / 20) + 1: five reads cover one read's wait
+    for _ in range(50):  # a local disk: reads far quicker than the model
+        ra.read_done(0.0002, 200_000)
+    assert ra.reads == 2
+
+
+def test_bounded_by_the_cap_and_the_bytes_budget():
+    ra = ReadAhead()
+    ra.read_done(5.0, 1_000)
+    ra.images_done(0.010, 1)
+    assert ra.reads == MAX_READS  # a very slow store: capped, not 501
+    big = ReadAhead()
+    big.read_done(5.0, 8 * 1024 * 1024)  # 8 MiB files: the bytes budget decides
+    big.images_done(0.010, 1)
+    assert big.reads == BYTES_BUDGET // (8 * 1024 * 1024)
+    fixed = ReadAhead(fixed=3)
+    fixed.read_done(5.0, 1_000)
+    fixed.images_done(0.010, 1)
+    assert fixed.reads == 3
+
+
+@pytest.fixture
+def slow_bucket(s3_server, tmp_path, models_dir):
+    from flaky_proxy import FlakyProxy
+
+    options = {"key": "testing-key-id", "secret": "testing-secret", "endpoint_url": s3_server}
+    fs = s3fs.S3FileSystem(**options)
+    name = f"bd-ra-{os.getpid()}-{tmp_path.name[-10:].lower().replace('_', '-')}"
+    fs.mkdir(name)
+    local = tmp_path / "images"
+    truth = write_dataset(str(local), 48, seed=5, sizes=[(320, 240)])
+    fs.put(str(local) + "/", f"{name}/in/", recursive=True)
+    with FlakyProxy(s3_server, latency_s=0.15) as proxy:
+        yield name, {**options, "endpoint_url": proxy.url}, truth
+
+
+def test_slow_store_gets_more_reads_ahead(slow_bucket, models_dir, tmp_path):
+    """150 ms per request: the workers measure it and keep more images ahead than their decode window
+    (a fixed --read-ahead keeps the window); every image is processed exactly once either way."""
+    name, options, truth = slow_bucket
+    manifests = {}
+    for arm, read_ahead in (("auto", 0), ("fixed", 2)):
+        out = str(tmp_path / f"out-{arm}")
+        cfg = RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=f"s3://{name}/in/",
+                        output=out, shard_size=24, read_ahead=read_ahead, num_actors=1, storage_options=options)
+        manifests[arm] = run(cfg).manifest
+        assert manifests[arm]["counts"]["images"] == len(truth) and manifests[arm]["counts"]["failures"] == 0
+        assert verify(out).ok
+    auto, fixed = manifests["auto"]["sizing"], manifests["fixed"]["sizing"]
+    print("auto:", auto["images_ahead"], auto["measured"], "fixed:", fixed["images_ahead"])
+    assert auto["measured"]["read_ms_per_image"] >= 150  # the latency was seen where it is measured
+    assert PREFETCH < auto["images_ahead"] <= MAX_READS
+    assert fixed["images_ahead"] == PREFETCH  # --read-ahead 2 is below the decode window: the window holds
+    assert fixed["read_ahead"].startswith("fixed: 2")
