@@ -373,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
 
         progress: dict = {}
 
-        def on_start(actors: int, done_shards: int, done_images: int, without_ray: bool = False) -> None:
+        def on_start(actors: int, done_shards: int, done_images: int, without_ray: bool = False,
+                     threads: int = 1) -> None:
             resumed = f" ({done_shards} shards already committed, resuming)" if done_shards else ""
             workers = f"{actors} worker processes" if without_ray else f"{actors} actors"
+            if threads > 1:
+                workers += f" of {threads} interpreter threads each"
             print(f"running on {workers}{resumed}; the input is listed as the run goes", file=sys.stderr)
             progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
             _open_progress[:] = [progress["bar"]]

@@ -48,7 +48,9 @@ class RunConfig:
     # whose start costs more than they take; 0: always Ray.
     ray_min_images: int = 256
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
-    cpus_per_actor: int = 1  # also the interpreter's num_threads
+    # CPUs (and interpreter threads) per actor. None: 1, and more where the pool leaves CPUs unused
+    # (memory holds fewer actors than a node has CPUs, or fewer shards than CPUs): see threads_per_actor
+    cpus_per_actor: int | None = None
     max_shards_in_flight: int = 2  # per actor: the backpressure bound
     read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency (readahead.py)
     part_rows: int = 100_000  # images (and failures) per output part file: files per table ≈ images / this
@@ -107,7 +109,7 @@ class RunConfig:
                               f"got {self.read_ahead}")
         if self.ray_min_images < 0:
             raise ConfigError(f"--ray-min-images must be 0 (always Ray) or more, got {self.ray_min_images}")
-        if self.cpus_per_actor < 1:
+        if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
         if self.memory_per_actor_mb is not None and self.memory_per_actor_mb < 1:
             raise ConfigError(f"--memory-per-actor-mb must be positive, got {self.memory_per_actor_mb}")

@@ -105,6 +105,22 @@ def size_pool(num_actors: int | None, cpus_per_actor: int, memory_per_actor: int
     return max(1, min(num_actors, num_shards)), capacity
 
 
+MAX_AUTO_THREADS = 8  # interpreter threads an actor gets from CPUs the pool leaves unused, at most
+
+
+def threads_per_actor(num_actors: int, memory_per_actor: int, share: float, nodes: list[dict] | None = None) -> int:
+    """CPUs (interpreter threads) per actor when --cpus-per-actor is not given. One, the most efficient
+    use of a CPU, while the pool fills the cluster; when it cannot (memory holds fewer actors than a node
+    has CPUs, or there are fewer shards than CPUs), the CPUs no actor would use go to the actors'
+    interpreters: the most threads that still let all `num_actors` fit where the nodes have room."""
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
+    t = min(MAX_AUTO_THREADS, int(cpus // max(1, num_actors)))
+    while t > 1 and sum(node_capacity(t, memory_per_actor, share, nodes).values()) < num_actors:
+        t -= 1
+    return max(1, t)
+
+
 class DetectorActor(ShardProcessor):
     """A ShardProcessor as a Ray actor: one interpreter for its lifetime; whole shards in, their rows
     staged by the actor itself, a summary (with its node) back."""

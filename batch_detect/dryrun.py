@@ -49,7 +49,7 @@ def dry_run(config: RunConfig) -> str:
     ready = prepare(config)  # every check a run makes before it starts; writes nothing
     plan, info = ready["plan"], ready["info"]
     num_shards, num_items, picked = _sample(plan.shards, SAMPLE)
-    detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor,
+    detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor or 1,
                         score_threshold=config.score_threshold, resize=config.resize,
                         normalization=config.pixel_normalization, max_pixels=config.max_pixels,
                         model_url=config.model, output_format=config.output_format)
@@ -78,7 +78,7 @@ def dry_run(config: RunConfig) -> str:
     else:
         cpus = float(os.cpu_count() or 1)
         where = "an embedded local Ray on this machine"
-    actors = config.num_actors or max(1, int(cpus // config.cpus_per_actor))
+    actors = config.num_actors or max(1, int(cpus // (config.cpus_per_actor or 1)))
     actors = min(actors, num_shards)
     images = num_items if plan.form != "tar" else None
     estimate = (images or 0) * per_image / actors

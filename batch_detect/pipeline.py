@@ -166,7 +166,7 @@ def _warnings(manifest: dict, labels: list | None) -> list[str]:
 
 
 def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None) -> RunSummary:
-    """`on_start(actors, done_shards, done_images, without_ray)` once the pool is sized; `on_shard(summary)`
+    """`on_start(actors, done_shards, done_images, without_ray, threads)` once the pool is sized; `on_shard(summary)`
     per staged shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
     `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is)."""
     t_start = time.perf_counter()
@@ -297,8 +297,16 @@ def _without_ray(config: RunConfig, planning: Planning, plan: PlanStream) -> tup
     if images >= config.ray_min_images:
         return 0, 0
     shards = len(head) + sum(c["shards"] for c in planning.pending)
-    workers = config.num_actors or worker_count(config.cpus_per_actor, max(1, shards))
+    workers = config.num_actors or worker_count(config.cpus_per_actor or 1, max(1, shards))
     return workers, images
+
+
+def _local_threads(config: RunConfig, workers: int) -> int:
+    """Interpreter threads per worker process: --cpus-per-actor, or this machine's CPUs shared out (as
+    threads_per_actor does on Ray) when there are fewer workers than CPUs."""
+    from .distributed import MAX_AUTO_THREADS
+
+    return config.cpus_per_actor or max(1, min(MAX_AUTO_THREADS, (os.cpu_count() or 1) // max(1, workers)))
 
 
 def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: PlanStream | None,
@@ -319,7 +327,7 @@ def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: 
         input_bytes = info.height * info.width * info.channels * (4 if info.tensor.dtype == "float32" else 1)
         memory_per_actor = (config.memory_per_actor_mb * MIB if config.memory_per_actor_mb
                             else estimate_actor_memory(len(ready["model_content"]), input_bytes, PREFETCH))
-        num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor, memory_per_actor,
+        num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor or 1, memory_per_actor,
                                          config.node_memory_share, 1 << 62)
         if plan is not None:
             # Never more actors than shards: list as many shards as the pool would hold (a few descriptors).
@@ -332,8 +340,18 @@ def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: 
         if started_ray:
             ray.shutdown()
         raise
-    return {"started_ray": started_ray, "ray_start_s": time.perf_counter() - t_ray, "num_actors": num_actors,
-            "capacity": capacity, "cluster_cpus": cluster_cpus, "memory_per_actor": memory_per_actor}
+    facts = {"started_ray": started_ray, "ray_start_s": time.perf_counter() - t_ray, "num_actors": num_actors,
+             "capacity": capacity, "cluster_cpus": cluster_cpus, "memory_per_actor": memory_per_actor}
+    return _resolve_threads(config, facts)
+
+
+def _resolve_threads(config: RunConfig, ray_facts: dict) -> dict:
+    """The pool's CPUs (interpreter threads) per actor, once its size is known."""
+    from .distributed import threads_per_actor
+
+    ray_facts["cpus_per_actor"] = config.cpus_per_actor or threads_per_actor(
+        ray_facts["num_actors"], ray_facts["memory_per_actor"], config.node_memory_share)
+    return ray_facts
 
 
 def _open_output(config: RunConfig, ready: dict, manifest: dict, lease):
@@ -376,7 +394,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         model_url=config.model, model_sha256=ready["identity"]["model_sha256"],
         memory_per_actor=ray_facts["memory_per_actor"] if ray_facts else 0,
         backend=ready["backend"].name,
-        num_threads=config.cpus_per_actor, score_threshold=config.score_threshold, resize=config.resize,
+        num_threads=ray_facts["cpus_per_actor"] if ray_facts else _local_threads(config, local_workers),
+        score_threshold=config.score_threshold, resize=config.resize,
         normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
         output_format=config.output_format,
         labels=ready["labels"], extensions=config.extensions, image_column=config.image_column,
@@ -434,8 +453,9 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         first.setdefault("shard", time.perf_counter() - t_start)
         for k in ("images", "failures", "read_decode_s", "infer_s", "read_s", "decode_s", "stall_s", "read_bytes"):
             costs[k] = costs.get(k, 0) + summary.get(k, 0)
-        if "images_ahead" in summary:
-            costs["images_ahead"] = max(costs.get("images_ahead", 0), summary["images_ahead"])
+        for k in ("images_ahead", "peak_rss_mb"):  # the most any worker had
+            if k in summary:
+                costs[k] = max(costs.get(k, 0), summary[k])
         committer.shard(summary)
         if on_shard is not None:
             on_shard(summary)
@@ -459,7 +479,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     try:
         if on_start is not None:
             on_start(local_workers or ray_facts["num_actors"], run_before.get("shards", 0),
-                     run_before.get("images", 0) + run_before.get("failures", 0), without_ray=bool(local_workers))
+                     run_before.get("images", 0) + run_before.get("failures", 0), without_ray=bool(local_workers),
+                     threads=settings.num_threads)
         t_run = time.perf_counter()
         feed.start()
         if local_workers:
@@ -473,7 +494,9 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                          f"{len(handed_back)} shard(s) left and isolates an image that kills workers")
                 ray_facts = _start_ray(config, ready, None, None, on_phase)
                 ray_facts["num_actors"] = max(1, min(ray_facts["num_actors"], len(handed_back)))
-                settings = dataclasses.replace(settings, memory_per_actor=ray_facts["memory_per_actor"])
+                _resolve_threads(config, ray_facts)
+                settings = dataclasses.replace(settings, memory_per_actor=ray_facts["memory_per_actor"],
+                                               num_threads=ray_facts["cpus_per_actor"])
                 shards = itertools.chain(handed_back, shards)
         if ray_facts is not None:
             _run_on_ray(config, ray_facts, settings, shards, store, active, committer, shard_done, tick,
@@ -549,10 +572,10 @@ def _run_on_ray(config: RunConfig, ray_facts: dict, settings: WorkerSettings, sh
     from .distributed import ActorPool, Dispatcher, node_capacity
 
     def grow(nodes: list[dict]) -> int:
-        return sum(node_capacity(config.cpus_per_actor, settings.memory_per_actor, config.node_memory_share,
+        return sum(node_capacity(settings.num_threads, settings.memory_per_actor, config.node_memory_share,
                                  nodes).values())
 
-    pool = ActorPool(settings, ray_facts["num_actors"], config.cpus_per_actor,
+    pool = ActorPool(settings, ray_facts["num_actors"], settings.num_threads,
                      None if config.num_actors is not None else grow)
     dispatcher = Dispatcher(pool, shards, store, max_in_flight=config.max_shards_in_flight, on_shard=shard_done,
                             tick=tick, drained=lambda: committer.cut(final=True))
@@ -575,9 +598,10 @@ def _cluster_facts(config: RunConfig, ray_facts: dict | None, active: dict, loca
     if "ray" in active:
         pool = active["ray"][0]
         return {"executor": "ray", "cpus": ray_facts["cluster_cpus"], "capacity_at_start": ray_facts["capacity"],
-                **pool.facts(config.cpus_per_actor), **facts}
+                **pool.facts(pool.settings.num_threads), **facts}
     return {"executor": "local processes", "cpus": float(os.cpu_count() or 1), "capacity_at_start": None,
-            "actors": local_workers, "actors_at_start": local_workers, "cpus_per_actor": config.cpus_per_actor,
+            "actors": local_workers, "actors_at_start": local_workers,
+            "cpus_per_actor": _local_threads(config, local_workers),
             "memory_per_actor": None, "nodes": [NODE_ID], "actors_per_node": {NODE_ID: local_workers},
             "lost_nodes": [], **facts}
 
@@ -641,12 +665,16 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
     images = costs.get("images", 0) + costs.get("failures", 0)
     per = (lambda key: round(1000 * costs.get(key, 0) / images, 2)) if images else (lambda key: None)
     actors = cluster.get("actors") or 0
+    threads = cluster.get("cpus_per_actor") or 1
     return {
         "rule": ("one worker process per --cpus-per-actor CPUs of this machine, at most one per shard"
                  if cluster.get("executor") == "local processes" else
-                 "one actor per --cpus-per-actor CPUs of each node, within --node-memory-share of its memory"),
-        "actors": actors, "interpreter_threads": config.cpus_per_actor,
-        "decode_threads": decode_threads(config.cpus_per_actor), "decode_depth": PREFETCH,
+                 "one actor per --cpus-per-actor CPUs of each node, within --node-memory-share of its memory")
+                + ("" if config.cpus_per_actor else
+                   "; --cpus-per-actor auto: 1, or the CPUs the workers leave unused shared out as interpreter "
+                   "threads (at most 8)"),
+        "actors": actors, "interpreter_threads": threads,
+        "decode_threads": decode_threads(threads), "decode_depth": PREFETCH,
         "read_ahead": (f"fixed: {config.read_ahead} images (--read-ahead)" if config.read_ahead else
                        "sized per worker: ceil(read latency / infer time per image) + 1 images, at least the "
                        f"decode depth, at most {MAX_READS} and {READ_BYTES_BUDGET // MIB} MiB of files"),
@@ -655,6 +683,8 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
                      "read_ms_per_image": per("read_s"), "decode_ms_per_image": per("decode_s"),
                      "infer_ms_per_image": per("infer_s"), "stall_ms_per_image": per("stall_s"),
                      "kb_per_image": round(costs.get("read_bytes", 0) / 1024 / images, 1) if images else None,
+                     # against what each actor reserved (cluster.memory_per_actor): the headroom left
+                     "worker_peak_rss_mb": costs.get("peak_rss_mb"),
                      "images_per_s_per_actor": (round(images / run_s / actors, 2)
                                                 if images and actors and run_s else None)},
     }
