@@ -87,7 +87,8 @@ def cpu_busy_s() -> float:
     with open("/proc/stat") as fh:
         fields = [int(x) for x in fh.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    steal = fields[7]  # time the hypervisor gave to other guests: not ours (it made "busy" read 122%)
+    return (sum(fields[:8]) - idle - steal) / os.sysconf("SC_CLK_TCK")
 
 
 def shm_used() -> int:

@@ -5,7 +5,7 @@ Each worker must keep enough reads in flight to hide the latency (Little's law: 
 images/s). The same images, model and workers are run with reads in flight sized from the measured latency
 (the default, `--read-ahead 0`) and with fixed counts, at each latency, in one invocation:
 
-    python benchmarks/s3_latency.py [--images 240] [--latency-ms 0,50,200] [--read-ahead auto,2]
+    python benchmarks/s3_latency.py [--images 240] [--latency-ms 0,50,200] [--read-ahead auto,2] [--repeat 3]
 
 Runs without Ray (fewer images than --ray-min-images) unless `--ray`, so Ray's start does not blur the
 rate; the rate is the job's own (images / processing time, from its manifest).
@@ -14,8 +14,10 @@ rate; the rate is the job's own (images / processing time, from its manifest).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +62,7 @@ def main() -> int:
     parser.add_argument("--read-ahead", default="auto,2", help="arms: auto and/or fixed reads in flight")
     parser.add_argument("--ray", action="store_true", help="run on embedded Ray instead of worker processes")
     parser.add_argument("--before", help="a checkout of an earlier commit: adds the arm 'before' (its code)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every arm at each latency, interleaved")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     from moto.server import ThreadedMotoServer
@@ -83,10 +86,11 @@ def main() -> int:
     try:
         for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
             with FlakyProxy(options["endpoint_url"], latency_s=latency_ms / 1000) as proxy:
-                for arm in (["before"] if args.before else []) + args.read_ahead.split(","):
+                for rep, arm in itertools.product(range(args.repeat),
+                                                  (["before"] if args.before else []) + args.read_ahead.split(",")):
                     r = run_job("s3://bench/in/", os.path.join(work, f"out_{latency_ms:g}_{arm}"),
                                 {**options, "endpoint_url": proxy.url}, arm, args.ray, args.before)
-                    r.update(latency_ms=latency_ms, read_ahead=arm)
+                    r.update(latency_ms=latency_ms, read_ahead=arm, rep=rep)
                     results["runs"].append(r)
                     print(f"latency {latency_ms:g} ms, read-ahead {arm}: {r['images_per_s']:.1f} images/s "
                           f"({r['run_s']:.1f} s processing, {r['wall_s']:.1f} s wall)", flush=True)
@@ -100,15 +104,19 @@ def render(results: dict) -> str:
     arms = list(dict.fromkeys(r["read_ahead"] for r in results["runs"]))
     lines = [f"{results['cores']} cores ({results['cpu']}); {results['images']} JPEGs from S3 (moto on 127.0.0.1) "
              f"behind a proxy adding a fixed latency per request; {results['executor']}; SSD model; images/s = "
-             "the job's images / its processing time", "",
+             "the job's images / its processing time; median of the repetitions (all runs in brackets)", "",
              "| latency ms | " + " | ".join(f"{a} ({results['before']}) img/s" if a == "before" else
                                             f"read-ahead {a} img/s" for a in arms) + " | images ahead chosen (auto) |",
              "|---" * (len(arms) + 2) + "|"]
     for lat in dict.fromkeys(r["latency_ms"] for r in results["runs"]):
-        row = {r["read_ahead"]: r for r in results["runs"] if r["latency_ms"] == lat}
-        chosen = (row.get("auto", {}).get("sizing") or {}).get("images_ahead", "")
-        lines.append(f"| {lat:g} | " + " | ".join(f"{row[a]['images_per_s']:.1f}" if a in row else "" for a in arms)
-                     + f" | {chosen} |")
+        runs = {a: [r for r in results["runs"] if r["latency_ms"] == lat and r["read_ahead"] == a] for a in arms}
+        chosen = sorted({(r.get("sizing") or {}).get("images_ahead") for r in runs.get("auto", [])} - {None})
+
+        def cell(rs: list) -> str:
+            rates = [r["images_per_s"] for r in rs]
+            return f"{statistics.median(rates):.1f} ({', '.join(f'{x:.1f}' for x in rates)})" if rates else ""
+        lines.append(f"| {lat:g} | " + " | ".join(cell(runs[a]) for a in arms)
+                     + f" | {', '.join(map(str, chosen))} |")
     return "\n".join(lines)
 
 
