@@ -25,7 +25,7 @@ from .metrics import record_shard
 from .plan import Shard
 from .sink import OutputStore
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET
-from .worker import PREFETCH, ShardProcessor, ShardRows, WorkerSettings, summarize_shard  # noqa: F401
+from .worker import MAX_AUTO_THREADS, ShardProcessor, ShardRows, WorkerSettings, summarize_shard  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,6 @@ def size_pool(num_actors: int | None, cpus_per_actor: int, memory_per_actor: int
             "Lower --num-actors, --cpus-per-actor or --memory-per-actor-mb, or add nodes"
         )
     return max(1, min(num_actors, num_shards)), capacity
-
-
-MAX_AUTO_THREADS = 8  # interpreter threads an actor gets from CPUs the pool leaves unused, at most
 
 
 def threads_per_actor(num_actors: int, memory_per_actor: int, share: float, nodes: list[dict] | None = None) -> int:

@@ -47,7 +47,7 @@ from .plan import PlanStream, Shard, plan_input
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, MIB
-from .worker import PREFETCH, WorkerSettings, decode_threads
+from .worker import MAX_AUTO_THREADS, PREFETCH, WorkerSettings, decode_threads
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,6 @@ def _without_ray(config: RunConfig, planning: Planning, plan: PlanStream) -> tup
 def _local_threads(config: RunConfig, workers: int) -> int:
     """Interpreter threads per worker process: --cpus-per-actor, or this machine's CPUs shared out (as
     threads_per_actor does on Ray) when there are fewer workers than CPUs."""
-    from .distributed import MAX_AUTO_THREADS
-
     return config.cpus_per_actor or max(1, min(MAX_AUTO_THREADS, (os.cpu_count() or 1) // max(1, workers)))
 
 

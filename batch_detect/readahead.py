@@ -49,8 +49,9 @@ class ReadAhead:
             n = START
         else:
             n = math.ceil(self.latency_s / max(self.busy_s, 1e-4)) + 1
-            if self.bytes:
-                n = min(n, max(1, int(BYTES_BUDGET // max(self.bytes, 1.0))))
-            n = max(1, min(n, MAX_READS))
+        # The caps hold for a fixed count too: the actor's memory reservation counts on them.
+        if self.bytes:
+            n = min(n, max(1, int(BYTES_BUDGET // max(self.bytes, 1.0))))
+        n = max(1, min(n, MAX_READS))
         self.peak = max(self.peak, n)
         return n

@@ -32,6 +32,7 @@ from .sink import OutputStore
 
 log = logging.getLogger(__name__)
 
+MAX_AUTO_THREADS = 8  # interpreter threads a worker gets from CPUs the pool leaves unused, at most
 PREFETCH = 4  # images decoded ahead of the interpreter, per worker (reads go further ahead: readahead.py)
 
 
@@ -115,6 +116,19 @@ def decode_threads(interpreter_threads: int) -> int:
     return max(2, interpreter_threads)
 
 
+def _peak_rss_mb() -> float:
+    """This process's resident peak so far: what its memory reservation must cover. /proc's VmHWM starts
+    afresh at exec (getrusage's maximum would carry the driver's peak into a worker it started)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def summarize_shard(rows: "ShardRows", timings: dict, wall_s: float, node_id: str) -> dict:
     """A committed shard's line in the commit log: counts, failure kinds, where and how long."""
     breakdown: dict[str, int] = {}
@@ -122,8 +136,7 @@ def summarize_shard(rows: "ShardRows", timings: dict, wall_s: float, node_id: st
         key = f"{stage}/{etype}"
         breakdown[key] = breakdown.get(key, 0) + 1
     unlabelled = rows.unlabelled_class_ids()
-    # The worker's resident peak so far (Linux reports KiB): what its memory reservation must cover.
-    peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peak_rss_mb = _peak_rss_mb()
     return {"shard_id": rows.shard_id, **rows.counts, "failure_types": breakdown, "wall_s": round(wall_s, 4),
             "unlabelled_class_ids": unlabelled, "node_id": node_id, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb,
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}}
@@ -324,6 +337,19 @@ def run_shard(
             uri, read_future = reads.popleft()
             decodes.append((uri, pools.decode.submit(decode, uri, read_future)))
 
+    try:
+        _drain(decodes, refill, rows, timings, detector, labels, read_ahead, sequential)
+    finally:
+        # A shard that raised leaves nothing queued for the next one (started work just finishes).
+        for _, future in (*reads, *decodes):
+            future.cancel()
+    timings["images_ahead"] = depth if sequential else max(depth, read_ahead.reads)
+    return rows, timings
+
+
+def _drain(decodes: deque, refill, rows: "ShardRows", timings: dict, detector: Detector, labels, read_ahead: ReadAhead,
+           sequential: bool) -> None:
+    """The interpreter's loop: take decoded images in order, a batch at a time, and keep the stages fed."""
     refill()
     while decodes:
         batch = []
@@ -355,8 +381,6 @@ def run_shard(
         timings["infer_s"] += spent
         read_ahead.images_done(spent, len(batch))
         refill()  # the reads ahead follow what was just measured
-    timings["images_ahead"] = depth if sequential else max(depth, read_ahead.reads)
-    return rows, timings
 
 
 @dataclass

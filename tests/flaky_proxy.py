@@ -25,6 +25,8 @@ class FlakyProxy:
         self.injected = 0
         self.object_gets = 0
         self.latency_s = latency_s
+        self.in_flight = 0  # object GETs being answered now, and the most at once
+        self.max_in_flight = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,12 +36,24 @@ class FlakyProxy:
                 pass
 
             def _forward(self):
+                path = urlsplit(self.path).path
+                is_object_get = self.command == "GET" and path.count("/") >= 2 and "?" not in self.path
+                if is_object_get:
+                    with proxy.lock:
+                        proxy.in_flight += 1
+                        proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._answer(path, is_object_get)
+                finally:
+                    if is_object_get:
+                        with proxy.lock:
+                            proxy.in_flight -= 1
+
+            def _answer(self, path: str, is_object_get: bool):
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                path = urlsplit(self.path).path
-                is_object_get = self.command == "GET" and path.count("/") >= 2 and "?" not in self.path
                 if is_object_get:
                     with proxy.lock:
                         proxy.object_gets += 1

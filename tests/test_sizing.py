@@ -33,6 +33,7 @@ def node(cpus: int, memory_gib: float, alive: bool = True) -> dict:
     ([node(16, 64), node(16, 2.5)], 20, 0.5, 1),  # the pool fills both nodes: one each
     ([node(4, 64), node(4, 64)], 3, 0.5, 2),  # 8 CPUs, 3 actors: 2 each still fits (2 + 2 places)
     ([node(16, 64), node(16, 64, alive=False)], 2, 0.5, 8),  # a dead node's CPUs are not shared out
+    ([node(8, 64), node(2, 64)], 2, 0.5, 4),  # 5 each would not fit (the 2-CPU node takes none): 4, both on one
 ])
 def test_threads_per_actor(nodes, actors, per_actor_gib, expected):
     assert threads_per_actor(actors, int(per_actor_gib * GIB), 0.8, nodes) == expected
