@@ -317,12 +317,15 @@ def run_shard(
     depth = max(pools.depth, 2 * detector.batch)  # a full batch ready while the previous one runs
     exhausted = False
 
+    def ahead() -> int:
+        return depth if sequential else max(depth, read_ahead.reads)
+
     def refill() -> None:
         # Images ahead of the interpreter: `depth` decoded (or decoding), and as many more being read as
         # the store's latency needs (read_ahead.reads counts both: Little's law over the whole window).
         nonlocal exhausted
-        ahead = depth if sequential else max(depth, read_ahead.reads)
-        while not exhausted and len(reads) + len(decodes) < ahead:
+        target = ahead()
+        while not exhausted and len(reads) + len(decodes) < target:
             nxt = next(items, None)
             if nxt is None:
                 exhausted = True
@@ -343,7 +346,7 @@ def run_shard(
         # A shard that raised leaves nothing queued for the next one (started work just finishes).
         for _, future in (*reads, *decodes):
             future.cancel()
-    timings["images_ahead"] = depth if sequential else max(depth, read_ahead.reads)
+    timings["images_ahead"] = ahead()
     return rows, timings
 
 
