@@ -212,18 +212,22 @@ def decode_yolo(arrays: dict[int, np.ndarray], layout: YoloLayout, score_thresho
         pred = layout.output.dequantize(arrays[layout.output.index])[0]
     except (KeyError, ValueError) as exc:
         raise PostprocessError(f"model outputs do not match their description: {exc}") from None
-    if layout.transposed:
-        pred = pred.T  # [N, 4+C]
     if not np.isfinite(pred).all():
         raise PostprocessError("model produced non-finite predictions", error_type="non_finite_output")
-    boxes = pred[:, :4]
-    cls_scores = pred[:, 5:] if layout.objectness else pred[:, 4:]
-    class_ids = cls_scores.argmax(1)
-    scores = cls_scores[np.arange(len(cls_scores)), class_ids]
-    if layout.objectness:
-        scores = scores * pred[:, 4]
+    first = 5 if layout.objectness else 4  # first class column
+    # The best class score of every prediction, reduced along the layout's own axis (a max over
+    # [C, 8400] rows is ~10x faster than an argmax over its transpose); argmax only for those kept.
+    if layout.transposed:  # [4+C, N]
+        scores = pred[first:].max(axis=0)
+        objectness = pred[4] if layout.objectness else None
+    else:  # [N, 5+C]
+        scores = pred[:, first:].max(axis=1)
+        objectness = pred[:, 4] if layout.objectness else None
+    if objectness is not None:
+        scores = scores * objectness
     keep = np.flatnonzero(scores >= score_threshold)
-    boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+    rows = pred[:, keep].T if layout.transposed else pred[keep]  # [K, 4+C]
+    boxes, scores, class_ids = rows[:, :4], scores[keep], rows[:, first:].argmax(1)
     if len(keep) and float(np.abs(boxes).max()) > 2.0:  # pixel units: normalise by the input size
         h, w = input_hw
         boxes = boxes / np.array([w, h, w, h], np.float32)

@@ -119,14 +119,14 @@ class Detector:
         self.score_threshold = score_threshold
         self.resize = resize
         self.max_pixels = max_pixels
-        self.draft_size = (self.info.input.width, self.info.input.height) if jpeg_draft else None
+        self.fit_to = (self.info.input.width, self.info.input.height, resize) if jpeg_draft else None
         self._output_indices = [o.index for o in self.info.outputs]
         self.batch = 1
 
     def prepare(self, data: bytes):
         """Decode and build the input tensor (thread-safe: no interpreter state is touched)."""
         t0 = time.perf_counter()
-        decoded = decode_image(data, self.max_pixels, self.draft_size)
+        decoded = decode_image(data, self.max_pixels, self.fit_to)
         tensor, placement = build_input(decoded, self.info.input, self.info.mapping, self.resize)
         return decoded.width, decoded.height, tensor, placement, (time.perf_counter() - t0) * 1000
 

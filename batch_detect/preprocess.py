@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DecodeError, DtypeMismatch, ImageTooLarge, ModelError, ShapeMismatch
-from .geometry import Placement, resize_to_input
+from .geometry import Placement, fitted_size, resize_to_input
 from .interpreter import TensorSpec
 
 try:  # HEIC/HEIF, phones' default format, through libheif; Pillow reads AVIF itself (since 11.3)
@@ -72,7 +72,12 @@ class PixelMapping:
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         if self.dtype == "float32":
-            return pixels.astype(np.float32) * np.asarray(self.a, np.float32) + np.asarray(self.b, np.float32)
+            # one float array written in place: a 640x640 input is 4.9 MB, and each temporary costs a pass
+            out = np.multiply(pixels, np.asarray(self.a, np.float32), dtype=np.float32)
+            b = np.asarray(self.b, np.float32)
+            if b.any():
+                out += b
+            return out
         lo, hi = _INT_RANGE[self.dtype]
         if self.is_integer_shift:
             shift = int(round(self.b))
@@ -188,10 +193,11 @@ class Decoded:
     height: int
 
 
-def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Decoded:
-    """Decode to RGB with EXIF orientation applied. With `draft_size`, a JPEG much larger than it is
-    decoded at 1/2, 1/4 or 1/8 scale by libjpeg (never below that size): most of the decode cost of a
-    large photo for a small model input disappears. Width and height are always the full image's."""
+def decode_image(data: bytes, max_pixels: int, fit_to: tuple[int, int, str] | None = None) -> Decoded:
+    """Decode to RGB with EXIF orientation applied. With `fit_to` (the input's width, height and resize
+    mode), a JPEG much larger than what the resize will make of it is decoded at 1/2, 1/4 or 1/8 scale by
+    libjpeg, never below that size, so the resize still only shrinks: most of the decode cost of a large
+    photo for a small model input disappears. Width and height are always the full image's."""
     if not data:
         raise DecodeError("empty file (0 bytes)", error_type="empty_file")
     try:
@@ -204,9 +210,10 @@ def decode_image(data: bytes, max_pixels: int, draft_size: tuple[int, int] | Non
                     f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (--max-pixels)"
                 )
             orientation = img.getexif().get(0x0112, 1)
-            if draft_size is not None and img.format == "JPEG":
-                side = max(draft_size)  # square: enough whichever way the image is turned
-                img.draft("RGB", (side, side))
+            if fit_to is not None and img.format == "JPEG":
+                turned = orientation in (5, 6, 7, 8)  # turned by 90° after decoding: the target turns too
+                tw, th = fitted_size(*((h, w) if turned else (w, h)), *fit_to)
+                img.draft("RGB", (th, tw) if turned else (tw, th))
             img.load()
             if orientation != 1:  # exif_transpose copies the whole image even when there is nothing to turn
                 img = ImageOps.exif_transpose(img)

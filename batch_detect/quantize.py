@@ -76,11 +76,11 @@ def calibration_tensors(info, input_url: str, samples: int, resize: str, storage
         raise InputError(f"no images found at {input_url!r} to calibrate with; accepted: {', '.join(IMAGE_EXTENSIONS)}")
     chosen = uris[:: max(1, len(uris) // samples)][:samples]
     reader = Reader(storage_options)
-    draft = (info.input.width, info.input.height)
+    fit_to = (info.input.width, info.input.height, resize)
     tensors, skipped = [], []
     for uri in chosen:
         try:
-            decoded = decode_image(reader.read(uri), MAX_PIXELS, draft)
+            decoded = decode_image(reader.read(uri), MAX_PIXELS, fit_to)
             tensors.append(build_input(decoded, info.input, info.mapping, resize)[0])
         except BatchDetectError as exc:
             skipped.append(f"{uri}: {exc}")

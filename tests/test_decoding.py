@@ -130,3 +130,38 @@ def test_yolov5_objectness_and_quantized_output():
     det = decode_outputs({0: pred}, layout, 0.5, (64, 64))
     assert det.class_ids.tolist() == [1] and det.scores.tolist() == pytest.approx([0.8], abs=0.01)
     assert det.boxes[0].tolist() == pytest.approx([0.402, 0.402, 0.602, 0.602], abs=0.01)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_yolo_scores_and_classes_match_a_per_prediction_reference(transposed):
+    """The vectorised decode (max along the layout's axis, argmax only for predictions kept) gives what a
+    plain loop over predictions gives: class = argmax of its class scores (first on ties), score = that
+    score (× objectness for YOLOv5)."""
+    from batch_detect.decoding import NMS_IOU, YoloLayout, decode_yolo, nms
+
+    rng = np.random.default_rng(11)
+    n, c = 300, 6
+    objectness = not transposed
+    width = 4 + objectness + c
+    rows = np.concatenate([rng.uniform(0.2, 0.8, (n, 2)), rng.uniform(0.01, 0.05, (n, 2)),
+                           rng.random((n, width - 4))], 1).astype(np.float32)
+    rows[::7, -c:] = 0.5  # ties: the first class wins
+    raw = rows.T[None].copy() if transposed else rows[None]
+    layout = YoloLayout(yolo_spec(raw.shape), transposed=transposed, objectness=objectness, num_classes=c,
+                        family="yolov8" if transposed else "yolov5")
+    det = decode_yolo({0: raw}, layout, 0.4, (64, 64))
+    ref = []
+    for r in rows:
+        k = int(np.argmax(r[-c:]))
+        s = r[-c:][k] * (r[4] if objectness else 1.0)
+        if s >= 0.4:
+            ref.append((r[:4], k, s))
+    xywh = np.array([x[0] for x in ref], np.float32)
+    xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+    scores = np.array([x[2] for x in ref], np.float32)
+    classes = np.array([x[1] for x in ref])
+    keep = nms(xyxy, scores, classes, NMS_IOU, 100)
+    assert len(ref) > 20 and len(keep) > 5
+    assert det.class_ids.tolist() == classes[keep].tolist()
+    assert det.scores.tolist() == pytest.approx(scores[keep].tolist())
+    np.testing.assert_allclose(det.boxes, xyxy[keep][:, [1, 0, 3, 2]], rtol=1e-6)

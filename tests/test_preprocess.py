@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from batch_detect.errors import DecodeError, ImageTooLarge, ModelError
-from batch_detect.geometry import resize_to_input
+from batch_detect.geometry import fitted_size, resize_to_input
 from batch_detect.interpreter import TensorSpec
 from batch_detect.preprocess import InputSpec, build_input, decode_image, pixel_mapping
 
@@ -129,15 +129,39 @@ def test_letterbox_placement_roundtrip():
 def test_jpeg_draft_decodes_smaller_but_reports_the_full_size():
     big = Image.fromarray(np.random.default_rng(3).integers(0, 255, (1080, 1920, 3), np.uint8))
     data = encode(big, "JPEG", quality=90)
-    drafted = decode_image(data, 10**8, draft_size=(300, 300))
+    drafted = decode_image(data, 10**8, fit_to=(300, 300, "stretch"))
     assert (drafted.width, drafted.height) == (1920, 1080)
     assert drafted.image.size == (960, 540)  # 1/2 scale: 1/4 would go below 300 pixels
     full = decode_image(data, 10**8)
     assert full.image.size == (1920, 1080)
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = decode_image(encode(big, "JPEG", exif=exif), 10**8, draft_size=(300, 300))
+    turned = encode(big, "JPEG", exif=exif)
+    rotated = decode_image(turned, 10**8, fit_to=(300, 300, "stretch"))
     assert (rotated.width, rotated.height) == (1080, 1920) and rotated.image.size == (540, 960)
+
+
+def test_jpeg_draft_follows_what_the_resize_keeps():
+    """A stretched 640x640 input needs all 1080 lines; a letterboxed one keeps 640x360 of the image, so
+    the same photo decodes at 1/2 scale. A turned photo and a non-square input are fitted the right way round."""
+    big = Image.fromarray(np.random.default_rng(3).integers(0, 255, (1080, 1920, 3), np.uint8))
+    data = encode(big, "JPEG", quality=90)
+    assert decode_image(data, 10**8, fit_to=(640, 640, "stretch")).image.size == (1920, 1080)
+    assert decode_image(data, 10**8, fit_to=(640, 640, "letterbox")).image.size == (960, 540)
+    assert decode_image(data, 10**8, fit_to=(480, 270, "stretch")).image.size == (480, 270)  # 1/4
+    assert decode_image(data, 10**8, fit_to=(270, 480, "stretch")).image.size == (960, 540)  # 1/4: 270 < 480 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown 1080 wide, 1920 high
+    turned = encode(big, "JPEG", exif=exif)
+    assert decode_image(turned, 10**8, fit_to=(270, 480, "stretch")).image.size == (270, 480)
+    assert decode_image(turned, 10**8, fit_to=(480, 270, "stretch")).image.size == (540, 960)
+    # never below the fitted size, so the resize only ever shrinks
+    for mode in ("stretch", "letterbox"):
+        for fit in ((300, 300), (640, 640), (320, 192), (192, 320)):
+            for photo in (data, turned):
+                decoded = decode_image(photo, 10**8, fit_to=(*fit, mode))
+                need = fitted_size(decoded.width, decoded.height, *fit, mode)
+                assert decoded.image.width >= need[0] and decoded.image.height >= need[1], (mode, fit)
 
 
 def test_mean_std_for_float_inputs_per_channel():

@@ -1,0 +1,110 @@
+"""The cheap decode path keeps accuracy (issue #14): large photos decoded at a reduced JPEG scale (never
+below what the resize keeps, turned photos included) and shrunk with Pillow's reducing gap give the
+detections of the exact path (full decode, plain bilinear resize) — on ground truth with the fixture
+models, and box for box with the real YOLOv8n."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import batch_detect.geometry as geometry
+from batch_detect.detector import Detector
+from batch_detect.interpreter import load_backend, read_model
+from batch_detect.synthetic import draw_scene, scene_rng
+from conftest import SHARED
+from helpers import recall_precision
+
+LARGE = [(1920, 1080, "JPEG"), (4000, 3000, "JPEG"), (1280, 720, "JPEG"), (1920, 1080, "PNG"), (2400, 1600, "JPEG")]
+FIXTURES = {  # model: resize mode, so that both modes and every input dtype are covered
+    "shapes_ssd_uint8.tflite": "stretch",
+    "shapes_yolov8_int8.tflite": "letterbox",
+    "shapes_yolov5_float32.tflite": "letterbox",
+    "shapes_yolov8_float32.tflite": "stretch",
+}
+
+
+def encode(img: Image.Image, fmt: str, turn: bool = False) -> bytes:
+    """`turn`: stored on its side with EXIF orientation 6, as phones do, so it displays as `img`."""
+    buf = io.BytesIO()
+    if turn:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.transpose(Image.ROTATE_90).save(buf, fmt, quality=90, exif=exif)
+    else:
+        img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def detect(model: str, mode: str, images: dict[str, bytes], exact: bool, monkeypatch, threshold=0.3) -> dict:
+    """{name: [(class, xmin, ymin, xmax, ymax, score), ...]}; `exact` turns both shortcuts off."""
+    with monkeypatch.context() as m:
+        if exact:
+            m.setattr(geometry, "REDUCING_GAP", None)
+        det = Detector(load_backend(), read_model(model), num_threads=2, score_threshold=threshold, resize=mode,
+                       normalization="auto", max_pixels=10**9, jpeg_draft=not exact)
+        out = {}
+        for name, data in images.items():
+            d = det.process(name, data).detections
+            out[name] = [(int(c), *map(float, b), float(s)) for c, b, s in zip(d.class_ids, d.boxes, d.scores)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def large_scenes():
+    images, truth = {}, {}
+    for i in range(30):
+        w, h, fmt = LARGE[i % len(LARGE)]
+        img, boxes = draw_scene(scene_rng(4242, i), w, h)
+        name = f"scene_{i}.{fmt.lower()}"
+        images[name] = encode(img, fmt, turn=(i % 3 == 1 and fmt == "JPEG"))
+        truth[name] = [(b.class_id, b.xmin, b.ymin, b.xmax, b.ymax) for b in boxes]
+    return images, truth
+
+
+@pytest.mark.parametrize("model", list(FIXTURES))
+def test_fixtures_find_the_same_shapes_on_large_photos(models_dir, large_scenes, model, monkeypatch):
+    images, truth = large_scenes
+    mode = FIXTURES[model]
+    scores = {}
+    for exact in (True, False):
+        found = detect(os.path.join(models_dir, model), mode, images, exact, monkeypatch)
+        scores[exact] = recall_precision(truth, {k: [p[:5] for p in v] for k, v in found.items()})
+    print(f"{model} ({mode}): exact recall/precision {scores[True]}, fast {scores[False]}")
+    assert scores[False][0] >= 0.9 and scores[False][1] >= 0.8
+    assert scores[False][0] >= scores[True][0] - 0.02 and scores[False][1] >= scores[True][1] - 0.03
+
+
+@pytest.fixture(scope="module")
+def enlarged_photos():
+    folder = os.path.join(SHARED, "realworld", "images")
+    if not os.path.isdir(folder):
+        msg = f"{folder} is absent (CI provides ../shared/realworld); the real-model decode check is not run"
+        print(f"SKIP: {msg}")
+        pytest.skip(msg)
+    photos = {}
+    for name in sorted(os.listdir(folder)):
+        img = Image.open(os.path.join(folder, name)).convert("RGB")
+        for k in (2, 4):  # 1024 to 2400 pixels wide: 1/2 and 1/4 draft scales
+            big = img.resize((img.width * k, img.height * k), Image.LANCZOS)
+            photos[f"{name}x{k}"] = encode(big, "JPEG")
+        photos[f"{name}x3 turned"] = encode(img.resize((img.width * 3, img.height * 3), Image.LANCZOS), "JPEG", True)
+    return photos
+
+
+@pytest.mark.parametrize("mode", ["stretch", "letterbox"])
+def test_real_yolov8n_sees_the_same_on_large_photos(enlarged_photos, mode, monkeypatch):
+    model = os.path.join(SHARED, "realworld", "yolov8n_int8.tflite")
+    exact = detect(model, mode, enlarged_photos, True, monkeypatch, threshold=0.4)
+    fast = detect(model, mode, enlarged_photos, False, monkeypatch, threshold=0.4)
+    for name in enlarged_photos:
+        assert exact[name], name
+        want, got = max(exact[name], key=lambda d: d[5]), max(fast[name], key=lambda d: d[5])
+        print(f"{mode} {name}: exact {np.round(want, 3).tolist()} fast {np.round(got, 3).tolist()}")
+        assert got[0] == want[0], name
+        assert got[5] == pytest.approx(want[5], abs=0.03), name
+        assert list(got[1:5]) == pytest.approx(list(want[1:5]), abs=0.02), name
