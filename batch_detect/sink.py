@@ -61,7 +61,16 @@ class OutputStore:
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = self._tmp(rel)
         self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, final)
+        self._rename(tmp, final)
+
+    def _rename(self, tmp: str, final: str) -> None:
+        try:
+            self.fs.mv(tmp, final)
+        except FileNotFoundError:
+            # s3fs trusts a cached listing for "not found": one that another thread of this process (fsspec
+            # shares instances: a `status` beside the run) took while `tmp` was being written lacks it.
+            self.fs.invalidate_cache(posixpath.dirname(tmp))
+            self.fs.mv(tmp, final)
 
     def write_json(self, rel: str, obj: dict) -> None:
         self.put_atomic(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -130,7 +139,7 @@ class OutputStore:
                     writer.write_table(pa.concat_tables(buffered) if buffered else schema.empty_table(),
                                        row_group_size=ROW_GROUP_ROWS)
                     rows[name] += held
-            self.fs.mv(tmp, self.path(rel))
+            self._rename(tmp, self.path(rel))
         staged = [self.path(STAGING, name, f"{sid}.parquet") for name in TABLES for sid in shard_ids]
         try:
             self.fs.rm(staged)

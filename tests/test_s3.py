@@ -189,3 +189,29 @@ def test_status_of_a_running_job_on_s3(local_ray, bucket, tmp_path, models_dir):
     final = status(out, options)
     assert final["state"] == "complete" and final["done"] == final["planned"] == 120, final
     assert result["m"]["status"] == "complete"
+
+
+def test_atomic_put_survives_a_stale_listing_from_another_thread(bucket, monkeypatch):
+    """fsspec shares one S3 filesystem per process, and s3fs answers "not found" from a cached listing: a
+    listing of `_log/` that another thread (a `status` beside the run) took while a segment's temporary
+    file was being written must not make the rename fail (it once failed a run in this suite)."""
+    from batch_detect.sink import OutputStore
+
+    name, options, _, _ = bucket
+    store = OutputStore(f"s3://{name}/stale-out", options)
+    store.put_atomic("_log/first.jsonl", b"1\n")
+    fs = store.fs
+    real_pipe = fs.pipe_file  # fsspec makes the sync methods per instance
+    folder = store.path("_log")
+
+    def pipe_then_stale_listing(path, data, **kw):
+        before = fs.ls(folder, detail=True, refresh=True)  # the other thread's listing, taken before the write
+        real_pipe(path, data, **kw)
+        fs.dircache[folder] = before  # ... lands after it
+
+    monkeypatch.setattr(fs, "pipe_file", pipe_then_stale_listing)
+    store.put_atomic("_log/second.jsonl", b"2\n")
+    monkeypatch.undo()
+    fs.invalidate_cache()
+    assert fs.cat_file(store.path("_log/second.jsonl")) == b"2\n"
+    assert not fs.exists(store.path("_log/.second.jsonl.tmp"))
