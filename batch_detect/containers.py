@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from .errors import InputError, ReadError
+from .extsort import SpillError, sorted_unique
 
 # An item is its uri and a callable giving its bytes (or raising the ReadError that becomes its record).
 Item = tuple[str, Callable[[], bytes]]
@@ -108,21 +109,39 @@ def _binary(t: pa.DataType) -> bool:
 
 def parquet_ranges(file_uris: list[str], image_column: str, id_column: str | None, shard_size: int,
                    storage_options: dict | None = None) -> Iterator[tuple[str, int, tuple[str, ...]]]:
-    """(file, first row, item ids) for each `shard_size` rows of each file, in file order. Reads only
-    footers and the id column. With an id column every id is checked for repeats before the first range
-    is returned (result rows could not be told apart), so those ids are held once; without one, files
-    are planned one at a time."""
-    if id_column is None:
-        return (r for uri in sorted(file_uris) for r in _ranges(uri, image_column, None, shard_size, storage_options))
-    ranges = [r for uri in sorted(file_uris) for r in _ranges(uri, image_column, id_column, shard_size,
-                                                              storage_options)]
-    all_ids: Counter = Counter(i for _, _, ids in ranges for i in ids)
-    duplicates = {i: n for i, n in all_ids.items() if n > 1}
-    if duplicates:
-        example = ", ".join(repr(i) for i in sorted(duplicates)[:5])
-        raise InputError(f"--id-column {id_column!r} has {len(duplicates)} repeated ids (e.g. {example}): ids must "
-                         "be unique so each result row names one image; choose another id column or none")
-    return iter(ranges)
+    """(file, first row, item ids) for each `shard_size` rows of each file, in file order, planned one file
+    at a time from its footer (and its id column). With an id column, every id is checked for repeats
+    before the first range is returned (result rows could not be told apart): the ids are streamed
+    through a sort that spills to local disk past memory (extsort.py), never all held at once."""
+    files = sorted(file_uris)
+    if id_column is not None:
+        _refuse_repeated_ids(files, image_column, id_column, storage_options)
+    return (r for uri in files for r in _ranges(uri, image_column, id_column, shard_size, storage_options))
+
+
+def _refuse_repeated_ids(files: list[str], image_column: str, id_column: str, storage_options: dict | None) -> None:
+    repeats: list[str] = []
+    count = 0
+
+    def repeated(i: str) -> None:
+        nonlocal count
+        count += 1
+        if len(repeats) < 5 and i not in repeats:
+            repeats.append(i)
+
+    ids = (i for uri in files for _, _, chunk in _ranges(uri, image_column, id_column, 1 << 16, storage_options)
+           for i in chunk)
+    try:
+        for _ in sorted_unique(ids, repeated):
+            pass
+    except SpillError as exc:
+        raise InputError(f"cannot check --id-column {id_column!r} for repeats on this machine's disk ({exc}): set "
+                         "TMPDIR to a folder with room for about the ids' size") from None
+    if count:
+        example = ", ".join(repr(i) for i in repeats)
+        raise InputError(f"--id-column {id_column!r} has repeated ids ({count} rows repeat an earlier id, e.g. "
+                         f"{example}): ids must be unique so each result row names one image; choose another id "
+                         "column or none")
 
 
 def _ranges(uri: str, image_column: str, id_column: str | None, shard_size: int,

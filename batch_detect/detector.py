@@ -12,6 +12,7 @@ import numpy as np
 from .decoding import (Detections, SsdLayout, YoloLayout, confirm_by_values, decode_outputs,
                        identify_outputs)
 from .errors import InferenceError, ModelError, failure_fields
+from .geometry import RESIZE_MODES
 from .interpreter import Backend, TensorSpec, make_interpreter, tensor_specs
 from .preprocess import InputSpec, PixelMapping, build_input, decode_image, pixel_mapping
 
@@ -114,6 +115,8 @@ class Detector:
         jpeg_draft: bool = True,
         output_format: str = "auto",
     ):
+        if resize not in RESIZE_MODES:  # the CLI and config check it too; a library caller gets it here, once
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.interpreter = make_interpreter(backend, model_content, num_threads, model_url)
         self.info = inspect_interpreter(self.interpreter, normalization, output_format)
         self.score_threshold = score_threshold

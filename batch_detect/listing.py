@@ -1,9 +1,11 @@
 """Listing the input: a folder/prefix, a glob or a manifest file, as a stream of URIs in sorted order.
 
 Streamed so that a 100M-key bucket or inventory never sits in the driver's memory: a folder or prefix
-is walked in sorted order (`walk.py`), a manifest is read line by line (or batch by batch). Small
-manifests (up to SORT_LIMIT URIs) are sorted and de-duplicated here; larger ones must already be sorted,
-as an object-store inventory is, and are refused at the first line out of order.
+(or a glob's fixed folder, pruned by its pattern) is walked in sorted order (`walk.py`), a manifest is
+read line by line (or batch by batch). Small manifests (up to SORT_LIMIT URIs) are sorted and
+de-duplicated here. Larger ones that start in order (an object-store inventory, a sorted export) are
+streamed as they come and refused at a line out of order; those that start out of order are sorted on
+local disk first (`extsort.py`), never whole in memory.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import logging
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -20,10 +24,13 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from .errors import InputError
+from .extsort import SpillError, sorted_unique
+
+log = logging.getLogger(__name__)
 
 _GLOB_CHARS = ("*", "?", "[")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
-SORT_LIMIT = 100_000  # manifests up to this many URIs are sorted for you; larger ones must come sorted
+SORT_LIMIT = 100_000  # manifests up to this many URIs are sorted in memory; beyond, see _dedup_sorted
 _EXAMPLES = 20
 
 
@@ -34,6 +41,10 @@ class ListingStats:
     skipped: int = 0  # files whose extension is not an input's
     skipped_examples: list[str] = field(default_factory=list)
     duplicates: int = 0  # URIs a manifest listed more than once (each is planned once)
+    sorted_on_disk: bool = False  # a large manifest out of order, sorted by extsort before planning
+
+    def duplicate(self, uri: str | None = None) -> None:
+        self.duplicates += 1
 
     def skip(self, uri: str) -> None:
         self.skipped += 1
@@ -93,13 +104,11 @@ def iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | N
             for uri in _dedup_sorted(_manifest_lines(url, fs, path), url, stats):
                 yield uri, None
             return
-    from .walk import version_of, walk
+    from .walk import walk
 
     try:
         if glob:
-            found = fs.glob(path, detail=True)  # a glob is expanded in memory: give a prefix for huge inputs
-            paths: Iterator[tuple[str, str | None]] = iter(sorted(
-                (p, version_of(info)) for p, info in found.items() if info.get("type") == "file"))
+            paths: Iterator[tuple[str, str | None]] = _glob(fs, path, url)
         elif fs.isdir(path):
             paths = walk(fs, path, versions=True)
         elif fs.isfile(path):
@@ -121,6 +130,58 @@ def iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | N
     finally:
         if not _is_local(fs):
             fs.invalidate_cache()  # the listing cache would keep every entry alive on the driver
+
+
+def _glob(fs, path: str, url: str) -> Iterator[tuple[str, str | None]]:
+    """The files a glob matches (fsspec's pattern syntax and matching), streamed in sorted order: the
+    folder before the first wildcard is walked (`walk.py`), entering only directories the pattern can
+    reach, so a glob over a 100M-key bucket never holds its matches in memory. Files are what a folder
+    walk finds: symlinks to files count, S3 directory markers ('x/') do not, and an S3 key that is also a
+    prefix ('p/a' beside 'p/a/b.jpg') is a file as well (fs.glob differed on these three)."""
+    from fsspec.utils import glob_translate
+
+    from .walk import version_of, walk
+
+    first = min(i for i in (path.find(c) for c in _GLOB_CHARS) if i >= 0)
+    root = path[:path.rfind("/", 0, first) + 1]
+    if not root:
+        raise InputError(f"glob {url!r} has a wildcard in its first component: give the bucket or folder "
+                         "it starts from (e.g. s3://bucket/photos/*.jpg)")
+    try:
+        pattern = re.compile(glob_translate(path))
+        segments = path[len(root):].split("/")
+        parts = [re.compile(glob_translate(seg)) if any(c in seg for c in _GLOB_CHARS) else seg
+                 for seg in segments]
+    except ValueError as exc:  # e.g. '**' inside a component
+        raise InputError(f"invalid glob {url!r}: {exc}") from None
+    deep = next((i for i, seg in enumerate(segments) if "**" in seg), None)
+
+    def enter(rel: str) -> bool:
+        names = rel.split("/")
+        if deep is None and len(names) >= len(segments):
+            return False  # deeper than any match
+        for i, name in enumerate(names):
+            if deep is not None and i >= deep:
+                return True
+            part = parts[i]
+            if not (part.match(name) if isinstance(part, re.Pattern) else part == name):
+                return False
+        return True
+
+    local = _is_local(fs)
+    found = walk(fs, root, versions=True, enter=enter)
+    try:
+        head = next(found, None)
+    except FileNotFoundError:
+        return  # nothing there: nothing matches, as fs.glob says
+    for p, version in itertools.chain([head] if head else [], found):
+        if pattern.match(p):
+            if local:  # the version fs.glob gave (size:mtime), which earlier runs' plans hold
+                try:
+                    version = version_of(fs.info(p))
+                except FileNotFoundError:
+                    version = None  # gone since the walk: its read fails, as a failure record
+            yield p, version
 
 
 def stat_version(fs, path: str) -> str | None:
@@ -182,7 +243,8 @@ def _manifest_lines(url: str, fs, path: str) -> Iterator[str]:
 
 def _dedup_sorted(lines: Iterator[str], url: str, stats: ListingStats) -> Iterator[str]:
     """Sorted, each URI once. The first SORT_LIMIT lines are read ahead: a manifest that ends there is
-    sorted in memory; a longer one must be sorted already (it is then streamed, repeats dropped)."""
+    sorted in memory. A longer one whose head is in order is streamed as it comes (an inventory, a sorted
+    export), repeats dropped; one whose head is out of order is sorted on local disk first (extsort.py)."""
     head: list[str] = []
     for u in lines:
         head.append(u)
@@ -192,6 +254,17 @@ def _dedup_sorted(lines: Iterator[str], url: str, stats: ListingStats) -> Iterat
         unique = sorted(set(head))
         stats.duplicates += len(head) - len(unique)
         yield from unique
+        return
+    if any(b < a for a, b in zip(head, itertools.islice(head, 1, None))):
+        log.warning("manifest %s is not in sorted order: sorting its URIs on local disk before the run starts "
+                    "(a sorted manifest, e.g. `LC_ALL=C sort -u`, streams at once)", url)
+        stats.sorted_on_disk = True
+        try:
+            yield from sorted_unique(itertools.chain(head, lines), stats.duplicate)
+        except SpillError as exc:
+            raise InputError(f"manifest {url!r} is not sorted and could not be sorted on this machine's disk "
+                             f"({exc}): set TMPDIR to a folder with room for about the manifest's size, or sort "
+                             "it first (`LC_ALL=C sort -u list.txt`)") from None
         return
     previous: str | None = None
     number = 0
@@ -203,8 +276,9 @@ def _dedup_sorted(lines: Iterator[str], url: str, stats: ListingStats) -> Iterat
                 continue
             if u < previous:
                 raise InputError(
-                    f"manifest {url!r} is not sorted (URI {number} {u!r} comes after {previous!r}): manifests of "
-                    f"more than {SORT_LIMIT:,} URIs are streamed and must be sorted, as an object-store "
-                    "inventory is; sort it first (e.g. `LC_ALL=C sort -u list.txt`)")
+                    f"manifest {url!r} is not sorted (URI {number} {u!r} comes after {previous!r}): a manifest "
+                    f"of more than {SORT_LIMIT:,} URIs whose first {SORT_LIMIT:,} are in order is streamed in "
+                    "its own order, which must then be sorted throughout; sort it first (e.g. "
+                    "`LC_ALL=C sort -u list.txt`)")
         previous = u
         yield u

@@ -43,10 +43,13 @@ def _key(entry: Entry) -> str:
     return entry[0] + "/" if entry[1] else entry[0]
 
 
-def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: bool = False) -> Iterator:
+def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: bool = False,
+         enter: Callable[[str], bool] | None = None) -> Iterator:
     """Every file under `root` (fsspec paths as `fs` names them, no protocol), in sorted path order; with
     `versions`, (path, version) pairs (see `version_of`: from the listing itself, no request per file).
-    Streaming: memory is bounded by the directories in flight, not by the number of files.
+    Streaming: memory is bounded by the directories in flight, not by the number of files. `enter(rel)`,
+    given a sub-directory's path relative to `root` ('a', 'a/b'), says whether to walk into it (a glob
+    prunes the directories it cannot match); by default every one.
 
     Local folders are walked with os.scandir (directory symlinks are not followed; symlinks to files are
     files). Object stores are listed one level at a time with the '/' delimiter: up to `lookahead`
@@ -60,29 +63,32 @@ def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: boo
         raise ValueError("walk needs workers >= 1 and lookahead >= 0")
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     root = fs._strip_protocol(root)
+    enter = enter or (lambda rel: True)
     if {"file", "local"} & set(protocols):
-        found = _walk_local(root, versions)
+        found = _walk_local(root, versions, enter)
     else:
         base = root if root.endswith("/") else root + "/"
         if callable(getattr(fs, "_call_s3", None)):  # s3fs: paged, uncached requests
-            found = _walk_store(base, lambda base, is_root: _S3Level(fs, base, is_root), workers, lookahead)
+            found = _walk_store(base, lambda base, is_root: _S3Level(fs, base, is_root), workers, lookahead, enter)
         else:
-            found = _walk_store(base, lambda base, is_root: _LsLevel(fs, base), workers, lookahead)
+            found = _walk_store(base, lambda base, is_root: _LsLevel(fs, base), workers, lookahead, enter)
     return found if versions else (path for path, _ in found)
 
 
-def _walk_local(root: str, versions: bool) -> Iterator[tuple[str, str | None]]:
+def _walk_local(root: str, versions: bool, enter: Callable[[str], bool]) -> Iterator[tuple[str, str | None]]:
     def entries(path: str) -> Iterator[os.DirEntry]:
         with os.scandir(path) as it:
             return iter(sorted(it, key=lambda e: _key((e.name, e.is_dir(follow_symlinks=False), None))))
 
+    skip = len(root.rstrip("/")) + 1
     stack = [entries(root)]
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
         elif entry.is_dir(follow_symlinks=False):
-            stack.append(entries(entry.path))
+            if enter(entry.path[skip:]):
+                stack.append(entries(entry.path))
         elif entry.is_file():
             if versions:
                 st = entry.stat()
@@ -111,7 +117,7 @@ class _Dir:
 
 
 def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: int,
-                lookahead: int) -> Iterator[tuple[str, str | None]]:
+                lookahead: int, enter: Callable[[str], bool]) -> Iterator[tuple[str, str | None]]:
     pool = ThreadPoolExecutor(workers, thread_name_prefix="walk")
     ahead: dict[str, _Dir] = {}  # directories being listed before the consumer reaches them
 
@@ -125,7 +131,7 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: i
                 return
             for name, is_dir, _ in d.ready:
                 base = d.base + name + "/"
-                if is_dir and base not in ahead:
+                if is_dir and base not in ahead and enter(base[len(root_base):-1]):
                     ahead[base] = _Dir(base, level(base, False), pool)
                     room -= 1
                     if room <= 0:
@@ -145,8 +151,9 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: i
             name, is_dir, version = d.ready.popleft()
             if is_dir:
                 base = d.base + name + "/"
-                stack.append(ahead.pop(base, None) or _Dir(base, level(base, False), pool))
-                prefetch()
+                if enter(base[len(root_base):-1]):
+                    stack.append(ahead.pop(base, None) or _Dir(base, level(base, False), pool))
+                    prefetch()
             else:
                 yield d.base + name, version
     finally:

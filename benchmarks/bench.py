@@ -293,6 +293,22 @@ def main() -> int:
     return 0
 
 
+def child_json(script: str, *args: str) -> dict:
+    """Run `python script --child args...` in a fresh process (a peak RSS of its own) and return the JSON
+    object it prints last."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--child", *args], capture_output=True,
+                          text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's resident peak (VmHWM), MiB."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+
+
 def save(folder: str, stem: str, results: dict, table: str) -> None:
     """Results as `stem`.json and the table as `stem`.md, in `folder`; the table printed."""
     os.makedirs(folder, exist_ok=True)

@@ -211,6 +211,25 @@ def test_parquet_input_errors(tmp_path, drawn):
         plan_parquet([path], "jpeg", "id", 8)
 
 
+def test_parquet_ids_are_checked_across_files_beyond_memory(tmp_path, drawn, monkeypatch):
+    """Ids go through the spilling sort (runs of 5 here): a repeat across files is found, unique ids plan."""
+    from batch_detect import extsort
+
+    monkeypatch.setattr(extsort, "RUN_SIZE", 5)
+    images, truth = drawn
+    names = sorted(truth)[:24]
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    write_parquet(str(folder / "a.parquet"), images, names[:12])
+    write_parquet(str(folder / "b.parquet"), images, names[12:])
+    shards = list(plan_input(str(folder), form="parquet", extensions=(), shard_size=8, image_column="jpeg",
+                             id_column="key").shards)
+    assert [u for s in shards for u in s.uris] == [f"id-{n}" for n in names]
+    write_parquet(str(folder / "c.parquet"), images, [names[3], names[20], names[3]])
+    with pytest.raises(InputError, match=rf"repeated ids \(3 rows repeat an earlier id, e.g. 'id-{names[3]}', 'id-{names[20]}'\)"):
+        plan_input(str(folder), form="parquet", extensions=(), shard_size=8, image_column="jpeg", id_column="key")
+
+
 # --- through the job -------------------------------------------------------------------------------
 
 

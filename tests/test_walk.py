@@ -173,3 +173,94 @@ def test_s3_walk_is_lazy_and_streams(s3_server):
     listed.clear()
     assert sum(1 for _ in walk(fs, f"{name}/data", workers=4, lookahead=8)) == 2000
     assert len(listed) == 101 and not fs.dircache
+
+
+# --- globs: streamed through walk, matching what fsspec's glob matches ----------------------------------
+
+GLOBS = ["*.jpg", "*", "*/*.jpg", "**/*.jpg", "**", "a/*", "?/*.jpg", "[ab]*/*", "d1/**/deep.jpg", "d1/*/*.jpg",
+         "x*/*", "日本/*", "nothing/*.jpg", "z/*/ß.jpg"]
+
+
+def _fsspec_glob(fs, pattern):
+    """What the listing did before: fsspec's own glob, files only, sorted."""
+    from batch_detect.walk import version_of
+
+    return sorted((p, version_of(info)) for p, info in fs.glob(pattern, detail=True).items()
+                  if info.get("type") == "file")
+
+
+def _streamed_glob(url):
+    from batch_detect.listing import ListingStats, iter_listed
+
+    return list(iter_listed(url, (), stats=ListingStats()))
+
+
+@pytest.mark.parametrize("pattern", GLOBS)
+def test_local_glob_streams_what_fsspec_globs(tmp_path, pattern):
+    for name in TRICKY:
+        _touch(str(tmp_path / "t" / name))
+    fs = fsspec.filesystem("file")
+    want = [(p, v) for p, v in _fsspec_glob(fs, f"{tmp_path}/t/{pattern}")
+            if not os.path.basename(p).startswith((".", "_"))]
+    assert _streamed_glob(f"{tmp_path}/t/{pattern}") == want
+    assert want or pattern == "nothing/*.jpg"
+
+
+def test_glob_enters_only_directories_it_can_match(monkeypatch):
+    fs = fsspec.filesystem("memory")
+    fs.pipe({f"/globbed/{k}": b"x" for k in ["top.jpg", "a/1.jpg", "a/deep/2.jpg", "b/3.jpg", "c/d/4.jpg"]})
+    listed = []
+    real_ls = type(fs).ls
+
+    def ls(self, path, detail=True, **kw):
+        listed.append(path.rstrip("/"))
+        return real_ls(self, path, detail=detail, **kw)
+
+    monkeypatch.setattr(type(fs), "ls", ls)
+    assert [p for p, _ in _streamed_glob("memory:///globbed/*.jpg")] == ["memory:///globbed/top.jpg"]
+    assert listed == ["/globbed"]  # no sub-directory listed: '*.jpg' cannot reach into them
+    listed.clear()
+    assert [p for p, _ in _streamed_glob("memory:///globbed/a/*.jpg")] == ["memory:///globbed/a/1.jpg"]
+    assert listed == ["/globbed/a"]
+    listed.clear()
+    assert [p for p, _ in _streamed_glob("memory:///globbed/[ab]/*.jpg")] == [
+        "memory:///globbed/a/1.jpg", "memory:///globbed/b/3.jpg"]
+    assert listed == ["/globbed", "/globbed/a", "/globbed/b"]  # not a/deep, not c
+
+
+def test_glob_files_are_what_a_folder_walk_finds(tmp_path):
+    """Where fsspec's glob and a folder walk disagree, a glob follows the walk: a symlink to a file is a file."""
+    _touch(str(tmp_path / "g" / "a.jpg"))
+    os.symlink(tmp_path / "g" / "a.jpg", tmp_path / "g" / "link.jpg")
+    assert [os.path.basename(p) for p, _ in _streamed_glob(f"{tmp_path}/g/*.jpg")] == ["a.jpg", "link.jpg"]
+    assert [os.path.basename(p) for p in walk(fsspec.filesystem("file"), str(tmp_path / "g"))] == ["a.jpg", "link.jpg"]
+
+
+def test_glob_errors_are_clear(tmp_path):
+    from batch_detect.errors import InputError
+
+    with pytest.raises(InputError, match="only be an entire path component"):
+        _streamed_glob(f"{tmp_path}/x**.jpg")
+    with pytest.raises(InputError, match="wildcard in its first component"):
+        _streamed_glob("s3://*/photos/*.jpg")
+    assert _streamed_glob(f"{tmp_path}/missing/*.jpg") == []
+
+
+@pytest.mark.parametrize("pattern", ["*.jpg", "*/*.jpg", "**/*.jpg", "n*/0[0-4]/*", "dir/*", "?", "**"])
+def test_s3_glob_streams_what_fsspec_globs(s3_server, tricky_bucket, pattern):
+    """As fsspec's glob, but for the files a walk sees differently: the key 'p/a' (also a prefix) is a
+    file with its own version (fs.glob drops it, or under '**' gives the prefix's '0:'), the markers
+    'p/dir/' and 'p/marker-only/' are not files."""
+    name, _ = tricky_bucket
+    fs = _fs(s3_server)
+    want = [(f"s3://{p}", v) for p, v in _fsspec_glob(fs, f"{name}/p/{pattern}")
+            if not os.path.basename(p).startswith((".", "_")) and not p.endswith("/") and p != f"{name}/p/a"]
+    if pattern in ("?", "**"):
+        etag = __import__("hashlib").md5(b"x").hexdigest()  # its content is b"x" (fs.info answers for the prefix)
+        want = sorted(want + [(f"s3://{name}/p/a", f"1:{etag}")])
+    fs.invalidate_cache()
+    from batch_detect.listing import ListingStats, iter_listed
+
+    options = {"key": "testing-key-id", "secret": "x", "endpoint_url": s3_server, "skip_instance_cache": True}
+    got = list(iter_listed(f"s3://{name}/p/{pattern}", (), storage_options=options, stats=ListingStats()))
+    assert got == want and want

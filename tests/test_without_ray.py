@@ -112,3 +112,35 @@ def test_a_stopped_run_leaves_no_worker_and_resumes_exactly_once(models_dir, tmp
     assert verify(out, folder).ok
     n = duckdb.execute(f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{out}/images/*.parquet')").fetchone()
     assert n == (600, 600)
+
+
+def test_unsorted_manifest_over_the_in_memory_limit_runs_each_image_once(models_dir, images, tmp_path, monkeypatch):
+    """A manifest too long to sort in memory and out of order (limit lowered here) is sorted on disk by the
+    listing and runs like any input: each image once, repeats counted, verify OK against the manifest."""
+    import tempfile
+
+    from batch_detect import extsort, listing
+    from batch_detect.config import RunConfig
+    from batch_detect.pipeline import run
+
+    folder, truth = images
+    monkeypatch.setattr(listing, "SORT_LIMIT", 40)
+    monkeypatch.setattr(extsort, "RUN_SIZE", 30)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    names = sorted(truth)
+    listed = [os.path.join(folder, n) for n in names + names[::5]]  # 24 repeats
+    __import__("random").Random(3).shuffle(listed)
+    manifest = str(tmp_path / "unsorted.txt")
+    with open(manifest, "w") as fh:
+        fh.write("\n".join(listed) + "\n")
+    out = str(tmp_path / "out")
+    cfg = RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=manifest, output=out,
+                    shard_size=16, score_threshold=0.3)
+    summary = run(cfg).manifest
+    assert summary["status"] == "complete" and summary["counts"]["images"] == len(names)
+    assert summary["input"]["manifest_duplicates"] == 24 and summary["input"]["manifest_sorted_on_disk"]
+    assert summary["cluster"]["executor"] == "local processes"
+    assert verify(out, manifest).ok
+    got = duckdb.execute(f"SELECT uri FROM read_parquet('{out}/images/*.parquet') ORDER BY uri").fetchall()
+    assert [os.path.basename(u) for (u,) in got] == names
+    assert [p for p in os.listdir(tmp_path) if p.startswith("batch-detect-sort-")] == []
