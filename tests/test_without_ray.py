@@ -116,7 +116,9 @@ def test_a_stopped_run_leaves_no_worker_and_resumes_exactly_once(models_dir, tmp
 
 def test_unsorted_manifest_over_the_in_memory_limit_runs_each_image_once(models_dir, images, tmp_path, monkeypatch):
     """A manifest too long to sort in memory and out of order (limit lowered here) is sorted on disk by the
-    listing and runs like any input: each image once, repeats counted, verify OK against the manifest."""
+    listing and runs like any input: each image once, repeats counted, verify OK against the manifest.
+    (In process, so the lowered limit applies: on worker processes alone, or on the suite's local Ray when
+    an earlier test started it.)"""
     import tempfile
 
     from batch_detect import extsort, listing
@@ -139,7 +141,6 @@ def test_unsorted_manifest_over_the_in_memory_limit_runs_each_image_once(models_
     summary = run(cfg).manifest
     assert summary["status"] == "complete" and summary["counts"]["images"] == len(names)
     assert summary["input"]["manifest_duplicates"] == 24 and summary["input"]["manifest_sorted_on_disk"]
-    assert summary["cluster"]["executor"] == "local processes"
     assert verify(out, manifest).ok
     got = duckdb.execute(f"SELECT uri FROM read_parquet('{out}/images/*.parquet') ORDER BY uri").fetchall()
     assert [os.path.basename(u) for (u,) in got] == names
