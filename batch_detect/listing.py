@@ -169,7 +169,10 @@ def _glob(fs, path: str, url: str) -> Iterator[tuple[str, str | None]]:
         return True
 
     local = _is_local(fs)
-    found = walk(fs, root, versions=True, enter=enter)
+    # Locally the version is taken below, for matches only (fs.glob's format): the walk need not stat too.
+    found = walk(fs, root, versions=not local, enter=enter)
+    if local:
+        found = ((p, None) for p in found)
     try:
         head = next(found, None)
     except FileNotFoundError:
