@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--num-actors", type=int, help="default: one per --cpus-per-actor CPUs")
     run.add_argument("--ray-min-images", type=int,
-                     help="without --address, runs of fewer images than this (default 256) use worker processes "
-                          "on this machine instead of starting Ray (0: always Ray)")
+                     help="without --address, runs of fewer images than this (default: 2,500 per CPU of this "
+                          "machine, at most 50,000) use worker processes on this machine instead of starting Ray "
+                          "(0: always Ray)")
     run.add_argument("--cpus-per-actor", type=int,
                      help="CPUs (and interpreter threads) per actor (default: 1, or the CPUs a smaller pool leaves "
                           "unused shared out, at most 8)")

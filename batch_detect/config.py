@@ -45,8 +45,9 @@ class RunConfig:
     batch_size: int = 1  # images per invoke when the model's batch dimension is dynamic; else 1
     address: str | None = None
     # Embedded runs (no address) planning fewer images than this go to worker processes without Ray,
-    # whose start costs more than they take; 0: always Ray.
-    ray_min_images: int = 256
+    # whose start costs more than it buys on one machine; 0: always Ray. None: 2,500 per CPU of this
+    # machine, at most 50,000 (sizing.auto_ray_min_images).
+    ray_min_images: int | None = None
     num_actors: int | None = None  # None: one per `cpus_per_actor` CPUs in the cluster
     # CPUs (and interpreter threads) per actor. None: 1, and more where the pool leaves CPUs unused
     # (memory holds fewer actors than a node has CPUs, or fewer shards than CPUs): see threads_per_actor
@@ -107,7 +108,7 @@ class RunConfig:
         if self.read_ahead < 0:
             raise ConfigError(f"--read-ahead must be 0 (sized from the measured read latency) or more, "
                               f"got {self.read_ahead}")
-        if self.ray_min_images < 0:
+        if self.ray_min_images is not None and self.ray_min_images < 0:
             raise ConfigError(f"--ray-min-images must be 0 (always Ray) or more, got {self.ray_min_images}")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")

@@ -24,7 +24,8 @@ from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, GCS_SILENCE_S, CallCloc
 from .metrics import record_shard
 from .plan import Shard
 from .sink import OutputStore
-from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET
+from .readahead import MIB
+from .sizing import workers_fitting
 from .worker import MAX_AUTO_THREADS, ShardProcessor, ShardRows, WorkerSettings, summarize_shard  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,6 @@ def connect(address: str | None) -> bool:
     return True
 
 
-MIB = 1 << 20
-
-
-def estimate_actor_memory(model_bytes: int, input_bytes: int, prefetch: int) -> int:
-    """A detector actor's resident memory, in bytes, for Ray to reserve: a Python worker with numpy,
-    pyarrow and Pillow (~300 MiB), the interpreter (model plus arena, a few times the model), the
-    images in flight (prefetch + 1 decoded images of up to ~12 MP RGB, plus their input tensors) and the
-    files read ahead of them (readahead's bytes budget)."""
-    return 300 * MIB + 4 * model_bytes + (prefetch + 1) * (36 * MIB + 2 * input_bytes) + READ_BYTES_BUDGET
-
-
 def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float,
                   nodes: list[dict] | None = None) -> dict[str, int]:
     """Actors each live node can hold (of `nodes`, as ray.nodes() lists them; by default asked now): bounded
@@ -78,9 +68,8 @@ def node_capacity(cpus_per_actor: int, memory_per_actor: int, share: float,
         if not node.get("Alive"):
             continue
         res = node.get("Resources", {})
-        by_cpu = int(res.get("CPU", 0) // cpus_per_actor)
-        by_mem = int(res.get("memory", 0) * share // memory_per_actor)
-        out[node["NodeID"]] = min(by_cpu, by_mem)
+        out[node["NodeID"]] = workers_fitting(res.get("CPU", 0), res.get("memory", 0), cpus_per_actor,
+                                              memory_per_actor, share)
     return out
 
 

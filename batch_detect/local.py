@@ -26,6 +26,7 @@ from collections import deque
 from typing import Callable, Iterator
 
 from .plan import Shard
+from .sizing import machine_memory, workers_fitting
 from .sink import OutputStore
 from .worker import WorkerSettings
 
@@ -34,8 +35,14 @@ log = logging.getLogger(__name__)
 NODE_ID = "local"  # the node of a shard processed without Ray, in the commit log and the manifest
 
 
-def worker_count(cpus_per_actor: int, shards: int) -> int:
-    return max(1, min((os.cpu_count() or 1) // max(1, cpus_per_actor), shards))
+def worker_count(cpus_per_actor: int, shards: int, memory_per_worker: int = 0, share: float = 1.0) -> int:
+    """Worker processes for this machine: one per `cpus_per_actor` CPUs, as many as `share` of its memory
+    holds (when known), one per shard at most; always one."""
+    cpus = os.cpu_count() or 1
+    memory = machine_memory()
+    fit = (cpus // max(1, cpus_per_actor) if memory is None or not memory_per_worker else
+           workers_fitting(cpus, memory, cpus_per_actor, memory_per_worker, share))
+    return max(1, min(fit, shards))
 
 
 class _Worker:

@@ -47,6 +47,7 @@ from .plan import PlanStream, Shard, plan_input
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, MIB
+from .sizing import auto_ray_min_images, estimate_actor_memory
 from .worker import MAX_AUTO_THREADS, PREFETCH, WorkerSettings, decode_threads
 
 log = logging.getLogger(__name__)
@@ -252,9 +253,9 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
         "runs": runs_before,
     }
 
-    local_workers, local_images = _without_ray(config, planning, plan)
+    local_workers, local_images = _without_ray(config, ready, planning, plan)
     if local_workers:
-        on_phase(f"{local_images} images, under --ray-min-images {config.ray_min_images}: running on "
+        on_phase(f"{local_images} images, under --ray-min-images {ray_min_images(config)}: running on "
                  f"{local_workers} worker process(es) of this machine, without starting Ray")
         lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
         ray_facts = None
@@ -277,11 +278,17 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
             lease.release()
 
 
-def _without_ray(config: RunConfig, planning: Planning, plan: PlanStream) -> tuple[int, int]:
+def ray_min_images(config: RunConfig) -> int:
+    return auto_ray_min_images() if config.ray_min_images is None else config.ray_min_images
+
+
+def _without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanStream) -> tuple[int, int]:
     """(worker processes, images) when this run is small enough to do without Ray, else (0, 0): no cluster
     named, fewer images than --ray-min-images (counted by listing at most that many), file or Parquet
-    input (a tar's images are known only as it streams)."""
-    if not config.ray_min_images or config.address or os.environ.get("RAY_ADDRESS") or plan.form == "tar":
+    input (a tar's images are known only as it streams). Workers: one per --cpus-per-actor CPUs of this
+    machine, as many as its memory share holds (the rule Ray's pool follows per node), one per shard at most."""
+    threshold = ray_min_images(config)
+    if not threshold or config.address or os.environ.get("RAY_ADDRESS") or plan.form == "tar":
         return 0, 0
     ray_module = sys.modules.get("ray")
     if ray_module is not None and ray_module.is_initialized():  # a driver already inside Ray: use it
@@ -291,14 +298,24 @@ def _without_ray(config: RunConfig, planning: Planning, plan: PlanStream) -> tup
     for shard in plan.shards:
         head.append(shard)
         images += len(shard.uris)
-        if images >= config.ray_min_images:
+        if images >= threshold:
             break
     plan.shards = itertools.chain(head, plan.shards)
-    if images >= config.ray_min_images:
+    if images >= threshold:
         return 0, 0
     shards = len(head) + sum(c["shards"] for c in planning.pending)
-    workers = config.num_actors or worker_count(config.cpus_per_actor or 1, max(1, shards))
+    workers = config.num_actors or worker_count(config.cpus_per_actor or 1, max(1, shards),
+                                                _memory_per_worker(config, ready), config.node_memory_share)
     return workers, images
+
+
+def _memory_per_worker(config: RunConfig, ready: dict) -> int:
+    """What each worker (actor or process) reserves: --memory-per-actor-mb, or the estimate for this model."""
+    if config.memory_per_actor_mb:
+        return config.memory_per_actor_mb * MIB
+    info = ready["info"].input
+    input_bytes = info.height * info.width * info.channels * (4 if info.tensor.dtype == "float32" else 1)
+    return estimate_actor_memory(len(ready["model_content"]), input_bytes, PREFETCH)
 
 
 def _local_threads(config: RunConfig, workers: int) -> int:
@@ -313,18 +330,15 @@ def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: 
     cluster we cannot use leaves no output. `plan` given: never more actors than the shards it holds."""
     import ray
 
-    from .distributed import MIB, connect, estimate_actor_memory, size_pool
+    from .distributed import connect, size_pool
 
-    info = ready["info"].input
     t_ray = time.perf_counter()
     address = config.address or os.environ.get("RAY_ADDRESS")
     on_phase(f"joining the Ray cluster at {address}" if address else
              "starting Ray on this machine (no --address: an embedded cluster for this run)")
     started_ray = connect(config.address)
     try:
-        input_bytes = info.height * info.width * info.channels * (4 if info.tensor.dtype == "float32" else 1)
-        memory_per_actor = (config.memory_per_actor_mb * MIB if config.memory_per_actor_mb
-                            else estimate_actor_memory(len(ready["model_content"]), input_bytes, PREFETCH))
+        memory_per_actor = _memory_per_worker(config, ready)
         num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor or 1, memory_per_actor,
                                          config.node_memory_share, 1 << 62)
         if plan is not None:
@@ -666,7 +680,8 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
     actors = cluster.get("actors") or 0
     threads = cluster.get("cpus_per_actor") or 1
     return {
-        "rule": ("one worker process per --cpus-per-actor CPUs of this machine, at most one per shard"
+        "rule": ("one worker process per --cpus-per-actor CPUs of this machine, within --node-memory-share of "
+                 "its memory, at most one per shard"
                  if cluster.get("executor") == "local processes" else
                  "one actor per --cpus-per-actor CPUs of each node, within --node-memory-share of its memory")
                 + ("" if config.cpus_per_actor else

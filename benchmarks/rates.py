@@ -45,13 +45,15 @@ def steady_rate(output: str) -> float:
 def one_repetition(lists: dict, small: int, large: int, work: str, env: dict, cores: int, paths: list) -> dict:
     py = sys.executable
     before = limit(MODEL, paths, cores)
-    job, recipe = {}, {}
-    for n in (small, large):
-        out = os.path.join(work, f"job_{n}")
-        job[n] = timed([py, "-m", "batch_detect", "run", "--model", MODEL, "--input", lists[n], "--output", out,
-                        "--shard-size", "64", "--score-threshold", "0.5", "--overwrite"], env)
-        m = json.load(open(os.path.join(out, "_manifest.json")))
-        job[n].update(processing=m["counts"]["images"] / m["timings"]["run_s"], steady=steady_rate(out))
+    job, job_ray, recipe = {}, {}, {}
+    for arm, extra in ((job, []), (job_ray, ["--ray-min-images", "0"])):
+        for n in (small, large):
+            out = os.path.join(work, f"job_{n}")
+            arm[n] = timed([py, "-m", "batch_detect", "run", "--model", MODEL, "--input", lists[n], "--output", out,
+                            "--shard-size", "64", "--score-threshold", "0.5", "--overwrite", *extra], env)
+            m = json.load(open(os.path.join(out, "_manifest.json")))
+            arm[n].update(processing=m["counts"]["images"] / m["timings"]["run_s"], steady=steady_rate(out),
+                          executor=m["cluster"]["executor"])
     for n in (small, large):
         recipe[n] = timed([py, os.path.join(ROOT, "benchmarks", "raydata_recipe.py"), MODEL, lists[n],
                            os.path.join(work, f"raydata_{n}")], env)
@@ -64,15 +66,21 @@ def one_repetition(lists: dict, small: int, large: int, work: str, env: dict, co
         "invoke_ms": invoke_ms, "decode_ms": decode_ms, "compute_limit": compute,
         "decode_invoke_limit": cores / ((invoke_ms + decode_ms) / 1000),
         "limit_before": before, "limit_after": after, "compute_limit_together": together,
+        "job_executor": job[large]["executor"],
         "job_marginal": marginal(job[small], job[large], small, large),
         "job_processing": job[large]["processing"], "job_steady": job[large]["steady"],
+        "job_ray_marginal": marginal(job_ray[small], job_ray[large], small, large),
+        "job_ray_processing": job_ray[large]["processing"], "job_ray_steady": job_ray[large]["steady"],
+        "job_ray_wall": job_ray[large]["wall_s"],
         "recipe_marginal": marginal(recipe[small], recipe[large], small, large),
         "job_wall": job[large]["wall_s"], "recipe_wall": recipe[large]["wall_s"],
     }
-    for k in ("job_marginal", "job_processing", "job_steady", "recipe_marginal"):
+    for k in ("job_marginal", "job_processing", "job_steady", "recipe_marginal", "job_ray_marginal",
+              "job_ray_processing", "job_ray_steady"):
         rep[k + "_vs_compute"] = rep[k] / compute
         rep[k + "_vs_together"] = rep[k] / together
     rep["wall_job_vs_recipe"] = rep["job_wall"] / rep["recipe_wall"]
+    rep["wall_job_ray_vs_recipe"] = rep["job_ray_wall"] / rep["recipe_wall"]
     return rep
 
 
@@ -118,17 +126,24 @@ ROWS = [
     ("**job marginal / all-cores compute limit**", "job_marginal_vs_together", "{:.2f}"),
     ("**job steady / all-cores compute limit**", "job_steady_vs_together", "{:.2f}"),
     ("recipe marginal / all-cores compute limit", "recipe_marginal_vs_together", "{:.2f}"),
+    ("job on embedded Ray (--ray-min-images 0), marginal images/s", "job_ray_marginal", "{:.1f}"),
+    ("job on embedded Ray, processing images/s", "job_ray_processing", "{:.1f}"),
+    ("job on embedded Ray, steady images/s", "job_ray_steady", "{:.1f}"),
+    ("job on embedded Ray processing / compute limit", "job_ray_processing_vs_compute", "{:.2f}"),
     ("job wall s, large set", "job_wall", "{:.1f}"),
+    ("job on embedded Ray wall s, large set", "job_ray_wall", "{:.1f}"),
     ("recipe wall s, large set", "recipe_wall", "{:.1f}"),
     ("**job wall / recipe wall**", "wall_job_vs_recipe", "{:.2f}"),
+    ("job on embedded Ray wall / recipe wall", "wall_job_ray_vs_recipe", "{:.2f}"),
 ]
 
 
 def render(results: dict) -> str:
     reps = results["reps"]
     lines = [f"{results['cores']} cores ({results['cpu']}); SSD model; {results['small']} → {results['large']} JPEGs; "
-             f"{len(reps)} repetitions, each running the limit, this job (embedded Ray) and the Ray Data recipe back "
-             "to back; ratios are taken within a repetition", "",
+             f"{len(reps)} repetitions, each running the limit, this job (default: "
+             f"{reps[0].get('job_executor', 'ray')} at this size), this job on an embedded Ray and the Ray Data "
+             "recipe back to back; ratios are taken within a repetition", "",
              "| | " + " | ".join(f"rep {i + 1}" for i in range(len(reps))) + " | median |",
              "|---" * (len(reps) + 2) + "|"]
     for label, key, fmt in ROWS:

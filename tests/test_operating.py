@@ -80,7 +80,7 @@ def test_sigterm_leaves_a_consistent_output_that_resumes(models_dir, tmp_path):
     images = str(tmp_path / "images")
     write_dataset(images, 400, seed=61, sizes=((96, 72), (72, 96)))
     out = str(tmp_path / "out")
-    cmd = cli(models_dir, images, out, "--shard-size", "8", "--num-actors", "1")
+    cmd = cli(models_dir, images, out, "--shard-size", "8", "--num-actors", "1", "--ray-min-images", "0")
     t_signal = {}
 
     def ready() -> bool:

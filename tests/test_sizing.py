@@ -57,3 +57,39 @@ def test_memory_bound_pool_gets_the_spare_cpus(local_ray, models_dir, tmp_path):
                       manifest["sizing"]["interpreter_threads"], manifest["sizing"]["decode_threads"])
     assert facts["auto"] == (1, 2, 2, 2)
     assert facts["one"] == (1, 1, 1, 2)
+
+
+def test_runs_without_a_cluster_go_without_ray_up_to_a_threshold_that_grows_with_the_machine():
+    from batch_detect.sizing import RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU, auto_ray_min_images
+
+    assert auto_ray_min_images(2) == 2 * RAY_MIN_IMAGES_PER_CPU == 5_000
+    assert auto_ray_min_images(16) == 16 * RAY_MIN_IMAGES_PER_CPU
+    assert auto_ray_min_images(64) == RAY_MIN_IMAGES_CAP  # the driver counts at most this many URIs first
+    assert auto_ray_min_images() == min(RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU * (os.cpu_count() or 1))
+    assert RunConfig(model="m", input="i", output="o").ray_min_images is None  # auto unless given
+
+
+@pytest.mark.parametrize("cpus, memory_gib, per_worker_gib, share, expected", [
+    (16, 64, 0.5, 0.8, 16),  # CPUs bound it
+    (16, 4, 0.5, 0.8, 6),  # memory bounds it: 3.2 GiB / 0.5
+    (2, 0.5, 1, 0.8, 0),  # none fits (the local path still starts one; Ray's pool refuses)
+])
+def test_workers_fitting_one_machine(cpus, memory_gib, per_worker_gib, share, expected):
+    from batch_detect.sizing import workers_fitting
+
+    assert workers_fitting(cpus, memory_gib * GIB, 1, int(per_worker_gib * GIB), share) == expected
+
+
+def test_worker_processes_without_ray_respect_this_machines_memory():
+    """The processes of a run without Ray follow the rule Ray's pool follows per node: a reservation of
+    half this machine's memory lets one in, whatever its CPUs; a small one lets one per CPU."""
+    from batch_detect.local import worker_count
+    from batch_detect.sizing import machine_memory
+
+    memory = machine_memory()
+    if memory is None:
+        pytest.skip("this machine's memory cannot be read (/proc/meminfo): the memory bound is not applied")
+    cpus = os.cpu_count() or 1
+    assert worker_count(1, 1000, memory // 2, 0.8) == 1
+    assert worker_count(1, 1000, 64 * MIB, 0.8) == min(cpus, int(memory * 0.8 // (64 * MIB)))
+    assert worker_count(1, 1, 64 * MIB, 0.8) == 1  # never more than shards
