@@ -465,7 +465,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         first.setdefault("shard", time.perf_counter() - t_start)
         for k in ("images", "failures", "read_decode_s", "infer_s", "read_s", "decode_s", "stall_s", "read_bytes"):
             costs[k] = costs.get(k, 0) + summary.get(k, 0)
-        for k in ("images_ahead", "peak_rss_mb"):  # the most any worker had
+        for k in ("images_ahead", "decode_depth", "peak_rss_mb"):  # the most any worker had
             if k in summary:
                 costs[k] = max(costs.get(k, 0), summary[k])
         committer.shard(summary)
@@ -679,6 +679,7 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
     per = (lambda key: round(1000 * costs.get(key, 0) / images, 2)) if images else (lambda key: None)
     actors = cluster.get("actors") or 0
     threads = cluster.get("cpus_per_actor") or 1
+    depth = costs.get("decode_depth") or PREFETCH  # as the workers ran it: two batches where batches are dynamic
     return {
         "rule": ("one worker process per --cpus-per-actor CPUs of this machine, within --node-memory-share of "
                  "its memory, at most one per shard"
@@ -688,7 +689,8 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
                    "; --cpus-per-actor auto: 1, or the CPUs the workers leave unused shared out as interpreter "
                    "threads (at most 8)"),
         "actors": actors, "interpreter_threads": threads,
-        "decode_threads": decode_threads(threads), "decode_depth": PREFETCH,
+        # The decode window bounds the decodes in flight (and their memory): threads beyond it stay idle.
+        "decode_threads": min(decode_threads(threads), depth), "decode_depth": depth,
         "read_ahead": (f"fixed: {config.read_ahead} images (--read-ahead)" if config.read_ahead else
                        "sized per worker: ceil(read latency / infer time per image) + 1 images, at least the "
                        f"decode depth, at most {MAX_READS} and {READ_BYTES_BUDGET // MIB} MiB of files"),

@@ -9,9 +9,9 @@ import os
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MIB
 
 # Runs without a cluster go without Ray below this many images per CPU of the machine. Ray's start and
-# per-run processes cost ~14-19 s of a 2,400-image run on 2 cores (64-70 s with Ray, 50.5 s without,
-# benchmarks/results/rates_2core.md) and buy nothing per image on one machine; at ~25 SSD images/s per
-# core, 2,500 per CPU is ~100 s of work, where that start would still be over a tenth of the run.
+# per-run processes cost ~8 s of a 2,400-image run on 2 cores (62.7 s with Ray, 55.1 s without, the same
+# processing rate: benchmarks/results/rates_2core.md) and buy nothing per image on one machine; at ~25 SSD
+# images/s per core, 2,500 per CPU is ~100 s of work, where that start is still a tenth of the run.
 RAY_MIN_IMAGES_PER_CPU = 2_500
 RAY_MIN_IMAGES_CAP = 50_000  # the driver counts this many URIs before it starts: keep that short
 

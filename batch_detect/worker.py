@@ -347,6 +347,7 @@ def run_shard(
         for _, future in (*reads, *decodes):
             future.cancel()
     timings["images_ahead"] = ahead()
+    timings["decode_depth"] = depth
     return rows, timings
 
 

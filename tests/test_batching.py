@@ -68,6 +68,8 @@ def test_batch_size_through_the_job(local_ray, models_dir, images, tmp_path):
                                  score_threshold=0.3, batch_size=n)).manifest
         assert manifest["status"] == "complete"
         assert manifest["model"]["batch"] == n and manifest["model"]["batch_dimension"] == "dynamic"
+        # the decode window as the workers ran it: a full batch ready while the previous one runs
+        assert manifest["sizing"]["decode_depth"] == max(4, 2 * n), manifest["sizing"]
         assert manifest["counts"]["failure_types"] == {"decode/unidentified_image": 1}
         outs[n] = duckdb.execute(f"SELECT uri, class_id, round(score, 4), round(xmin, 4), round(ymin, 4) "
                                  f"FROM read_parquet('{out}/detections/*.parquet') ORDER BY ALL").fetchall()
