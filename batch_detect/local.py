@@ -35,12 +35,11 @@ log = logging.getLogger(__name__)
 NODE_ID = "local"  # the node of a shard processed without Ray, in the commit log and the manifest
 
 
-def worker_count(cpus_per_actor: int, shards: int, memory_per_worker: int = 0, share: float = 1.0) -> int:
-    """Worker processes for this machine: one per `cpus_per_actor` CPUs, as many as `share` of its memory
-    holds (when known), one per shard at most; always one."""
-    cpus = os.cpu_count() or 1
-    memory = machine_memory()
-    fit = (cpus // max(1, cpus_per_actor) if memory is None or not memory_per_worker else
+def worker_count(cpus_per_actor: int, shards: int, memory_per_worker: int, share: float) -> int:
+    """Worker processes for this machine: one per `cpus_per_actor` CPUs, as many as `share` of its available
+    memory holds (where it can be read), one per shard at most; always one."""
+    cpus, memory = os.cpu_count() or 1, machine_memory()
+    fit = (cpus // max(1, cpus_per_actor) if memory is None else
            workers_fitting(cpus, memory, cpus_per_actor, memory_per_worker, share))
     return max(1, min(fit, shards))
 

@@ -34,11 +34,12 @@ def workers_fitting(cpus: float, memory: float, cpus_per_worker: int, memory_per
 
 
 def machine_memory() -> int | None:
-    """This machine's memory in bytes (Linux /proc/meminfo), or None where it cannot be read."""
+    """This machine's available memory in bytes (Linux /proc/meminfo; what Ray counts as a node's `memory`
+    too, less its object store), or None where it cannot be read."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
-                if line.startswith("MemTotal:"):
+                if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
