@@ -25,8 +25,8 @@ from .metrics import record_shard
 from .plan import Shard
 from .sink import OutputStore
 from .readahead import MIB
-from .sizing import workers_fitting
-from .worker import MAX_AUTO_THREADS, ShardProcessor, ShardRows, WorkerSettings, summarize_shard  # noqa: F401
+from .sizing import auto_threads, workers_fitting
+from .worker import ShardProcessor, ShardRows, WorkerSettings, summarize_shard  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,12 @@ def size_pool(num_actors: int | None, cpus_per_actor: int, memory_per_actor: int
 
 
 def threads_per_actor(num_actors: int, memory_per_actor: int, share: float, nodes: list[dict] | None = None) -> int:
-    """CPUs (interpreter threads) per actor when --cpus-per-actor is not given. One, the most efficient
-    use of a CPU, while the pool fills the cluster; when it cannot (memory holds fewer actors than a node
-    has CPUs, or there are fewer shards than CPUs), the CPUs no actor would use go to the actors'
-    interpreters: the most threads that still let all `num_actors` fit where the nodes have room."""
+    """CPUs (interpreter threads) per actor when --cpus-per-actor is not given (`auto_threads`): the most
+    that still let all `num_actors` fit where the cluster's nodes have room."""
     nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
-    t = min(MAX_AUTO_THREADS, int(cpus // max(1, num_actors)))
-    while t > 1 and sum(node_capacity(t, memory_per_actor, share, nodes).values()) < num_actors:
-        t -= 1
-    return max(1, t)
+    return auto_threads(cpus, num_actors,
+                        fits=lambda t: sum(node_capacity(t, memory_per_actor, share, nodes).values()) >= num_actors)
 
 
 class DetectorActor(ShardProcessor):

@@ -30,6 +30,10 @@ class OutputError(BatchDetectError):
     """The output location is unusable (exists without --overwrite, not writable, ...)."""
 
 
+class LeaseLost(OutputError):
+    """Another run took this output's lease: this run must write nothing more there, not even its manifest."""
+
+
 class ClusterError(BatchDetectError):
     """The Ray cluster cannot be joined or cannot host the actors."""
 

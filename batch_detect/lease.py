@@ -9,6 +9,11 @@ A lease is stale, and may be taken over, when its holder is on this machine and 
 (a killed driver: re-running at once works), or when it has not been renewed for STALE_S seconds (a
 driver on another machine that died). Staleness across machines compares the holder's clock with
 ours: clocks more than a few seconds apart delay or hasten a takeover by that much.
+
+Renewal runs on a thread of its own from the moment the lease is taken, so that nothing the driver waits
+for (Ray's start, a slow listing, a slow store) lets the lease go stale, and a failed renewal is retried
+rather than ending the run. The run checks the lease each time round its dispatch loop (`check`): taken
+over, it stops and writes nothing more; unrenewable for STALL_S, it stops while the lease is still its own.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
-from .errors import OutputError
+from .errors import LeaseLost, OutputError
 from .sink import LOCK
 
 log = logging.getLogger(__name__)
 STALE_S = 60.0
 RENEW_S = 10.0
+# Unrenewed this long, the run stops: the STALE_S - STALL_S left are its time to stop before a takeover.
+STALL_S = 40.0
 
 
 def _process_start(pid: int) -> str | None:
@@ -74,10 +82,24 @@ def _modified(store, path: str) -> float:
 class Lease:
     def __init__(self, store, token: str, holder: dict):
         self.store, self.token, self.holder = store, token, holder
-        self.renewed = time.monotonic()
+        self.renewed = time.monotonic()  # the last renewal that reached the store
+        self.lost: LeaseLost | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @classmethod
-    def acquire(cls, store) -> "Lease":
+    def acquire(cls, store, renewing: bool = True) -> "Lease":
+        """Take the output's lease, or raise OutputError naming its live holder. With `renewing`, a thread
+        keeps it fresh until `release`."""
+        lease = cls._take(store)
+        if renewing:
+            lease._thread = threading.Thread(target=lease._renew_loop, name="lease-renewal", daemon=True)
+            lease._thread.start()
+        return lease
+
+    @classmethod
+    def _take(cls, store) -> "Lease":
         token = uuid.uuid4().hex
         holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
                   "pid_start": _process_start(os.getpid()), "acquired_at": time.time(), "renewed_at": time.time()}
@@ -107,23 +129,52 @@ class Lease:
             store.fs.rm(path)
         raise OutputError(f"output {store.url!r}: could not take its lease ({LOCK}); try again")
 
-    def renew(self, force: bool = False) -> None:
-        """Called from the dispatch loop; writes at most every RENEW_S. Raises if another run took over."""
-        if not force and time.monotonic() - self.renewed < RENEW_S:
-            return
-        self.renewed = time.monotonic()
+    def renew(self) -> None:
+        """One renewal; raises LeaseLost if another run holds the lease now."""
         try:
             current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
         except (FileNotFoundError, ValueError):
             current = {}
         if current.get("token") != self.token:
-            raise OutputError(f"output {self.store.url!r}: this run's lease ({LOCK}) was taken over by another run "
-                              f"(host {current.get('host')!r}, pid {current.get('pid')}); stopping so that the two "
-                              "do not both write. What was committed stays; re-run once the other has ended")
+            raise LeaseLost(f"output {self.store.url!r}: this run's lease ({LOCK}) was taken over by another run "
+                            f"(host {current.get('host')!r}, pid {current.get('pid')}); stopping so that the two "
+                            "do not both write. What was committed stays; re-run once the other has ended")
         self.holder["renewed_at"] = time.time()
         self.store.put_atomic(LOCK, json.dumps(self.holder).encode())
+        self.renewed = time.monotonic()
+
+    def _renew_loop(self) -> None:
+        wait = RENEW_S
+        while not self._stop.wait(wait):
+            try:
+                self.renew()
+                self.last_error, wait = None, RENEW_S
+            except LeaseLost as exc:
+                self.lost = exc
+                return
+            except Exception as exc:  # a store that failed once: try again sooner, the run goes on meanwhile
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("renewing the lease of output %s failed (%s); retrying", self.store.url, self.last_error)
+                wait = min(RENEW_S, 2.0)
+
+    def check(self) -> None:
+        """Raise if the run must stop: LeaseLost when another run took the lease, OutputError when it could
+        not be renewed for STALL_S (before anyone may take it over: what is committed can still be logged)."""
+        if self.lost is not None:
+            raise self.lost
+        stalled = time.monotonic() - self.renewed
+        if self._thread is not None and stalled > STALL_S:
+            raise OutputError(f"output {self.store.url!r}: its lease ({LOCK}) could not be renewed for "
+                              f"{stalled:.0f}s (last error: {self.last_error}); stopping before another run may "
+                              f"take it over ({STALE_S:.0f}s). Check the output store, then re-run: what was "
+                              "committed stays")
 
     def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)  # a renewal in flight on a store that hangs must not hold the exit
+        if self.lost is not None:
+            return  # another run's now
         try:
             current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
             if current.get("token") == self.token:

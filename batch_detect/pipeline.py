@@ -36,7 +36,7 @@ from .destination import check_output_location
 from .detector import inspect_interpreter
 from .commitlog import LOG_DIR, CommitLog
 from .committer import Committer
-from .errors import FailureRateExceeded, ModelError, OutputError, Terminated
+from .errors import FailureRateExceeded, LeaseLost, ModelError, OutputError, Terminated
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .feed import Planning, PlanFeed, check_listing, first_shard_of, planning_for
 from .labels import embedded_labels, label_warnings, load_labels
@@ -47,8 +47,8 @@ from .plan import PlanStream, Shard, plan_input
 from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, MIB
-from .sizing import auto_ray_min_images, estimate_actor_memory
-from .worker import MAX_AUTO_THREADS, PREFETCH, WorkerSettings, decode_threads
+from .sizing import auto_ray_min_images, auto_threads, estimate_actor_memory
+from .worker import PREFETCH, WorkerSettings, decode_threads
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def _memory_per_worker(config: RunConfig, ready: dict) -> int:
 def _local_threads(config: RunConfig, workers: int) -> int:
     """Interpreter threads per worker process: --cpus-per-actor, or this machine's CPUs shared out (as
     threads_per_actor does on Ray) when there are fewer workers than CPUs."""
-    return config.cpus_per_actor or max(1, min(MAX_AUTO_THREADS, (os.cpu_count() or 1) // max(1, workers)))
+    return config.cpus_per_actor or auto_threads(os.cpu_count() or 1, workers)
 
 
 def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: PlanStream | None,
@@ -480,8 +480,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     reported = {"at": 0.0, "shards": state.num_committed}
 
     def tick() -> None:
+        lease.check()  # before the committer writes: a run that lost its lease logs nothing more
         committer.tick()
-        lease.renew()
         if "ray" in active and time.monotonic() - reported["at"] >= 1.0:
             record_dispatch(config.output, state.num_committed - reported["shards"], len(dispatcher().inflight))
             reported.update(at=time.monotonic(), shards=state.num_committed)
@@ -518,6 +518,9 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         if stopped:
             raise FailureRateExceeded(stopped[0])
         run_s = time.perf_counter() - t_run
+    except LeaseLost:
+        feed.close()  # the output is another run's now: nothing more is written there, not even the manifest
+        raise
     except BaseException as exc:
         feed.close()
         try:
@@ -575,6 +578,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     manifest["sizing"] = _sizing(config, manifest["cluster"], costs, run_s)
     manifest["warnings"] = (label_warnings(ready["labels"], ready["labels_source"], ready["info"].layout)
                             + _warnings(manifest, ready["labels"]))
+    lease.check()  # the manifest says the output is whole: only while it is still this run's
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)
 
@@ -690,7 +694,7 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
                    "threads (at most 8)"),
         "actors": actors, "interpreter_threads": threads,
         # The decode window bounds the decodes in flight (and their memory): threads beyond it stay idle.
-        "decode_threads": min(decode_threads(threads), depth), "decode_depth": depth,
+        "decode_threads": decode_threads(threads, depth), "decode_depth": depth,
         "read_ahead": (f"fixed: {config.read_ahead} images (--read-ahead)" if config.read_ahead else
                        "sized per worker: ceil(read latency / infer time per image) + 1 images, at least the "
                        f"decode depth, at most {MAX_READS} and {READ_BYTES_BUDGET // MIB} MiB of files"),

@@ -14,6 +14,7 @@ from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MIB
 # images/s per core, 2,500 per CPU is ~100 s of work, where that start is still a tenth of the run.
 RAY_MIN_IMAGES_PER_CPU = 2_500
 RAY_MIN_IMAGES_CAP = 50_000  # the driver counts this many URIs before it starts: keep that short
+MAX_AUTO_THREADS = 8  # interpreter threads a worker gets from CPUs the pool leaves unused, at most
 
 
 def auto_ray_min_images(cpus: int | None = None) -> int:
@@ -26,6 +27,18 @@ def estimate_actor_memory(model_bytes: int, input_bytes: int, prefetch: int) -> 
     images in flight (prefetch + 1 decoded images of up to ~12 MP RGB, plus their input tensors) and the
     files read ahead of them (readahead's bytes budget)."""
     return 300 * MIB + 4 * model_bytes + (prefetch + 1) * (36 * MIB + 2 * input_bytes) + READ_BYTES_BUDGET
+
+
+def auto_threads(cpus: float, workers: int, fits=None) -> int:
+    """Interpreter threads per worker when --cpus-per-actor is not given, on Ray and without it alike. One,
+    the most efficient use of a CPU, while the workers fill the CPUs; when they cannot (memory holds fewer
+    workers than there are CPUs, or there are fewer shards than CPUs), the CPUs no worker would use go to
+    the interpreters: at most MAX_AUTO_THREADS, and the most for which `fits(threads)` (all workers still
+    placed) holds."""
+    t = min(MAX_AUTO_THREADS, int(cpus // max(1, workers)))
+    while t > 1 and fits is not None and not fits(t):
+        t -= 1
+    return max(1, t)
 
 
 def workers_fitting(cpus: float, memory: float, cpus_per_worker: int, memory_per_worker: int, share: float) -> int:

@@ -32,7 +32,6 @@ from .sink import OutputStore
 
 log = logging.getLogger(__name__)
 
-MAX_AUTO_THREADS = 8  # interpreter threads a worker gets from CPUs the pool leaves unused, at most
 PREFETCH = 4  # images decoded ahead of the interpreter, per worker (reads go further ahead: readahead.py)
 
 
@@ -86,7 +85,8 @@ class ShardProcessor:
         self.node_id = node_id
         self.reader = Reader(settings.storage_options)
         self.store = OutputStore(settings.output_url, settings.storage_options)
-        self.pools = Pools.create(decode_threads(settings.num_threads), settings.prefetch)
+        depth = max(settings.prefetch, 2 * self.detector.batch)  # a full batch ready while the previous one runs
+        self.pools = Pools.create(decode_threads(settings.num_threads, depth), depth)
         self.read_ahead = ReadAhead(settings.read_ahead)  # kept across shards: the next starts sized
 
     def _run(self, shard: Shard):
@@ -109,11 +109,13 @@ class ShardProcessor:
         return self.process_timed(shard)[0]
 
 
-def decode_threads(interpreter_threads: int) -> int:
-    """Decode threads per worker: enough to keep an interpreter of this many threads fed. (Decoding on the
-    interpreter's thread instead, as a node full of workers gains nothing from the overlap, measured
-    within noise on 2 cores: median +1% over five paired runs.)"""
-    return max(2, interpreter_threads)
+def decode_threads(interpreter_threads: int, depth: int) -> int:
+    """Decode threads per worker: enough to keep an interpreter of this many threads fed, and no more than
+    the `depth` decoded images that may wait for it (more would idle: the window, not the threads, bounds
+    the memory of images being decoded). (Decoding on the interpreter's thread instead, as a node full of
+    workers gains nothing from the overlap, measured within noise on 2 cores: median +1% over five paired
+    runs.)"""
+    return max(1, min(depth, max(2, interpreter_threads)))
 
 
 def _peak_rss_mb() -> float:
@@ -314,7 +316,7 @@ def run_shard(
     items = shard_items(shard, reader, extensions, image_column, timings)
     reads: deque = deque()
     decodes: deque = deque()
-    depth = max(pools.depth, 2 * detector.batch)  # a full batch ready while the previous one runs
+    depth = pools.depth
     exhausted = False
 
     def ahead() -> int:

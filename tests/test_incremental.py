@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -18,9 +17,8 @@ import pytest
 from batch_detect.cli import main
 from batch_detect.config import RunConfig
 from batch_detect.errors import InputError, OutputError
-from batch_detect.lease import Lease
 from batch_detect.pipeline import run
-from batch_detect.sink import LOCK, OutputStore
+from batch_detect.sink import LOCK
 from batch_detect.synthetic import write_dataset
 from batch_detect.verify import verify
 from helpers import committed_count, kill_driver_when
@@ -215,34 +213,6 @@ def test_one_writer_at_a_time(local_ray, models_dir, tmp_path):
     assert result["m"]["status"] == "complete" and not os.path.exists(os.path.join(out, LOCK))
     assert rows_per_run(out) == {1: 120, 2: 120}
     assert verify(out, images).ok
-
-
-def test_lease_rules(tmp_path):
-    store = OutputStore(str(tmp_path / "out"))
-    lease = Lease.acquire(store)
-    with pytest.raises(OutputError, match="being written by another"):
-        Lease.acquire(store)  # live: this very process holds it
-    lease.release()
-    assert not store.exists(LOCK)
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    holder = json.loads(json.dumps({"token": "t", "host": os.uname().nodename, "pid": int(dead.stdout),
-                                    "acquired_at": time.time(), "renewed_at": time.time()}))
-    store.put_atomic(LOCK, json.dumps(holder).encode())
-    taken = Lease.acquire(store)  # its process is gone: taken over at once
-    store.put_atomic(LOCK, json.dumps({**holder, "token": "other", "host": "elsewhere"}).encode())
-    with pytest.raises(OutputError, match="taken over by another run"):
-        taken.renew(force=True)  # a run that lost its lease stops instead of writing beside the new holder
-    store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time() - 600}).encode())
-    Lease.acquire(store).release()  # another machine's lease, not renewed for 10 minutes: stale
-    store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time()}).encode())
-    with pytest.raises(OutputError, match="being written by another"):
-        Lease.acquire(store)  # another machine's live lease
-    store.put_atomic(LOCK, b"")  # unreadable (torn, foreign): judged by the file's age, fresh here
-    with pytest.raises(OutputError, match="being written by another"):
-        Lease.acquire(store)
-    os.utime(store.path(LOCK), (time.time() - 600, time.time() - 600))
-    Lease.acquire(store).release()
 
 
 def test_incremental_on_s3(local_ray, models_dir, s3_server, tmp_path):

@@ -9,8 +9,10 @@ import os
 import pytest
 
 from batch_detect.config import RunConfig
-from batch_detect.distributed import MAX_AUTO_THREADS, MIB, threads_per_actor
+from batch_detect.distributed import MIB, threads_per_actor
 from batch_detect.pipeline import run
+from batch_detect.sizing import MAX_AUTO_THREADS, auto_threads
+from batch_detect.worker import decode_threads
 from batch_detect.synthetic import write_dataset
 
 GIB = 1024 * MIB
@@ -37,6 +39,22 @@ def node(cpus: int, memory_gib: float, alive: bool = True) -> dict:
 ])
 def test_threads_per_actor(nodes, actors, per_actor_gib, expected):
     assert threads_per_actor(actors, int(per_actor_gib * GIB), 0.8, nodes) == expected
+
+
+def test_auto_threads_rule_is_one_for_ray_and_worker_processes():
+    assert auto_threads(2, 2) == 1 and auto_threads(16, 20) == 1  # workers fill the CPUs
+    assert auto_threads(16, 4) == 4 and auto_threads(17, 4) == 4  # the spare CPUs shared out, whole
+    assert auto_threads(64, 1) == MAX_AUTO_THREADS
+    assert auto_threads(16, 2, fits=lambda t: t <= 3) == 3  # the most that still places every worker
+    assert auto_threads(16, 2, fits=lambda t: False) == 1
+
+
+def test_decode_threads_follow_the_interpreter_within_the_decode_window():
+    assert decode_threads(1, 4) == 2  # one decoding while another waits, beside a one-thread interpreter
+    assert decode_threads(4, 4) == 4
+    assert decode_threads(8, 4) == 4  # more than the images that may wait decoded would idle
+    assert decode_threads(8, 16) == 8  # a window of two dynamic batches of 8
+    assert decode_threads(1, 1) == 1
 
 
 def test_memory_bound_pool_gets_the_spare_cpus(local_ray, models_dir, tmp_path):

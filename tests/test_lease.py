@@ -1,0 +1,150 @@
+"""One writer per output: the lease's rules (live, dead, stale, unreadable holders), its renewal on a thread
+of its own (retried when the store fails, the run stopped before the lease can go stale), and a run whose
+lease is taken over mid-run: it stops and writes nothing more into the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from batch_detect import lease as lease_module
+from batch_detect.config import RunConfig
+from batch_detect.errors import LeaseLost, OutputError
+from batch_detect.lease import Lease
+from batch_detect.pipeline import run
+from batch_detect.sink import LOCK, MANIFEST, OutputStore
+from batch_detect.synthetic import write_dataset
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_lease_rules(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    lease = Lease.acquire(store)
+    with pytest.raises(OutputError, match="being written by another"):
+        Lease.acquire(store)  # live: this very process holds it
+    lease.release()
+    assert not store.exists(LOCK)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = json.loads(json.dumps({"token": "t", "host": os.uname().nodename, "pid": int(dead.stdout),
+                                    "acquired_at": time.time(), "renewed_at": time.time()}))
+    store.put_atomic(LOCK, json.dumps(holder).encode())
+    taken = Lease.acquire(store)  # its process is gone: taken over at once
+    store.put_atomic(LOCK, json.dumps({**holder, "token": "other", "host": "elsewhere"}).encode())
+    with pytest.raises(LeaseLost, match="taken over by another run"):
+        taken.renew()  # a run that lost its lease stops instead of writing beside the new holder
+    taken.release()
+    assert json.loads(store.fs.cat_file(store.path(LOCK)))["token"] == "other"  # not its to delete
+    store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time() - 600}).encode())
+    Lease.acquire(store).release()  # another machine's lease, not renewed for 10 minutes: stale
+    store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time()}).encode())
+    with pytest.raises(OutputError, match="being written by another"):
+        Lease.acquire(store)  # another machine's live lease
+    store.put_atomic(LOCK, b"")  # unreadable (torn, foreign): judged by the file's age, fresh here
+    with pytest.raises(OutputError, match="being written by another"):
+        Lease.acquire(store)
+    os.utime(store.path(LOCK), (time.time() - 600, time.time() - 600))
+    Lease.acquire(store).release()
+
+
+def test_renewal_runs_on_its_own_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "RENEW_S", 0.1)
+    store = OutputStore(str(tmp_path / "out"))
+    lease = Lease.acquire(store)
+    first = json.loads(store.fs.cat_file(store.path(LOCK)))["renewed_at"]
+    # nobody calls it: the thread renews while the driver waits on something else
+    assert wait_for(lambda: json.loads(store.fs.cat_file(store.path(LOCK)))["renewed_at"] > first)
+    lease.check()
+    lease.release()
+    assert not store.exists(LOCK) and not lease._thread.is_alive()
+
+
+def test_takeover_is_seen_without_a_renew_call(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "RENEW_S", 0.1)
+    store = OutputStore(str(tmp_path / "out"))
+    lease = Lease.acquire(store)
+    other = {"token": "other", "host": "elsewhere", "pid": 1, "renewed_at": time.time()}
+    store.put_atomic(LOCK, json.dumps(other).encode())
+    assert wait_for(lambda: lease.lost is not None), "the renewal thread never saw the takeover"
+    with pytest.raises(LeaseLost, match="taken over by another run .*'elsewhere'"):
+        lease.check()
+    lease.release()
+    assert json.loads(store.fs.cat_file(store.path(LOCK)))["token"] == "other"
+
+
+def test_failed_renewals_are_retried_then_stop_the_run_in_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "RENEW_S", 0.1)
+    monkeypatch.setattr(lease_module, "STALL_S", 1.0)
+    store = OutputStore(str(tmp_path / "out"))
+    lease = Lease.acquire(store)
+    path = store.path(LOCK)
+    ours = open(path, "rb").read()
+    os.remove(path)
+    os.mkdir(path)  # a real failure of the store: reading the lease raises IsADirectoryError
+    assert wait_for(lambda: lease.last_error is not None), "no renewal failed"
+    lease.check()  # one failure does not stop the run
+    assert "IsADirectoryError" in lease.last_error
+    os.rmdir(path)
+    with open(path, "wb") as fh:
+        fh.write(ours)  # the store is back: the next renewal succeeds
+    assert wait_for(lambda: lease.last_error is None), f"never renewed again: {lease.last_error}"
+    lease.check()
+
+    os.remove(path)
+    os.mkdir(path)  # failing for good: the run must stop before the lease can be taken as stale
+    assert wait_for(lambda: time.monotonic() - lease.renewed > 1.0, 5)
+    with pytest.raises(OutputError, match=r"could not be renewed for \d+s \(last error: IsADirectoryError"):
+        lease.check()
+    os.rmdir(path)
+    lease.release()
+
+
+def driver_files(out: str) -> dict[str, bytes]:
+    """What the driver alone writes: the manifest, the commit log and the part files (workers stage shards)."""
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), out)
+            if rel == MANIFEST or rel.split(os.sep)[0] in ("_log", "images", "detections", "failures"):
+                found[rel] = open(os.path.join(out, rel), "rb").read()
+    return found
+
+
+def test_a_run_whose_lease_is_taken_writes_nothing_more(models_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "RENEW_S", 0.05)
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    write_dataset(images, 96, seed=5, sizes=((96, 72),))
+    lock = os.path.join(out, LOCK)
+    seen: dict = {}
+
+    def take_over(summary: dict) -> None:  # at the first staged shard, another run takes the output
+        if seen:
+            return
+        other = {"token": "other", "host": "elsewhere", "pid": 1, "renewed_at": time.time()}
+        with open(lock + ".tmp", "w") as fh:
+            json.dump(other, fh)
+        os.replace(lock + ".tmp", lock)
+        time.sleep(0.5)  # ten renewal periods: the renewal thread has seen it by now
+        seen.update(driver_files(out))
+
+    config = RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images, output=out,
+                       shard_size=8, num_actors=1)
+    with pytest.raises(LeaseLost, match="taken over by another run"):
+        run(config, on_shard=take_over)
+    assert MANIFEST in seen, "the run wrote no manifest before its first shard"
+    after = driver_files(out)
+    assert after == seen, f"written after the takeover: {sorted(k for k in after if after[k] != seen.get(k))}"
+    assert json.loads(open(lock).read())["token"] == "other", "the new holder's lease was removed"
