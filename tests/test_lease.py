@@ -148,3 +148,33 @@ def test_a_run_whose_lease_is_taken_writes_nothing_more(models_dir, tmp_path, mo
     after = driver_files(out)
     assert after == seen, f"written after the takeover: {sorted(k for k in after if after[k] != seen.get(k))}"
     assert json.loads(open(lock).read())["token"] == "other", "the new holder's lease was removed"
+
+
+def test_renewal_on_s3_survives_a_throttled_store(s3_server, monkeypatch):
+    """On the real S3 protocol (conditional create, then renewals from the lease's thread), through a proxy
+    that answers every object GET 503 SlowDown for a while: the renewals fail and are retried, the run is
+    not stopped, and renewing resumes once the store answers again."""
+    import s3fs
+    from flaky_proxy import FlakyProxy
+
+    monkeypatch.setattr(lease_module, "RENEW_S", 0.2)
+    so = {"key": "testing-key-id", "secret": "testing-secret", "client_kwargs": {"endpoint_url": s3_server}}
+    bucket = f"lease-{os.getpid()}"
+    s3fs.S3FileSystem(**so, skip_instance_cache=True).mkdir(bucket)
+    with FlakyProxy(s3_server) as proxy:
+        flaky = {**so, "client_kwargs": {"endpoint_url": proxy.url},
+                 "config_kwargs": {"retries": {"max_attempts": 1}}, "skip_instance_cache": True}
+        store = OutputStore(f"s3://{bucket}/out", flaky)
+        lease = Lease.acquire(store)
+        with pytest.raises(OutputError, match="being written by another"):
+            Lease.acquire(OutputStore(f"s3://{bucket}/out", flaky))  # the conditional put refuses a second
+        proxy.fail_fraction = 1.0
+        assert wait_for(lambda: lease.last_error is not None, 30), "no renewal failed through the proxy"
+        assert proxy.injected > 0
+        lease.check()  # failing renewals alone do not stop the run before STALL_S
+        proxy.fail_fraction = 0.0
+        assert wait_for(lambda: lease.last_error is None, 30), f"never renewed again: {lease.last_error}"
+        lease.check()
+        lease.release()
+        assert not store.exists(LOCK)
+        assert "testing-secret" not in repr(lease.last_error)
