@@ -44,6 +44,12 @@ def unsafe_member_name(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
 
 
+def tar_members_at_most(tar_bytes: int) -> int:
+    """The most members a tar of this size can hold: each takes a 512-byte header, and its data (if any)
+    at least one more 512-byte block. An image count known before the tar is read."""
+    return tar_bytes // 512
+
+
 def iter_tar(tar_uri: str, fs, extensions: tuple[str, ...], stats: dict) -> Iterator[Item]:
     """Stream a tar's image members. Non-image members (a WebDataset's .json/.cls/.txt) are counted in
     `stats["skipped_members"]`. A member name that escapes the archive, a link, a repeated name, and a

@@ -36,6 +36,7 @@ from .destination import check_output_location
 from .detector import inspect_interpreter
 from .commitlog import LOG_DIR, CommitLog
 from .committer import Committer
+from .containers import tar_members_at_most
 from .errors import FailureRateExceeded, LeaseLost, ModelError, OutputError, Terminated
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .feed import Planning, PlanFeed, check_listing, first_shard_of, planning_for
@@ -48,6 +49,7 @@ from .sink import LAYOUT, LEGACY_COMMIT_DIR, MANIFEST, PLAN_DIR, OutputStore
 from .storage import check_store_access
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, MIB
 from .sizing import auto_ray_min_images, auto_threads, estimate_actor_memory
+from .walk import size_in_version
 from .worker import PREFETCH, WorkerSettings, decode_threads
 
 log = logging.getLogger(__name__)
@@ -255,7 +257,8 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
 
     local_workers, local_images = _without_ray(config, ready, planning, plan)
     if local_workers:
-        on_phase(f"{local_images} images, under --ray-min-images {ray_min_images(config)}: running on "
+        what = f"at most {local_images} images" if plan.form == "tar" else f"{local_images} images"
+        on_phase(f"{what}, under --ray-min-images {ray_min_images(config)}: running on "
                  f"{local_workers} worker process(es) of this machine, without starting Ray")
         lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
         ray_facts = None
@@ -284,20 +287,27 @@ def ray_min_images(config: RunConfig) -> int:
 
 def _without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanStream) -> tuple[int, int]:
     """(worker processes, images) when this run is small enough to do without Ray, else (0, 0): no cluster
-    named, fewer images than --ray-min-images (counted by listing at most that many), file or Parquet
-    input (a tar's images are known only as it streams). Workers: one per --cpus-per-actor CPUs of this
-    machine, as many as its memory share holds (the rule Ray's pool follows per node), one per shard at most."""
+    named, fewer images than --ray-min-images (counted by listing at most that many; for tars, the most
+    their listed sizes can hold, as their images are known only as they stream). Workers: one per
+    --cpus-per-actor CPUs of this machine, as many as its memory share holds (the rule Ray's pool follows
+    per node), one per shard at most."""
     threshold = ray_min_images(config)
-    if not threshold or config.address or os.environ.get("RAY_ADDRESS") or plan.form == "tar":
+    if not threshold or config.address or os.environ.get("RAY_ADDRESS"):
         return 0, 0
     ray_module = sys.modules.get("ray")
     if ray_module is not None and ray_module.is_initialized():  # a driver already inside Ray: use it
         return 0, 0
+    if plan.form == "tar" and planning.pending:
+        return 0, 0  # stored tar chunks hold no sizes: no bound on their images
     images = sum(c["items"] for c in planning.pending)
     head: list[Shard] = []
     for shard in plan.shards:
         head.append(shard)
-        images += len(shard.uris)
+        if plan.form == "tar":
+            size = size_in_version(shard.versions[0] if shard.versions else None)
+            images += threshold if size is None else tar_members_at_most(size)
+        else:
+            images += len(shard.uris)
         if images >= threshold:
             break
     plan.shards = itertools.chain(head, plan.shards)

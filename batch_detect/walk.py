@@ -38,6 +38,12 @@ def version_of(info: dict) -> str | None:
     return None if size is None else f"{size}:"
 
 
+def size_in_version(version: str | None) -> int | None:
+    """The byte size a `version_of` string records, or None (no version, or a store that gave no size)."""
+    head = (version or "").split(":", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def _key(entry: Entry) -> str:
     """A directory sorts as its name plus '/': then a directory's entries come in full-path string order."""
     return entry[0] + "/" if entry[1] else entry[0]

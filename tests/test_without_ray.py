@@ -1,5 +1,6 @@
 """Small embedded runs go to worker processes without starting Ray (`local.py`); the output is the one the
-Ray path writes, a worker that dies hands the run to Ray, and a stopped run resumes exactly once."""
+Ray path writes (files and tars, whose images are bounded by their sizes), a worker that dies hands the run to
+Ray, and a stopped run resumes exactly once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 
 import duckdb
 import pytest
@@ -66,6 +68,34 @@ def test_small_run_without_ray_writes_what_the_ray_path_writes(models_dir, image
     expected = {k: [(b.class_id, b.xmin, b.ymin, b.xmax, b.ymax) for b in v] for k, v in truth.items()}
     recall, precision = recall_precision(expected, predicted)
     assert recall >= 0.8 and precision >= 0.8, (recall, precision)
+
+
+def test_small_tars_go_without_ray_below_the_most_their_sizes_can_hold(models_dir, images, tmp_path):
+    folder, truth = images
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    names = sorted(truth)
+    for t, lo in enumerate(range(0, len(names), 40)):
+        with tarfile.open(tars / f"shard-{t:03d}.tar", "w") as tar:
+            for name in names[lo:lo + 40]:
+                tar.add(os.path.join(folder, name), arcname=f"sample/{name}")
+    bound = sum(os.path.getsize(tars / f) for f in os.listdir(tars)) // 512  # 512-byte header + data blocks
+    assert len(truth) < bound
+    local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
+    local = cli(models_dir, str(tars), local_out, "--ray-min-images", str(bound + 1))
+    said = local.stdout + local.stderr
+    assert local.returncode == 0, said[-3000:]
+    assert f"at most {bound} images" in said and "without starting Ray" in said, said[-3000:]
+    manifest = json.load(open(os.path.join(local_out, "_manifest.json")))
+    assert manifest["cluster"]["executor"] == "local processes" and manifest["plan"]["form"] == "tar"
+    assert manifest["counts"]["images"] == len(truth) and verify(local_out).ok
+
+    at_bound = cli(models_dir, str(tars), ray_out, "--ray-min-images", str(bound))  # might hold that many: Ray
+    said = at_bound.stdout + at_bound.stderr
+    assert at_bound.returncode == 0 and "starting Ray on this machine" in said, said[-3000:]
+    assert json.load(open(os.path.join(ray_out, "_manifest.json")))["cluster"]["executor"] == "ray"
+    local_rows = rows(local_out)
+    assert local_rows and local_rows == rows(ray_out)
 
 
 def test_a_worker_that_dies_hands_the_run_to_ray(models_dir, tmp_path):
