@@ -1,4 +1,4 @@
-"""One shard through one Detector: reads and decodes run ahead in a small thread pool (Pillow and
+"""One shard through one Detector: reads and decodes run ahead in small thread pools (Pillow and
 fsspec release the GIL) while the interpreter works on the previous image, then rows are collected.
 `ShardProcessor` is the worker that holds the detector: a Ray actor on a cluster, a plain process for a
 small run without Ray (`local.py`).
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import resource
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -293,7 +295,7 @@ def run_shard(
     rows = ShardRows(shard.shard_id)
     timings = {"read_decode_s": 0.0, "infer_s": 0.0, "read_s": 0.0, "decode_s": 0.0, "stall_s": 0.0,
                "read_bytes": 0}
-    sequential = shard.form in ("tar", "parquet")  # bytes arrive from one stream: nothing to overlap
+    sequential = shard.form in ("tar", "parquet")  # bytes arrive from one stream, read on a thread of its own
 
     def read(uri: str, get_bytes):
         t0 = time.perf_counter()
@@ -313,10 +315,12 @@ def run_shard(
         except Exception as exc:
             return None, ImageFailure(uri, *failure_fields(exc, "decode")), read_s, time.perf_counter() - t0, len(data)
 
+    depth = pools.depth
     items = shard_items(shard, reader, extensions, image_column, timings)
+    if sequential:
+        items = StreamAhead(items, read, depth, pools.read)
     reads: deque = deque()
     decodes: deque = deque()
-    depth = pools.depth
     exhausted = False
 
     def ahead() -> int:
@@ -328,13 +332,16 @@ def run_shard(
         nonlocal exhausted
         target = ahead()
         while not exhausted and len(reads) + len(decodes) < target:
+            t0 = time.perf_counter()
             nxt = next(items, None)
+            if sequential:  # waiting for the stream's thread: the interpreter stalls on the store
+                timings["stall_s"] += time.perf_counter() - t0
             if nxt is None:
                 exhausted = True
                 break
             if sequential:
                 done: Future = Future()
-                done.set_result(read(*nxt))
+                done.set_result(nxt[1])  # read on the stream's thread
                 reads.append((nxt[0], done))
             else:
                 reads.append((nxt[0], pools.read.submit(read, *nxt)))
@@ -348,6 +355,8 @@ def run_shard(
         # A shard that raised leaves nothing queued for the next one (started work just finishes).
         for _, future in (*reads, *decodes):
             future.cancel()
+        if sequential:
+            items.close()
     timings["images_ahead"] = ahead()
     timings["decode_depth"] = depth
     return rows, timings
@@ -387,6 +396,67 @@ def _drain(decodes: deque, refill, rows: "ShardRows", timings: dict, detector: D
         timings["infer_s"] += spent
         read_ahead.images_done(spent, len(batch))
         refill()  # the reads ahead follow what was just measured
+
+
+class StreamAhead:
+    """A sequential stream's items (tar members, Parquet cells) read on a thread of their own, at most
+    `ahead` of what the shard has taken: the stream's reads (a block fetched from the store every few
+    images) overlap inference, as file reads on the read threads do. Yields (uri, (bytes, failure,
+    read seconds)); read seconds include the wait on the stream, so the manifest's read cost counts it."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Item], read, ahead: int, pool: ThreadPoolExecutor):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self._done = pool.submit(self._produce, items, read)
+
+    def _produce(self, items: Iterator[Item], read) -> None:
+        try:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                nxt = next(items, None)
+                if nxt is None:
+                    break
+                waited = time.perf_counter() - t0
+                data, failure, read_s = read(*nxt)
+                self._put((nxt[0], (data, failure, read_s + waited)))
+            self._put(self._END)
+        except BaseException as exc:  # handed to the shard's thread, which raises it there
+            self._put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # the stream's file, closed on the thread that iterated it
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> "StreamAhead":
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(self._END)  # asked again: still the end
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop reading (a shard that raised, or one done): the thread ends after the read in progress."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
 
 
 @dataclass

@@ -6,6 +6,10 @@ images/s). The same images, model and workers are run with reads in flight sized
 (the default, `--read-ahead 0`) and with fixed counts, at each latency, in one invocation:
 
     python benchmarks/s3_latency.py [--images 240] [--latency-ms 0,50,200] [--read-ahead auto,2] [--repeat 3]
+                                    [--tar 60]
+
+`--tar N` packs the images into tars of N (one shard each): a tar streams sequentially, a block of 8 MiB
+per request, read on a thread of its own ahead of the interpreter (`--read-ahead` does not apply).
 
 Runs without Ray (fewer images than --ray-min-images) unless `--ray`, so Ray's start does not blur the
 rate; the rate is the job's own (images / processing time, from its manifest).
@@ -20,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -63,6 +68,7 @@ def main() -> int:
     parser.add_argument("--ray", action="store_true", help="run on embedded Ray instead of worker processes")
     parser.add_argument("--before", help="a checkout of an earlier commit: adds the arm 'before' (its code)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every arm at each latency, interleaved")
+    parser.add_argument("--tar", type=int, default=0, help="pack the images into tars of this many (0: files)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     from moto.server import ThreadedMotoServer
@@ -75,14 +81,22 @@ def main() -> int:
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("bench")
     paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), args.images)
-    for p in paths:
-        fs.put_file(p, f"bench/in/{os.path.basename(p)}")
     work = tempfile.mkdtemp(prefix="s3lat-")
+    if args.tar:
+        for t, lo in enumerate(range(0, len(paths), args.tar)):
+            local = os.path.join(work, f"shard-{t:04d}.tar")
+            with tarfile.open(local, "w") as tar:
+                for p in paths[lo:lo + args.tar]:
+                    tar.add(p, arcname=f"sample/{os.path.basename(p)}")
+            fs.put_file(local, f"bench/in/{os.path.basename(local)}")
+    else:
+        for p in paths:
+            fs.put_file(p, f"bench/in/{os.path.basename(p)}")
     cores = os.cpu_count() or 1
     results = {"cores": cores, "cpu": cpu_model(), "images": args.images, "executor": "ray" if args.ray else
                "worker processes", "before": args.before and subprocess.run(
                    ["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
-                   text=True).stdout.strip(), "runs": []}
+                   text=True).stdout.strip(), "tar": args.tar, "runs": []}
     try:
         for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
             with FlakyProxy(options["endpoint_url"], latency_s=latency_ms / 1000) as proxy:
@@ -96,16 +110,18 @@ def main() -> int:
                           f"({r['run_s']:.1f} s processing, {r['wall_s']:.1f} s wall)", flush=True)
     finally:
         server.stop()
-    save(args.out, f"s3_latency_{cores}core", results, render(results))
+    save(args.out, f"s3_latency_{cores}core" + ("_tar" if args.tar else ""), results, render(results))
     return 0
 
 
 def render(results: dict) -> str:
     arms = list(dict.fromkeys(r["read_ahead"] for r in results["runs"]))
-    lines = [f"{results['cores']} cores ({results['cpu']}); {results['images']} JPEGs from S3 (moto on 127.0.0.1) "
+    packed = f" in tars of {results['tar']}" if results.get("tar") else ""
+    lines = [f"{results['cores']} cores ({results['cpu']}); {results['images']} JPEGs{packed} from S3 (moto on 127.0.0.1) "
              f"behind a proxy adding a fixed latency per request; {results['executor']}; SSD model; images/s = "
              "the job's images / its processing time; median of the repetitions (all runs in brackets)", "",
              "| latency ms | " + " | ".join(f"{a} ({results['before']}) img/s" if a == "before" else
+                                            "this checkout img/s" if results.get("tar") else
                                             f"read-ahead {a} img/s" for a in arms) + " | images ahead chosen (auto) |",
              "|---" * (len(arms) + 2) + "|"]
     for lat in dict.fromkeys(r["latency_ms"] for r in results["runs"]):

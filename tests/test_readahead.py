@@ -81,3 +81,57 @@ def test_slow_store_gets_more_reads_ahead(slow_bucket, models_dir, tmp_path):
     assert PREFETCH < auto["images_ahead"] <= MAX_READS
     assert fixed["images_ahead"] == PREFETCH  # --read-ahead 2 is below the decode window: the window holds
     assert fixed["read_ahead"].startswith("fixed: 2")
+
+
+def test_a_tar_or_parquet_stream_is_read_ahead_on_its_own_thread_within_its_bound():
+    """Tar members and Parquet cells come from one sequential stream: a thread reads it at most `ahead`
+    items beyond what the shard took, hands its errors over, and stops (closing the stream) when told."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batch_detect.worker import StreamAhead
+
+    produced, closed, main = [], threading.Event(), threading.get_ident()
+
+    def stream(n: int, fail_at: int | None = None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise RuntimeError("the store went away")
+                assert threading.get_ident() != main  # read off the interpreter's thread
+                produced.append(i)
+                yield f"item{i}", (lambda i=i: b"x" * i)
+        finally:
+            closed.set()
+
+    def read(uri, get_bytes):
+        return get_bytes(), None, 0.0
+
+    def settle(condition) -> bool:
+        deadline = time.monotonic() + 5
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return condition()
+
+    with ThreadPoolExecutor(2) as pool:
+        ahead = StreamAhead(stream(100), read, 4, pool)
+        uri, (data, failure, _) = next(ahead)
+        assert (uri, data, failure) == ("item0", b"", None)
+        # read ahead without being asked: 4 queued and one more read, waiting for room; no further
+        assert settle(lambda: len(produced) == 6), produced
+        time.sleep(0.2)
+        assert len(produced) == 6
+        assert [next(ahead)[0] for _ in range(3)] == ["item1", "item2", "item3"]
+        ahead.close()
+        assert settle(closed.is_set), "the stream was not closed"
+        assert len(produced) < 100
+
+        produced.clear()
+        closed.clear()
+        assert [u for u, _ in StreamAhead(stream(5), read, 2, pool)] == [f"item{i}" for i in range(5)]
+        assert closed.is_set()
+        failing = StreamAhead(stream(10, fail_at=3), read, 2, pool)
+        assert [next(failing)[0] for _ in range(3)] == ["item0", "item1", "item2"]
+        with pytest.raises(RuntimeError, match="the store went away"):
+            next(failing)
