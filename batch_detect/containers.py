@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import pyarrow as pa
@@ -23,6 +24,9 @@ from .extsort import SpillError, sorted_unique
 # An item is its uri and a callable giving its bytes (or raising the ReadError that becomes its record).
 Item = tuple[str, Callable[[], bytes]]
 _STREAM_BLOCK = 8 * 2**20  # readahead when streaming a tar from object storage
+# Parquet files planned at once: each costs a few requests (footer, id column), which one after another
+# add up to a latency per file before the first shard (a thousand files on S3: minutes).
+PLAN_FILES_AT_ONCE = 16
 
 
 def _value(data: bytes) -> Callable[[], bytes]:
@@ -122,7 +126,29 @@ def parquet_ranges(file_uris: list[str], image_column: str, id_column: str | Non
     files = sorted(file_uris)
     if id_column is not None:
         _refuse_repeated_ids(files, image_column, id_column, storage_options)
-    return (r for uri in files for r in _ranges(uri, image_column, id_column, shard_size, storage_options))
+    return (r for ranges in _each_file(files, image_column, id_column, shard_size, storage_options) for r in ranges)
+
+
+def _each_file(files: list[str], image_column: str, id_column: str | None, shard_size: int,
+               storage_options: dict | None) -> Iterator[list[tuple[str, int, tuple[str, ...]]]]:
+    """Each file's ranges, in file order, read PLAN_FILES_AT_ONCE files at a time (so that many files'
+    ids in memory at most)."""
+    with ThreadPoolExecutor(PLAN_FILES_AT_ONCE, thread_name_prefix="parquet-plan") as pool:
+        pending: deque = deque()
+        queued = iter(files)
+        try:
+            while True:
+                while len(pending) < PLAN_FILES_AT_ONCE:
+                    uri = next(queued, None)
+                    if uri is None:
+                        break
+                    pending.append(pool.submit(_ranges, uri, image_column, id_column, shard_size, storage_options))
+                if not pending:
+                    return
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # stopped early (an error, a closed plan): nothing more is read
+                future.cancel()
 
 
 def _refuse_repeated_ids(files: list[str], image_column: str, id_column: str, storage_options: dict | None) -> None:
@@ -135,8 +161,8 @@ def _refuse_repeated_ids(files: list[str], image_column: str, id_column: str, st
         if len(repeats) < 5 and i not in repeats:
             repeats.append(i)
 
-    ids = (i for uri in files for _, _, chunk in _ranges(uri, image_column, id_column, 1 << 16, storage_options)
-           for i in chunk)
+    ids = (i for ranges in _each_file(files, image_column, id_column, 1 << 16, storage_options)
+           for _, _, chunk in ranges for i in chunk)
     try:
         for _ in sorted_unique(ids, repeated):
             pass

@@ -15,6 +15,7 @@ its own) does not blur it. Peak RSS is summed over the benchmarked process tree 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -307,6 +308,25 @@ def peak_rss_mb() -> float:
     """This process's resident peak (VmHWM), MiB."""
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+@contextlib.contextmanager
+def local_s3(bucket: str):
+    """moto's S3 server on 127.0.0.1 with `bucket` made: yields (storage options naming its endpoint, an
+    s3fs filesystem on it); stopped on exit."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"key": "bench-key", "secret": "bench-secret", "endpoint_url": f"http://{host}:{port}"}
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir(bucket)
+        yield options, fs
+    finally:
+        server.stop()
 
 
 def save(folder: str, stem: str, results: dict, table: str) -> None:

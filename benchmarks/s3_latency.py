@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from bench import cpu_model, make_images, save  # noqa: E402
+from bench import cpu_model, local_s3, make_images, save  # noqa: E402
 from flaky_proxy import FlakyProxy  # noqa: E402
 
 MODEL = os.path.join(ROOT, "benchmarks", "models", "ssd_mobilenet_v2_300_uint8.tflite")
@@ -71,15 +71,11 @@ def main() -> int:
     parser.add_argument("--tar", type=int, default=0, help="pack the images into tars of this many (0: files)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
-    from moto.server import ThreadedMotoServer
-    import s3fs
+    with local_s3("bench") as (options, fs):
+        return _measure(args, options, fs)
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "bench-key", "secret": "bench-secret", "endpoint_url": f"http://{host}:{port}"}
-    fs = s3fs.S3FileSystem(**options)
-    fs.mkdir("bench")
+
+def _measure(args, options: dict, fs) -> int:
     paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), args.images)
     work = tempfile.mkdtemp(prefix="s3lat-")
     if args.tar:
@@ -97,19 +93,16 @@ def main() -> int:
                "worker processes", "before": args.before and subprocess.run(
                    ["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
                    text=True).stdout.strip(), "tar": args.tar, "runs": []}
-    try:
-        for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
-            with FlakyProxy(options["endpoint_url"], latency_s=latency_ms / 1000) as proxy:
-                for rep, arm in itertools.product(range(args.repeat),
-                                                  (["before"] if args.before else []) + args.read_ahead.split(",")):
-                    r = run_job("s3://bench/in/", os.path.join(work, f"out_{latency_ms:g}_{arm}"),
-                                {**options, "endpoint_url": proxy.url}, arm, args.ray, args.before)
-                    r.update(latency_ms=latency_ms, read_ahead=arm, rep=rep)
-                    results["runs"].append(r)
-                    print(f"latency {latency_ms:g} ms, read-ahead {arm}: {r['images_per_s']:.1f} images/s "
-                          f"({r['run_s']:.1f} s processing, {r['wall_s']:.1f} s wall)", flush=True)
-    finally:
-        server.stop()
+    for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
+        with FlakyProxy(options["endpoint_url"], latency_s=latency_ms / 1000) as proxy:
+            for rep, arm in itertools.product(range(args.repeat),
+                                              (["before"] if args.before else []) + args.read_ahead.split(",")):
+                r = run_job("s3://bench/in/", os.path.join(work, f"out_{latency_ms:g}_{arm}"),
+                            {**options, "endpoint_url": proxy.url}, arm, args.ray, args.before)
+                r.update(latency_ms=latency_ms, read_ahead=arm, rep=rep)
+                results["runs"].append(r)
+                print(f"latency {latency_ms:g} ms, read-ahead {arm}: {r['images_per_s']:.1f} images/s "
+                      f"({r['run_s']:.1f} s processing, {r['wall_s']:.1f} s wall)", flush=True)
     save(args.out, f"s3_latency_{cores}core" + ("_tar" if args.tar else ""), results, render(results))
     return 0
 

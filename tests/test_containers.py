@@ -230,6 +230,31 @@ def test_parquet_ids_are_checked_across_files_beyond_memory(tmp_path, drawn, mon
         plan_input(str(folder), form="parquet", extensions=(), shard_size=8, image_column="jpeg", id_column="key")
 
 
+def test_many_parquet_files_planned_at_once_come_out_in_file_order(tmp_path, drawn):
+    """Files are planned several at a time (each costs a few requests on a store): the plan is still in
+    file order, and the first bad file in that order is the one named, whichever finished first."""
+    from batch_detect.containers import PLAN_FILES_AT_ONCE
+
+    images, truth = drawn
+    names = sorted(truth)[:3]
+    folder = tmp_path / "many"
+    folder.mkdir()
+    count = 2 * PLAN_FILES_AT_ONCE + 3
+    for f in range(count):
+        write_parquet(str(folder / f"part-{f:03d}.parquet"), images, names[:1 + f % 3], id_prefix=f"f{f:03d}-",
+                      row_group_size=1)
+    for id_column in ("key", None):
+        shards = list(plan_input(str(folder), form="parquet", extensions=(), shard_size=2, image_column="jpeg",
+                                 id_column=id_column).shards)
+        sources = [s.source for s in shards]
+        assert sources == sorted(sources) and len(set(sources)) == count
+        assert sum(len(s.uris) for s in shards) == sum(1 + f % 3 for f in range(count))
+    pq.write_table(pa.table({"other": [1]}), str(folder / "part-005.parquet"))
+    pq.write_table(pa.table({"other": [1]}), str(folder / "part-030.parquet"))
+    with pytest.raises(InputError, match="part-005.parquet' has no column 'jpeg'"):
+        list(plan_input(str(folder), form="parquet", extensions=(), shard_size=2, image_column="jpeg").shards)
+
+
 # --- through the job -------------------------------------------------------------------------------
 
 
