@@ -50,8 +50,9 @@ def unsafe_member_name(name: str) -> bool:
 
 def tar_members_at_most(tar_bytes: int) -> int:
     """The most members a tar of this size can hold: each takes a 512-byte header, and its data (if any)
-    at least one more 512-byte block. An image count known before the tar is read."""
-    return tar_bytes // 512
+    at least one more 512-byte block (an uncompressed tar; the WebDataset convention). An image count known
+    before the tar is read; an empty or unreadable tar still leaves one record."""
+    return max(1, tar_bytes // 512)
 
 
 def iter_tar(tar_uri: str, fs, extensions: tuple[str, ...], stats: dict) -> Iterator[Item]:

@@ -10,10 +10,16 @@ A lease is stale, and may be taken over, when its holder is on this machine and 
 driver on another machine that died). Staleness across machines compares the holder's clock with
 ours: clocks more than a few seconds apart delay or hasten a takeover by that much.
 
+Renewals never rewrite `_lock.json`: each holder writes its own heartbeat beside it (`_lock.<token>.json`),
+after checking the lock still names it. A renewal racing a takeover then cannot overwrite the new
+holder's lock; it only leaves a heartbeat nobody reads.
+
 Renewal runs on a thread of its own from the moment the lease is taken, so that nothing the driver waits
 for (Ray's start, a slow listing, a slow store) lets the lease go stale, and a failed renewal is retried
-rather than ending the run. The run checks the lease each time round its dispatch loop (`check`): taken
-over, it stops and writes nothing more; unrenewable for STALL_S, it stops while the lease is still its own.
+rather than ending the run. Once a renewal finds the lease taken, every write of the driver's store
+raises (`fence`), and the run checks the lease each time round its dispatch loop (`check`): taken over,
+it stops and writes nothing more (work already handed to workers finishes staging its shard); unrenewable
+for STALL_S, it stops while the lease is still its own.
 """
 
 from __future__ import annotations
@@ -72,6 +78,22 @@ def _create(store, path: str, data: bytes) -> None:
     store.fs.pipe_file(path, data, mode="create")
 
 
+def _heartbeat(token: str) -> str:
+    return f"{LOCK.removesuffix('.json')}.{token}.json"
+
+
+def _last_renewal(store, holder: dict) -> float:
+    """When `holder` last renewed: its heartbeat's time, or the lock's own before the first renewal."""
+    renewed = float(holder.get("renewed_at", 0))
+    if holder.get("token"):
+        try:
+            beat = json.loads(store.fs.cat_file(store.path(_heartbeat(holder["token"]))))
+            renewed = max(renewed, float(beat.get("renewed_at", 0)))
+        except (FileNotFoundError, ValueError):
+            pass
+    return renewed
+
+
 def _modified(store, path: str) -> float:
     try:
         return store.fs.modified(path).timestamp()
@@ -113,6 +135,7 @@ class Lease:
                 pass
             try:
                 other = json.loads(store.fs.cat_file(path))
+                other["renewed_at"] = _last_renewal(store, other)
             except FileNotFoundError:
                 continue  # released meanwhile: try again
             except ValueError:  # not ours to read: judge it by the file's age
@@ -127,21 +150,34 @@ class Lease:
                     f"{STALE_S:.0f}s after its last renewal, or delete {LOCK} once you are sure")
             log.warning("taking over the lease of output %s: %s", store.url, why)
             store.fs.rm(path)
+            if other.get("token"):
+                _remove(store, _heartbeat(other["token"]))
         raise OutputError(f"output {store.url!r}: could not take its lease ({LOCK}); try again")
 
     def renew(self) -> None:
-        """One renewal; raises LeaseLost if another run holds the lease now."""
+        """One renewal: the lock still names this run, then its heartbeat. Raises LeaseLost (and fences the
+        store) if another run holds the lease now."""
+        started, renewed_at = time.monotonic(), time.time()  # what others will judge staleness by
         try:
             current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
         except (FileNotFoundError, ValueError):
             current = {}
         if current.get("token") != self.token:
-            raise LeaseLost(f"output {self.store.url!r}: this run's lease ({LOCK}) was taken over by another run "
-                            f"(host {current.get('host')!r}, pid {current.get('pid')}); stopping so that the two "
-                            "do not both write. What was committed stays; re-run once the other has ended")
-        self.holder["renewed_at"] = time.time()
-        self.store.put_atomic(LOCK, json.dumps(self.holder).encode())
-        self.renewed = time.monotonic()
+            self.lost = LeaseLost(
+                f"output {self.store.url!r}: this run's lease ({LOCK}) was taken over by another run (host "
+                f"{current.get('host')!r}, pid {current.get('pid')}); stopping so that the two do not both "
+                "write. What was committed stays; re-run once the other has ended")
+            raise self.lost
+        if self._stop.is_set():
+            return  # released meanwhile: a heartbeat now would outlive the lease
+        self.store.put_atomic(_heartbeat(self.token), json.dumps({"token": self.token,
+                                                                   "renewed_at": renewed_at}).encode())
+        self.renewed = started
+
+    def fence(self) -> None:
+        """For every write of the driver's store: none once the lease is known to be another run's."""
+        if self.lost is not None:
+            raise self.lost
 
     def _renew_loop(self) -> None:
         wait = RENEW_S
@@ -149,8 +185,7 @@ class Lease:
             try:
                 self.renew()
                 self.last_error, wait = None, RENEW_S
-            except LeaseLost as exc:
-                self.lost = exc
+            except LeaseLost:
                 return
             except Exception as exc:  # a store that failed once: try again sooner, the run goes on meanwhile
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -172,7 +207,9 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)  # a renewal in flight on a store that hangs must not hold the exit
+            # A renewal in flight on a store that hangs must not hold the exit (`ray job stop` kills after
+            # 3 s); a late one can only leave this run's heartbeat behind, never the lock.
+            self._thread.join(timeout=2)
         if self.lost is not None:
             return  # another run's now
         try:
@@ -181,3 +218,11 @@ class Lease:
                 self.store.fs.rm(self.store.path(LOCK))
         except (FileNotFoundError, ValueError, OSError):
             pass
+        _remove(self.store, _heartbeat(self.token))
+
+
+def _remove(store, rel: str) -> None:
+    try:
+        store.fs.rm(store.path(rel))
+    except (FileNotFoundError, OSError):
+        pass

@@ -385,6 +385,7 @@ def _open_output(config: RunConfig, ready: dict, manifest: dict, lease):
         owns_lease = True
     else:
         owns_lease = False
+    store.fence = lease.fence  # from here on every write of the driver's, log and manifest included
     try:
         if config.overwrite:
             store.clear()
@@ -528,11 +529,10 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         if stopped:
             raise FailureRateExceeded(stopped[0])
         run_s = time.perf_counter() - t_run
-    except LeaseLost:
-        feed.close()  # the output is another run's now: nothing more is written there, not even the manifest
-        raise
     except BaseException as exc:
         feed.close()
+        if isinstance(exc, LeaseLost) or lease.lost is not None:
+            raise  # the output is another run's now: nothing more is written there, not even the manifest
         try:
             committer.flush()  # what was staged and logged stays committed: a re-run skips it
         finally:

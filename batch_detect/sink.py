@@ -45,6 +45,7 @@ class OutputStore:
         # fsspec shares filesystem instances per process: another writer's files must not hide behind a
         # listing cached earlier (the commit log and parts are written by other processes).
         self.fs.invalidate_cache()
+        self.fence = None  # the driver's: raises before any write once its lease is another run's
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -57,6 +58,8 @@ class OutputStore:
         return posixpath.join(posixpath.dirname(final), "." + posixpath.basename(final) + ".tmp")
 
     def put_atomic(self, rel: str, data: bytes) -> None:
+        if self.fence is not None:
+            self.fence()
         final = self.path(rel)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = self._tmp(rel)

@@ -27,7 +27,7 @@ from .detector import Detector, ImageFailure, ImageResult
 from .errors import ModelError, failure_fields
 from .interpreter import load_backend, read_model, sha256
 from .plan import Shard
-from .readahead import MAX_READS, ReadAhead
+from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, ReadAhead
 from .reading import Reader
 from .schema import DETECTIONS
 from .sink import OutputStore
@@ -406,8 +406,13 @@ class StreamAhead:
 
     _END = object()
 
-    def __init__(self, items: Iterator[Item], read, ahead: int, pool: ThreadPoolExecutor):
+    def __init__(self, items: Iterator[Item], read, ahead: int, pool: ThreadPoolExecutor,
+                 max_bytes: int = READ_BYTES_BUDGET):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        # Bytes queued at most (but always one item): the read budget the worker's memory reservation holds,
+        # which a stream's shard does not otherwise use (it has no file reads).
+        self._max_bytes, self._bytes = max_bytes, 0
+        self._room = threading.Condition()
         self._stop = threading.Event()
         self._done = pool.submit(self._produce, items, read)
 
@@ -420,6 +425,11 @@ class StreamAhead:
                     break
                 waited = time.perf_counter() - t0
                 data, failure, read_s = read(*nxt)
+                size = len(data) if data else 0
+                with self._room:
+                    while self._bytes and self._bytes + size > self._max_bytes and not self._stop.is_set():
+                        self._room.wait(0.1)
+                    self._bytes += size
                 self._put((nxt[0], (data, failure, read_s + waited)))
             self._put(self._END)
         except BaseException as exc:  # handed to the shard's thread, which raises it there
@@ -447,6 +457,9 @@ class StreamAhead:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
+        with self._room:
+            self._bytes -= len(item[1][0]) if item[1][0] else 0
+            self._room.notify()
         return item
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -53,6 +54,15 @@ def test_lease_rules(tmp_path):
     store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time()}).encode())
     with pytest.raises(OutputError, match="being written by another"):
         Lease.acquire(store)  # another machine's live lease
+    beat = lease_module._heartbeat("t")
+    store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time() - 600}).encode())
+    store.put_atomic(beat, json.dumps({"token": "t", "renewed_at": time.time()}).encode())
+    with pytest.raises(OutputError, match="being written by another"):
+        Lease.acquire(store)  # an old lock, but its holder's heartbeat is fresh: live
+    store.put_atomic(beat, json.dumps({"token": "t", "renewed_at": time.time() - 600}).encode())
+    Lease.acquire(store).release()  # both old: stale, taken over, and the old heartbeat goes with it
+    assert not store.exists(beat) and not store.exists(LOCK)
+    store.put_atomic(LOCK, json.dumps({**holder, "host": "elsewhere", "renewed_at": time.time()}).encode())
     store.put_atomic(LOCK, b"")  # unreadable (torn, foreign): judged by the file's age, fresh here
     with pytest.raises(OutputError, match="being written by another"):
         Lease.acquire(store)
@@ -64,12 +74,21 @@ def test_renewal_runs_on_its_own_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(lease_module, "RENEW_S", 0.1)
     store = OutputStore(str(tmp_path / "out"))
     lease = Lease.acquire(store)
-    first = json.loads(store.fs.cat_file(store.path(LOCK)))["renewed_at"]
+    lock = store.fs.cat_file(store.path(LOCK))
+    beat = lease_module._heartbeat(lease.token)
+
+    def renewed_at() -> float:
+        return json.loads(store.fs.cat_file(store.path(beat)))["renewed_at"] if store.exists(beat) else 0.0
+
     # nobody calls it: the thread renews while the driver waits on something else
-    assert wait_for(lambda: json.loads(store.fs.cat_file(store.path(LOCK)))["renewed_at"] > first)
+    assert wait_for(lambda: renewed_at() > 0)
+    first = renewed_at()
+    assert wait_for(lambda: renewed_at() > first)
+    # the lock itself is never rewritten: a renewal racing a takeover cannot overwrite the new holder's
+    assert store.fs.cat_file(store.path(LOCK)) == lock
     lease.check()
     lease.release()
-    assert not store.exists(LOCK) and not lease._thread.is_alive()
+    assert not store.exists(LOCK) and not store.exists(beat) and not lease._thread.is_alive()
 
 
 def test_takeover_is_seen_without_a_renew_call(tmp_path, monkeypatch):
@@ -90,41 +109,49 @@ def test_failed_renewals_are_retried_then_stop_the_run_in_time(tmp_path, monkeyp
     monkeypatch.setattr(lease_module, "STALL_S", 1.0)
     store = OutputStore(str(tmp_path / "out"))
     lease = Lease.acquire(store)
-    path = store.path(LOCK)
-    ours = open(path, "rb").read()
-    os.remove(path)
-    os.mkdir(path)  # a real failure of the store: reading the lease raises IsADirectoryError
+    # A real failure of the store: where the heartbeat's temp file goes, a directory (writing it raises
+    # IsADirectoryError); the lock stays as it is.
+    blocked = store._tmp(lease_module._heartbeat(lease.token))
+    os.mkdir(blocked)
     assert wait_for(lambda: lease.last_error is not None), "no renewal failed"
     lease.check()  # one failure does not stop the run
     assert "IsADirectoryError" in lease.last_error
-    os.rmdir(path)
-    with open(path, "wb") as fh:
-        fh.write(ours)  # the store is back: the next renewal succeeds
+    os.rmdir(blocked)  # the store is back: the next renewal succeeds
     assert wait_for(lambda: lease.last_error is None), f"never renewed again: {lease.last_error}"
     lease.check()
 
-    os.remove(path)
-    os.mkdir(path)  # failing for good: the run must stop before the lease can be taken as stale
+    os.mkdir(blocked)  # failing for good: the run must stop before the lease can be taken as stale
     assert wait_for(lambda: time.monotonic() - lease.renewed > 1.0, 5)
     with pytest.raises(OutputError, match=r"could not be renewed for \d+s \(last error: IsADirectoryError"):
         lease.check()
-    os.rmdir(path)
+    os.rmdir(blocked)
     lease.release()
 
 
 def driver_files(out: str) -> dict[str, bytes]:
-    """What the driver alone writes: the manifest, the commit log and the part files (workers stage shards)."""
+    """What the driver alone writes: the manifest, the commit log, the plan and the parts (workers stage shards)."""
     found = {}
     for folder, _, names in os.walk(out):
         for name in names:
             rel = os.path.relpath(os.path.join(folder, name), out)
-            if rel == MANIFEST or rel.split(os.sep)[0] in ("_log", "images", "detections", "failures"):
+            if rel == MANIFEST or rel.split(os.sep)[0] in ("_log", "_plan", "images", "detections", "failures"):
                 found[rel] = open(os.path.join(out, rel), "rb").read()
     return found
 
 
 def test_a_run_whose_lease_is_taken_writes_nothing_more(models_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(lease_module, "RENEW_S", 0.05)
+    noticed = threading.Event()
+    renew = Lease.renew
+
+    def observed_renew(self) -> None:  # the real renewal, and a sign when it finds the lease taken
+        try:
+            renew(self)
+        except LeaseLost:
+            noticed.set()
+            raise
+
+    monkeypatch.setattr(Lease, "renew", observed_renew)
     images, out = str(tmp_path / "images"), str(tmp_path / "out")
     write_dataset(images, 96, seed=5, sizes=((96, 72),))
     lock = os.path.join(out, LOCK)
@@ -137,7 +164,7 @@ def test_a_run_whose_lease_is_taken_writes_nothing_more(models_dir, tmp_path, mo
         with open(lock + ".tmp", "w") as fh:
             json.dump(other, fh)
         os.replace(lock + ".tmp", lock)
-        time.sleep(0.5)  # ten renewal periods: the renewal thread has seen it by now
+        assert noticed.wait(30), "the renewal thread never saw the takeover"
         seen.update(driver_files(out))
 
     config = RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=images, output=out,
@@ -170,11 +197,11 @@ def test_renewal_on_s3_survives_a_throttled_store(s3_server, monkeypatch):
             Lease.acquire(OutputStore(f"s3://{bucket}/out", flaky))  # the conditional put refuses a second
         proxy.fail_fraction = 1.0
         assert wait_for(lambda: lease.last_error is not None, 30), "no renewal failed through the proxy"
-        assert proxy.injected > 0
+        failed = lease.last_error
+        assert proxy.injected > 0 and "testing-secret" not in failed, failed
         lease.check()  # failing renewals alone do not stop the run before STALL_S
         proxy.fail_fraction = 0.0
         assert wait_for(lambda: lease.last_error is None, 30), f"never renewed again: {lease.last_error}"
         lease.check()
         lease.release()
         assert not store.exists(LOCK)
-        assert "testing-secret" not in repr(lease.last_error)

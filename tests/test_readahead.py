@@ -135,3 +135,11 @@ def test_a_tar_or_parquet_stream_is_read_ahead_on_its_own_thread_within_its_boun
         assert [next(failing)[0] for _ in range(3)] == ["item0", "item1", "item2"]
         with pytest.raises(RuntimeError, match="the store went away"):
             next(failing)
+
+        produced.clear()  # large members: bounded by bytes before count (60-byte items, 150 bytes queued at most)
+        big = StreamAhead(stream(100), lambda uri, get: (b"y" * 60, None, 0.0), 8, pool, max_bytes=150)
+        assert settle(lambda: len(produced) >= 3)
+        time.sleep(0.2)
+        assert len(produced) == 3, produced  # two queued (120 bytes), a third read and waiting for room
+        assert [next(big)[0] for _ in range(4)] == ["item0", "item1", "item2", "item3"]
+        big.close()
