@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.utils import get_protocol
 
 from .errors import InputError, ReadError
 from .extsort import SpillError, sorted_unique
@@ -48,11 +49,22 @@ def unsafe_member_name(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
 
 
-def tar_members_at_most(tar_bytes: int) -> int:
-    """The most members a tar of this size can hold: each takes a 512-byte header, and its data (if any)
-    at least one more 512-byte block (an uncompressed tar; the WebDataset convention). An image count known
-    before the tar is read; an empty or unreadable tar still leaves one record."""
-    return max(1, tar_bytes // 512)
+def tar_members_at_most(tar_uri: str, tar_bytes: int | None, limit: int) -> int | None:
+    """The most images a tar can hold, before it is streamed (None: unknown). On this machine's disk its
+    headers are counted, every member (sidecars too), up to `limit`. Elsewhere a read per member would cost
+    too much: its listed size bounds them, each member taking a 512-byte header and its data at least one
+    more block (uncompressed tars, the WebDataset convention). An empty or unreadable tar still leaves one
+    record."""
+    if get_protocol(tar_uri) in ("file", "local"):
+        try:
+            with tarfile.open(tar_uri.removeprefix("file://"), "r:") as archive:  # headers only: the data between them is seeked over
+                count = 0
+                while count < limit and archive.next() is not None:
+                    count += 1
+                return max(1, count)
+        except (tarfile.TarError, OSError):
+            pass  # compressed, cut short or unreadable: the size decides
+    return None if tar_bytes is None else max(1, tar_bytes // 512)
 
 
 def iter_tar(tar_uri: str, fs, extensions: tuple[str, ...], stats: dict) -> Iterator[Item]:

@@ -287,8 +287,9 @@ def ray_min_images(config: RunConfig) -> int:
 
 def _without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanStream) -> tuple[int, int]:
     """(worker processes, images) when this run is small enough to do without Ray, else (0, 0): no cluster
-    named, fewer images than --ray-min-images (counted by listing at most that many; for tars, the most
-    their listed sizes can hold, as their images are known only as they stream). Workers: one per
+    named, fewer images than --ray-min-images (counted by listing at most that many; for tars, whose images
+    are known only as they stream, their members counted on this machine's disk, else the most their
+    listed sizes can hold). Workers: one per
     --cpus-per-actor CPUs of this machine, as many as its memory share holds (the rule Ray's pool follows
     per node), one per shard at most."""
     threshold = ray_min_images(config)
@@ -304,8 +305,9 @@ def _without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanS
     for shard in plan.shards:
         head.append(shard)
         if plan.form == "tar":
-            size = size_in_version(shard.versions[0] if shard.versions else None)
-            images += threshold if size is None else tar_members_at_most(size)
+            most = tar_members_at_most(shard.source, size_in_version(shard.versions[0] if shard.versions else None),
+                                       threshold - images)
+            images += threshold if most is None else most
         else:
             images += len(shard.uris)
         if images >= threshold:

@@ -4,6 +4,7 @@ Ray, and a stopped run resumes exactly once."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -70,7 +71,9 @@ def test_small_run_without_ray_writes_what_the_ray_path_writes(models_dir, image
     assert recall >= 0.8 and precision >= 0.8, (recall, precision)
 
 
-def test_small_tars_go_without_ray_below_the_most_their_sizes_can_hold(models_dir, images, tmp_path):
+def test_small_tars_go_without_ray_their_members_counted_first(models_dir, images, tmp_path):
+    """A tar's images are known only as it streams: on this machine's disk its headers are counted first
+    (sidecars too: an upper bound on images), and a run under --ray-min-images needs no Ray."""
     folder, truth = images
     tars = tmp_path / "tars"
     tars.mkdir()
@@ -79,23 +82,47 @@ def test_small_tars_go_without_ray_below_the_most_their_sizes_can_hold(models_di
         with tarfile.open(tars / f"shard-{t:03d}.tar", "w") as tar:
             for name in names[lo:lo + 40]:
                 tar.add(os.path.join(folder, name), arcname=f"sample/{name}")
-    bound = sum(os.path.getsize(tars / f) for f in os.listdir(tars)) // 512  # 512-byte header + data blocks
-    assert len(truth) < bound
+                tar.add(os.path.join(folder, name), arcname=f"sample/{name[:-4]}.cls")  # a sidecar, not an image
+    members = 2 * len(truth)
     local_out, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
-    local = cli(models_dir, str(tars), local_out, "--ray-min-images", str(bound + 1))
+    local = cli(models_dir, str(tars), local_out, "--ray-min-images", str(members + 1))
     said = local.stdout + local.stderr
     assert local.returncode == 0, said[-3000:]
-    assert f"at most {bound} images" in said and "without starting Ray" in said, said[-3000:]
+    assert f"at most {members} images" in said and "without starting Ray" in said, said[-3000:]
     manifest = json.load(open(os.path.join(local_out, "_manifest.json")))
     assert manifest["cluster"]["executor"] == "local processes" and manifest["plan"]["form"] == "tar"
     assert manifest["counts"]["images"] == len(truth) and verify(local_out).ok
 
-    at_bound = cli(models_dir, str(tars), ray_out, "--ray-min-images", str(bound))  # might hold that many: Ray
+    at_bound = cli(models_dir, str(tars), ray_out, "--ray-min-images", str(members))  # might hold that many: Ray
     said = at_bound.stdout + at_bound.stderr
     assert at_bound.returncode == 0 and "starting Ray on this machine" in said, said[-3000:]
     assert json.load(open(os.path.join(ray_out, "_manifest.json")))["cluster"]["executor"] == "ray"
     local_rows = rows(local_out)
     assert local_rows and local_rows == rows(ray_out)
+
+
+def test_a_tar_elsewhere_is_bounded_by_its_listed_size(tmp_path):
+    """Off this machine a read per member would cost too much: each member takes at least a 512-byte
+    header, so the listed size bounds them. A tar that is not one (compressed, cut short) falls back to it."""
+    import fsspec
+
+    from batch_detect.containers import tar_members_at_most
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(30):
+            info = tarfile.TarInfo(f"m{i}.jpg")
+            info.size = 100
+            tar.addfile(info, io.BytesIO(b"x" * 100))
+    size = os.path.getsize(path)
+    assert tar_members_at_most(str(path), size, 10**6) == 30  # counted here
+    assert tar_members_at_most(str(path), size, 12) == 12  # stops at the limit
+    fsspec.filesystem("memory").pipe("/bucket/t.tar", path.read_bytes())
+    bound = tar_members_at_most("memory://bucket/t.tar", size, 10**6)
+    assert bound == size // 512 and 30 <= bound  # not read: bounded (30 members of 100 bytes: 60 blocks + padding)
+    assert tar_members_at_most("memory://bucket/t.tar", None, 10**6) is None  # no size listed: unknown
+    (tmp_path / "gz.tar").write_bytes(b"\x1f\x8b" + b"\0" * 2046)
+    assert tar_members_at_most(str(tmp_path / "gz.tar"), 2048, 10**6) == 4
 
 
 def test_a_worker_that_dies_hands_the_run_to_ray(models_dir, tmp_path):
