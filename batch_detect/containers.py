@@ -57,7 +57,8 @@ def tar_members_at_most(tar_uri: str, tar_bytes: int | None, limit: int) -> int 
     record."""
     if get_protocol(tar_uri) in ("file", "local"):
         try:
-            with tarfile.open(tar_uri.removeprefix("file://"), "r:") as archive:  # headers only: the data between them is seeked over
+            # headers only: the data between them is seeked over
+            with tarfile.open(tar_uri.removeprefix("file://"), "r:") as archive:
                 count = 0
                 while count < limit and archive.next() is not None:
                     count += 1

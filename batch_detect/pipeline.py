@@ -289,9 +289,8 @@ def _without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanS
     """(worker processes, images) when this run is small enough to do without Ray, else (0, 0): no cluster
     named, fewer images than --ray-min-images (counted by listing at most that many; for tars, whose images
     are known only as they stream, their members counted on this machine's disk, else the most their
-    listed sizes can hold). Workers: one per
-    --cpus-per-actor CPUs of this machine, as many as its memory share holds (the rule Ray's pool follows
-    per node), one per shard at most."""
+    listed sizes can hold). Workers: one per --cpus-per-actor CPUs of this machine, as many as its memory
+    share holds (the rule Ray's pool follows per node), one per shard at most."""
     threshold = ray_min_images(config)
     if not threshold or config.address or os.environ.get("RAY_ADDRESS"):
         return 0, 0
