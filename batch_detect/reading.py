@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from fsspec.core import url_to_fs
 
 from .errors import ReadError
@@ -10,18 +12,25 @@ from .errors import ReadError
 class Reader:
     def __init__(self, storage_options: dict | None = None):
         self._options = storage_options or {}
-        self._fs = {}
+        self._fs = {}  # protocol -> (filesystem, keyword arguments of a whole-object read)
 
-    def filesystem(self, uri: str):
+    def _open(self, uri: str):
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
         if protocol not in self._fs:
-            self._fs[protocol] = url_to_fs(uri, **self._options)[0]
+            fs = url_to_fs(uri, **self._options)[0]
+            # s3fs asks an object's size first (a HEAD: one more request and round trip per image) to split
+            # objects over 50 MiB into concurrent ranges; an image is one GET.
+            whole = {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs.cat_file).parameters else {}
+            self._fs[protocol] = fs, whole
         return self._fs[protocol]
+
+    def filesystem(self, uri: str):
+        return self._open(uri)[0]
 
     def read(self, uri: str) -> bytes:
         try:
-            fs = self.filesystem(uri)
-            return fs.cat_file(fs._strip_protocol(uri))
+            fs, whole = self._open(uri)
+            return fs.cat_file(fs._strip_protocol(uri), **whole)
         except FileNotFoundError:
             raise ReadError("file not found (deleted after listing?)", error_type="not_found") from None
         except PermissionError:

@@ -10,6 +10,8 @@ images/s). The same images, model and workers are run with reads in flight sized
 
 `--tar N` packs the images into tars of N (one shard each): a tar streams sequentially, a block of 8 MiB
 per request, read on a thread of its own ahead of the interpreter (`--read-ahead` does not apply).
+`--output-s3` writes the output to the same store, behind the same latency (staged shards, commit log,
+parts), instead of a local folder.
 
 Runs without Ray (fewer images than --ray-min-images) unless `--ray`, so Ray's start does not blur the
 rate; the rate is the job's own (images / processing time, from its manifest).
@@ -38,7 +40,8 @@ from flaky_proxy import FlakyProxy  # noqa: E402
 MODEL = os.path.join(ROOT, "benchmarks", "models", "ssd_mobilenet_v2_300_uint8.tflite")
 
 
-def run_job(input_url: str, output: str, options: dict, read_ahead: str, ray: bool, before: str | None) -> dict:
+def run_job(input_url: str, output: str, options: dict, read_ahead: str, ray: bool, before: str | None,
+            fs=None) -> dict:
     cmd = [sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", input_url,
            "--output", output, "--shard-size", "32", "--score-threshold", "0.5", "--overwrite"]
     if read_ahead not in ("auto", "before"):
@@ -54,7 +57,11 @@ def run_job(input_url: str, output: str, options: dict, read_ahead: str, ray: bo
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"job failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    m = json.load(open(os.path.join(output, "_manifest.json")))
+    if output.startswith("s3://"):
+        fs.invalidate_cache()
+        m = json.loads(fs.cat_file(output[len("s3://"):] + "/_manifest.json"))
+    else:
+        m = json.load(open(os.path.join(output, "_manifest.json")))
     assert m["counts"]["failures"] == 0, m["counts"]
     return {"wall_s": wall, "images": m["counts"]["images"], "run_s": m["timings"]["run_s"],
             "images_per_s": m["counts"]["images"] / m["timings"]["run_s"], "sizing": m.get("sizing")}
@@ -69,6 +76,7 @@ def main() -> int:
     parser.add_argument("--before", help="a checkout of an earlier commit: adds the arm 'before' (its code)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every arm at each latency, interleaved")
     parser.add_argument("--tar", type=int, default=0, help="pack the images into tars of this many (0: files)")
+    parser.add_argument("--output-s3", action="store_true", help="write the output to the store behind the proxy")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     with local_s3("bench") as (options, fs):
@@ -90,31 +98,34 @@ def _measure(args, options: dict, fs) -> int:
             fs.put_file(p, f"bench/in/{os.path.basename(p)}")
     cores = os.cpu_count() or 1
     results = {"cores": cores, "cpu": cpu_model(), "images": args.images, "executor": "ray" if args.ray else
-               "worker processes", "before": args.before and subprocess.run(
+               "worker processes", "output": "s3" if args.output_s3 else "local", "before": args.before and subprocess.run(
                    ["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
                    text=True).stdout.strip(), "tar": args.tar, "runs": []}
     for latency_ms in [float(x) for x in args.latency_ms.split(",")]:
         with FlakyProxy(options["endpoint_url"], latency_s=latency_ms / 1000) as proxy:
             for rep, arm in itertools.product(range(args.repeat),
                                               (["before"] if args.before else []) + args.read_ahead.split(",")):
-                r = run_job("s3://bench/in/", os.path.join(work, f"out_{latency_ms:g}_{arm}"),
-                            {**options, "endpoint_url": proxy.url}, arm, args.ray, args.before)
+                out = (f"s3://bench/out_{latency_ms:g}_{arm}" if args.output_s3
+                       else os.path.join(work, f"out_{latency_ms:g}_{arm}"))
+                r = run_job("s3://bench/in/", out, {**options, "endpoint_url": proxy.url}, arm, args.ray, args.before, fs)
                 r.update(latency_ms=latency_ms, read_ahead=arm, rep=rep)
                 results["runs"].append(r)
                 print(f"latency {latency_ms:g} ms, read-ahead {arm}: {r['images_per_s']:.1f} images/s "
                       f"({r['run_s']:.1f} s processing, {r['wall_s']:.1f} s wall)", flush=True)
-    save(args.out, f"s3_latency_{cores}core" + ("_tar" if args.tar else ""), results, render(results))
+    save(args.out, f"s3_latency_{cores}core" + ("_tar" if args.tar else "") + ("_s3out" if args.output_s3 else ""),
+         results, render(results))
     return 0
 
 
 def render(results: dict) -> str:
     arms = list(dict.fromkeys(r["read_ahead"] for r in results["runs"]))
     packed = f" in tars of {results['tar']}" if results.get("tar") else ""
+    written = "; output written to the same store" if results.get("output") == "s3" else ""
     lines = [f"{results['cores']} cores ({results['cpu']}); {results['images']} JPEGs{packed} from S3 (moto on 127.0.0.1) "
-             f"behind a proxy adding a fixed latency per request; {results['executor']}; SSD model; images/s = "
+             f"behind a proxy adding a fixed latency per request{written}; {results['executor']}; SSD model; images/s = "
              "the job's images / its processing time; median of the repetitions (all runs in brackets)", "",
              "| latency ms | " + " | ".join(f"{a} ({results['before']}) img/s" if a == "before" else
-                                            "this checkout img/s" if results.get("tar") else
+                                            "this checkout img/s" if results.get("tar") or results.get("output") == "s3" else
                                             f"read-ahead {a} img/s" for a in arms) + " | images ahead chosen (auto) |",
              "|---" * (len(arms) + 2) + "|"]
     for lat in dict.fromkeys(r["latency_ms"] for r in results["runs"]):

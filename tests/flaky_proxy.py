@@ -27,6 +27,7 @@ class FlakyProxy:
         self.latency_s = latency_s
         self.in_flight = 0  # object GETs being answered now, and the most at once
         self.max_in_flight = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path with query) of every request, in order
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,6 +38,8 @@ class FlakyProxy:
 
             def _forward(self):
                 path = urlsplit(self.path).path
+                with proxy.lock:
+                    proxy.requests.append((self.command, self.path))
                 is_object_get = self.command == "GET" and path.count("/") >= 2 and "?" not in self.path
                 if is_object_get:
                     with proxy.lock:

@@ -193,8 +193,9 @@ def test_status_of_a_running_job_on_s3(local_ray, bucket, tmp_path, models_dir):
 
 def test_atomic_put_survives_a_stale_listing_from_another_thread(bucket, monkeypatch):
     """fsspec shares one S3 filesystem per process, and s3fs answers "not found" from a cached listing: a
-    listing of `_log/` that another thread (a `status` beside the run) took while a segment's temporary
-    file was being written must not make the rename fail (it once failed a run in this suite)."""
+    listing of `_log/` that another thread (a `status` beside the run) took while a segment was being written
+    must not make the write fail or leave a temporary object (a rename after the put once failed a run in this
+    suite; on object stores the put is now direct)."""
     from batch_detect.sink import OutputStore
 
     name, options, _, _ = bucket
@@ -215,3 +216,77 @@ def test_atomic_put_survives_a_stale_listing_from_another_thread(bucket, monkeyp
     fs.invalidate_cache()
     assert fs.cat_file(store.path("_log/second.jsonl")) == b"2\n"
     assert not fs.exists(store.path("_log/.second.jsonl.tmp"))
+
+
+def _staged_rows(shard: str, images: int):
+    import numpy as np
+
+    from batch_detect.decoding import Detections
+    from batch_detect.detector import ImageResult
+    from batch_detect.worker import ShardRows
+
+    rows = ShardRows(shard)
+    for i in range(images):
+        boxes = np.array([[0.1, 0.2, 0.3, 0.4]] * (i % 3), dtype=np.float32).reshape(-1, 4)
+        rows.add(ImageResult(f"s3://b/{shard}/{i}.jpg", 640, 480, Detections(
+            boxes, np.zeros(len(boxes), np.int32), np.full(len(boxes), 0.9, np.float32)), 1.0, 2.0), None)
+    return rows.columns
+
+
+def test_staged_shard_is_one_put_per_table_and_compaction_reads_at_once(bucket):
+    """On an object store a staged shard is put under its own name, one request per table, all three at
+    once (a temp name then a move was 7 requests in a row per table: a move there is a copy and a delete);
+    compaction fetches staged shards several at a time, keeps shard order, and refuses a missing one."""
+    import pyarrow.parquet as pq
+    from flaky_proxy import FlakyProxy
+
+    from batch_detect.plan import shard_id
+    from batch_detect.sink import OutputStore
+
+    name, options, fs, _ = bucket
+    with FlakyProxy(options["endpoint_url"], latency_s=0.05) as proxy:
+        store = OutputStore(f"s3://{name}/staged", {**options, "endpoint_url": proxy.url})
+        shards = [shard_id(i) for i in range(12)]
+        for i, sid in enumerate(shards):
+            before = len(proxy.requests)
+            store.write_shard(sid, _staged_rows(sid, 5 + i), run_id=0)
+            made = proxy.requests[before:]
+            assert sorted(made) == sorted(("PUT", f"/{name}/staged/_staging/{table}/{sid}.parquet")
+                                          for table in ("images", "detections", "failures")), made
+        fs.invalidate_cache()
+        assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{name}/staged")) == sorted(
+            f"{sid}.parquet" for sid in shards for _ in range(3)), "a temp object was left"
+
+        proxy.max_in_flight = 0
+        rows = store.compact(0, shards[:10])
+        assert proxy.max_in_flight > 1, "staged shards were fetched one at a time"
+    assert rows["images"] == sum(5 + i for i in range(10))
+    fs.invalidate_cache()
+    part = pq.read_table(fs.open(f"{name}/staged/images/part-000000.parquet", "rb"))
+    assert part["uri"].to_pylist() == [f"s3://b/{sid}/{k}.jpg" for i, sid in enumerate(shards[:10]) for k in range(5 + i)]
+    assert pq.read_table(fs.open(f"{name}/staged/detections/part-000000.parquet", "rb")).num_rows == \
+        sum(k % 3 for i in range(10) for k in range(5 + i))
+    assert not fs.exists(f"{name}/staged/_staging/images/{shards[0]}.parquet"), "staging not cleared"
+
+    fs.rm(f"{name}/staged/_staging/images/{shards[11]}.parquet")  # a committed shard's file gone
+    store = OutputStore(f"s3://{name}/staged", options)
+    with pytest.raises(FileNotFoundError):
+        store.compact(1, shards[10:])
+    fs.invalidate_cache()
+    assert not fs.exists(f"{name}/staged/images/part-000001.parquet"), "a part missing a shard was written"
+
+
+def test_an_image_read_is_one_get(bucket):
+    """Reading an image from S3 is one GET: s3fs asks the object's size first (a HEAD, a round trip) to split
+    large objects into ranges, which for images doubles the requests and the latency of every read."""
+    from flaky_proxy import FlakyProxy
+
+    from batch_detect.reading import Reader
+
+    name, options, fs, truth = bucket
+    key = sorted(truth)[0]
+    with FlakyProxy(options["endpoint_url"]) as proxy:
+        reader = Reader({**options, "endpoint_url": proxy.url})
+        data = reader.read(f"s3://{name}/in/{key}")
+        assert proxy.requests == [("GET", f"/{name}/in/{key}")], proxy.requests
+    assert data == fs.cat_file(f"{name}/in/{key}")
