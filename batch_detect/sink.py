@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -132,36 +133,42 @@ class OutputStore:
         """The staged rows of `shard_ids`, in that order, into part `part` of each table; then their staging
         files are deleted. Idempotent: a part already in place is not written again (a retry after a crash
         between writing it and logging it must not duplicate rows), and staging is deleted only after all
-        three parts exist."""
-        rows = {}
-        for name, schema in TABLES.items():
-            rel = posixpath.join(name, part_name(part))
-            if self.fs.exists(self.path(rel)):
-                rows[name] = pq.ParquetFile(self.fs.open(self.path(rel), "rb")).metadata.num_rows
-                continue
-            tmp = self._tmp(rel)
-            self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
-            rows[name] = 0
-            with self.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
-                buffered: list[pa.Table] = []
-                held = 0
-                for t in self._staged_tables(name, schema, shard_ids):
-                    buffered.append(t)
-                    held += t.num_rows
-                    if held >= ROW_GROUP_ROWS:
-                        writer.write_table(pa.concat_tables(buffered), row_group_size=ROW_GROUP_ROWS)
-                        rows[name] += held
-                        buffered, held = [], 0
-                if buffered or rows[name] == 0:
-                    writer.write_table(pa.concat_tables(buffered) if buffered else schema.empty_table(),
-                                       row_group_size=ROW_GROUP_ROWS)
-                    rows[name] += held
-            self._rename(tmp, self.path(rel))
+        three parts exist. The three tables are written side by side: on an object store each is a chain
+        of round trips (reads, the part, its move)."""
+        with ThreadPoolExecutor(len(TABLES), thread_name_prefix="compact") as pool:
+            futures = {name: pool.submit(self._compact_table, name, schema, part, shard_ids)
+                       for name, schema in TABLES.items()}
+            rows = {name: future.result() for name, future in futures.items()}
         staged = [self.path(_staged(name, sid)) for name in TABLES for sid in shard_ids]
         try:
             self.fs.rm(staged)
         except FileNotFoundError:  # a retry after a partial clean-up (object stores ignore missing keys)
             self.fs.rm([p for p in staged if self.fs.exists(p)])
+        return rows
+
+    def _compact_table(self, name: str, schema: pa.Schema, part: int, shard_ids: list[str]) -> int:
+        rel = posixpath.join(name, part_name(part))
+        if self.fs.exists(self.path(rel)):
+            with self.fs.open(self.path(rel), "rb") as fh:
+                return pq.ParquetFile(fh).metadata.num_rows
+        tmp = self._tmp(rel)  # streamed (a part may not fit in memory), so written whole before it is named
+        self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        rows = 0
+        with self.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+            buffered: list[pa.Table] = []
+            held = 0
+            for t in self._staged_tables(name, schema, shard_ids):
+                buffered.append(t)
+                held += t.num_rows
+                if held >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(buffered), row_group_size=ROW_GROUP_ROWS)
+                    rows += held
+                    buffered, held = [], 0
+            if buffered or rows == 0:
+                writer.write_table(pa.concat_tables(buffered) if buffered else schema.empty_table(),
+                                   row_group_size=ROW_GROUP_ROWS)
+                rows += held
+        self._rename(tmp, self.path(rel))
         return rows
 
     def _staged_tables(self, name: str, schema: pa.Schema, shard_ids: list[str]):
