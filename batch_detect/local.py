@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from .plan import Shard
@@ -100,6 +101,10 @@ class LocalDispatcher:
         self.handed_back: list[Shard] = []
         self.why_ray: str | None = None  # why the run went on with Ray
         self.pool: list[_Worker] = []
+        # Parts are written on a thread of their own: on the driver's thread, a part on a distant store (a
+        # chain of round trips per table) held up dispatch for seconds while the workers ran out of shards.
+        self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compact")
+        self._compactions: deque[tuple[Future, Callable[[dict], None]]] = deque()
 
     @property
     def inflight(self) -> list[Shard]:
@@ -110,8 +115,14 @@ class LocalDispatcher:
         self.stopping = self.exhausted = True
 
     def compact(self, part: int, shard_ids: list[str], done: Callable[[dict], None]) -> None:
-        # Small runs write small parts: in the driver, in order, no worker needed.
-        done(self.store.compact(part, shard_ids))
+        # Small runs write small parts: in the driver's process, in order, no worker needed.
+        self._compactions.append((self._compactor.submit(self.store.compact, part, shard_ids), done))
+
+    def _reap(self, wait: bool) -> None:
+        """Parts written are logged, on the dispatch thread, in order; a failed one raises here."""
+        while self._compactions and (wait or self._compactions[0][0].done()):
+            future, done = self._compactions.popleft()
+            done(future.result())
 
     def run(self) -> list[Shard]:
         events: queue.Queue = queue.Queue()
@@ -120,17 +131,22 @@ class LocalDispatcher:
             self.pool = [_Worker(i, self.settings, events) for i in range(self.workers)]
             self._loop(events)
             finished = not self.handed_back and not self.stopping
+            self._reap(wait=True)
             return self.handed_back
         finally:
             # Interrupted, failing fast or handing over: what is in flight is not waited for (it would not
-            # be committed); a worker stopped mid-shard leaves at most a temp file in staging.
+            # be committed); a worker stopped mid-shard leaves at most a temp file in staging. A part being
+            # written is finished, not logged: nothing writes here once the run has returned, and the next
+            # run finds the part in place (compaction is idempotent).
             for worker in self.pool:
                 worker.stop(now=not finished)
+            self._compactor.shutdown(wait=True)
 
     def _loop(self, events: queue.Queue) -> None:
         while True:
             self._assign()
             self.tick()
+            self._reap(wait=False)
             if self.exhausted and (self.stopping or not self.inflight):
                 self.drained()
                 return

@@ -9,6 +9,12 @@ from fsspec.core import url_to_fs
 from .errors import ReadError
 
 
+def one_request(fs) -> dict:
+    """Keyword arguments that make `fs.cat_file` of a whole object one request: s3fs asks the object's size
+    first (a HEAD: one more request and round trip per image) to split objects over 50 MiB into ranges."""
+    return {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs.cat_file).parameters else {}
+
+
 class Reader:
     def __init__(self, storage_options: dict | None = None):
         self._options = storage_options or {}
@@ -18,10 +24,7 @@ class Reader:
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
         if protocol not in self._fs:
             fs = url_to_fs(uri, **self._options)[0]
-            # s3fs asks an object's size first (a HEAD: one more request and round trip per image) to split
-            # objects over 50 MiB into concurrent ranges; an image is one GET.
-            whole = {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs.cat_file).parameters else {}
-            self._fs[protocol] = fs, whole
+            self._fs[protocol] = fs, one_request(fs)
         return self._fs[protocol]
 
     def filesystem(self, uri: str):

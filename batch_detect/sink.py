@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from .commitlog import LOG_DIR
+from .reading import one_request
 from .schema import PLAN_SCHEMA, TABLES
 
 LAYOUT = 3  # runs (run_id in every row) in one commit log, part files; 2 had no runs, 1 a file set per shard
@@ -55,6 +56,7 @@ class OutputStore:
         self.fence = None  # the driver's: raises before any write once its lease is another run's
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.atomic_put = bool(ATOMIC_PUT_PROTOCOLS.intersection(protocols))
+        self._one_request = one_request(self.fs)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -177,7 +179,7 @@ class OutputStore:
         never skipped."""
         for lo in range(0, len(shard_ids), COMPACT_READ_BATCH):
             paths = [self.path(_staged(name, sid)) for sid in shard_ids[lo:lo + COMPACT_READ_BATCH]]
-            for blob in self.fs.cat_ranges(paths, None, None, on_error="raise"):
+            for blob in self.fs.cat_ranges(paths, None, None, on_error="raise", **self._one_request):
                 yield pq.read_table(pa.BufferReader(blob), schema=schema)
 
     def part_files(self, table: str) -> list[str]:

@@ -236,7 +236,8 @@ def _staged_rows(shard: str, images: int):
 def test_staged_shard_is_one_put_per_table_and_compaction_reads_at_once(bucket):
     """On an object store a staged shard is put under its own name, one request per table, all three at
     once (a temp name then a move was 7 requests in a row per table: a move there is a copy and a delete);
-    compaction fetches staged shards several at a time, keeps shard order, and refuses a missing one."""
+    compaction fetches staged shards several at a time, one GET each, keeps shard order, and refuses a
+    missing one."""
     import pyarrow.parquet as pq
     from flaky_proxy import FlakyProxy
 
@@ -258,8 +259,13 @@ def test_staged_shard_is_one_put_per_table_and_compaction_reads_at_once(bucket):
             f"{sid}.parquet" for sid in shards for _ in range(3)), "a temp object was left"
 
         proxy.max_in_flight = 0
+        before = len(proxy.requests)
         rows = store.compact(0, shards[:10])
         assert proxy.max_in_flight > 1, "staged shards were fetched one at a time"
+        staged_reads = [r for r in proxy.requests[before:] if "/_staging/" in r[1] and r[0] in ("GET", "HEAD")]
+        assert sorted(staged_reads) == sorted(("GET", f"/{name}/staged/_staging/{table}/{sid}.parquet")
+                                              for table in ("images", "detections", "failures")
+                                              for sid in shards[:10]), "a staged shard cost more than one GET"
     assert rows["images"] == sum(5 + i for i in range(10))
     fs.invalidate_cache()
     part = pq.read_table(fs.open(f"{name}/staged/images/part-000000.parquet", "rb"))
