@@ -13,6 +13,7 @@ module, which would run an unguarded script calling `pipeline.run` again in ever
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickle
@@ -24,6 +25,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Callable, Iterator
 
 from .plan import Shard
@@ -105,6 +107,11 @@ class LocalDispatcher:
         # chain of round trips per table) held up dispatch for seconds while the workers ran out of shards.
         self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compact")
         self._compactions: deque[tuple[Future, Callable[[dict], None]]] = deque()
+        # A run that stops on an exception (Ctrl-C, SIGTERM, a lost lease) leaves its parts to the next run
+        # (compaction is idempotent): the one being written stops at its next batch, the rest never start.
+        self._abandoned = threading.Event()
+        self._compaction_store = copy.copy(store)
+        self._compaction_store.fence = partial(_compaction_fence, store, self._abandoned)
 
     @property
     def inflight(self) -> list[Shard]:
@@ -116,7 +123,7 @@ class LocalDispatcher:
 
     def compact(self, part: int, shard_ids: list[str], done: Callable[[dict], None]) -> None:
         # Small runs write small parts: in the driver's process, in order, no worker needed.
-        self._compactions.append((self._compactor.submit(self.store.compact, part, shard_ids), done))
+        self._compactions.append((self._compactor.submit(self._compaction_store.compact, part, shard_ids), done))
 
     def _reap(self, wait: bool) -> None:
         """Parts written are logged, on the dispatch thread, in order; a failed one raises here."""
@@ -126,21 +133,22 @@ class LocalDispatcher:
 
     def run(self) -> list[Shard]:
         events: queue.Queue = queue.Queue()
-        finished = False
+        finished = returned = False
         try:
             self.pool = [_Worker(i, self.settings, events) for i in range(self.workers)]
             self._loop(events)
             finished = not self.handed_back and not self.stopping
             self._reap(wait=True)
+            returned = True
             return self.handed_back
         finally:
             # Interrupted, failing fast or handing over: what is in flight is not waited for (it would not
-            # be committed); a worker stopped mid-shard leaves at most a temp file in staging. A part being
-            # written is finished, not logged: nothing writes here once the run has returned, and the next
-            # run finds the part in place (compaction is idempotent).
+            # be committed); a worker stopped mid-shard leaves at most a temp file in staging.
             for worker in self.pool:
                 worker.stop(now=not finished)
-            self._compactor.shutdown(wait=True)
+            if not returned:
+                self._abandoned.set()
+            self._compactor.shutdown(wait=True, cancel_futures=not returned)  # nothing writes after the run
 
     def _loop(self, events: queue.Queue) -> None:
         while True:
@@ -182,6 +190,17 @@ class LocalDispatcher:
                 return
             else:
                 worker.send(shard)
+
+
+class _Abandoned(Exception):
+    """A part left to the next run: this one is stopping."""
+
+
+def _compaction_fence(store: OutputStore, abandoned: threading.Event) -> None:
+    if abandoned.is_set():
+        raise _Abandoned("the run is stopping: this part is left to the next run")
+    if store.fence is not None:  # the lease's, installed on the driver's store
+        store.fence()
 
 
 # --- the worker process ---------------------------------------------------------------------------

@@ -74,8 +74,7 @@ class OutputStore:
     def put_all(self, files: dict[str, bytes]) -> None:
         """Each file whole or not at all: on object stores one PUT each, all at once; elsewhere a temp name
         then a move, one after another."""
-        if self.fence is not None:
-            self.fence()
+        self._check_fence()
         if self.atomic_put:
             self.fs.pipe({self.path(rel): data for rel, data in files.items()})
             return
@@ -135,25 +134,33 @@ class OutputStore:
         """The staged rows of `shard_ids`, in that order, into part `part` of each table; then their staging
         files are deleted. Idempotent: a part already in place is not written again (a retry after a crash
         between writing it and logging it must not duplicate rows), and staging is deleted only after all
-        three parts exist. The three tables are written side by side: on an object store each is a chain
-        of round trips (reads, the part, its move)."""
+        three parts exist. The three tables are written side by side (on an object store each is a chain of
+        round trips), each to a temp name, and named only once all three are written: a failure leaves no
+        table's part visible without the others'."""
         with ThreadPoolExecutor(len(TABLES), thread_name_prefix="compact") as pool:
-            futures = {name: pool.submit(self._compact_table, name, schema, part, shard_ids)
+            futures = {name: pool.submit(self._write_part, name, schema, part, shard_ids)
                        for name, schema in TABLES.items()}
-            rows = {name: future.result() for name, future in futures.items()}
+            written = {name: future.result() for name, future in futures.items()}
+        for name, (_, tmp) in written.items():
+            if tmp is not None:
+                self._check_fence()
+                self._rename(tmp, self.path(name, part_name(part)))
+        self._check_fence()
         staged = [self.path(_staged(name, sid)) for name in TABLES for sid in shard_ids]
         try:
             self.fs.rm(staged)
         except FileNotFoundError:  # a retry after a partial clean-up (object stores ignore missing keys)
             self.fs.rm([p for p in staged if self.fs.exists(p)])
-        return rows
+        return {name: rows for name, (rows, _) in written.items()}
 
-    def _compact_table(self, name: str, schema: pa.Schema, part: int, shard_ids: list[str]) -> int:
-        rel = posixpath.join(name, part_name(part))
-        if self.fs.exists(self.path(rel)):
-            with self.fs.open(self.path(rel), "rb") as fh:
-                return pq.ParquetFile(fh).metadata.num_rows
-        tmp = self._tmp(rel)  # streamed (a part may not fit in memory), so written whole before it is named
+    def _write_part(self, name: str, schema: pa.Schema, part: int, shard_ids: list[str]) -> tuple[int, str | None]:
+        """(rows, the temp file holding them), or (rows, None) where the part is in place already."""
+        self._check_fence()
+        final = self.path(name, part_name(part))
+        if self.fs.exists(final):
+            with self.fs.open(final, "rb") as fh:
+                return pq.ParquetFile(fh).metadata.num_rows, None
+        tmp = self._tmp(posixpath.join(name, part_name(part)))  # streamed: a part may not fit in memory
         self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
         rows = 0
         with self.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
@@ -170,17 +177,21 @@ class OutputStore:
                 writer.write_table(pa.concat_tables(buffered) if buffered else schema.empty_table(),
                                    row_group_size=ROW_GROUP_ROWS)
                 rows += held
-        self._rename(tmp, self.path(rel))
-        return rows
+        return rows, tmp
 
     def _staged_tables(self, name: str, schema: pa.Schema, shard_ids: list[str]):
         """The staged tables of `shard_ids` in order, fetched a batch at a time (concurrently on object
         stores, where one after another each costs a round trip). A missing one raises: a committed shard is
         never skipped."""
         for lo in range(0, len(shard_ids), COMPACT_READ_BATCH):
+            self._check_fence()  # a long part stops within a batch once the run may no longer write
             paths = [self.path(_staged(name, sid)) for sid in shard_ids[lo:lo + COMPACT_READ_BATCH]]
             for blob in self.fs.cat_ranges(paths, None, None, on_error="raise", **self._one_request):
                 yield pq.read_table(pa.BufferReader(blob), schema=schema)
+
+    def _check_fence(self) -> None:
+        if self.fence is not None:
+            self.fence()
 
     def part_files(self, table: str) -> list[str]:
         return sorted(self.fs.glob(self.path(table, "*.parquet")))
