@@ -137,14 +137,23 @@ def _compact(output_url: str | None, storage_options: dict, part: int, shard_ids
 
 
 # Compaction is I/O: it takes no CPU slot from the detector actors, and a retry is harmless (idempotent).
-compact_task = ray.remote(num_cpus=0, max_retries=3)(_compact)
+_compact_task = ray.remote(num_cpus=0, max_retries=3)(_compact)
+
+
+def compact_task(*args):
+    """A compaction task on the driver's node where it can run there (soft): on a worker node that is lost
+    mid-run, nothing gives it up until Ray declares the node dead (~60 s), and the run waits for it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return _compact_task.options(scheduling_strategy=here).remote(*args)
 
 
 def warm_up_compaction() -> None:
     """Ray stores a remote function in the GCS on its first call, and that call waits for the GCS: made
     mid-run while the head is unreachable, it would hang the dispatch loop. So the first call is made
     at the start, with nothing to do."""
-    compact_task.remote(None, {}, 0, [])
+    compact_task(None, {}, 0, [])
 
 
 class ActorPool:

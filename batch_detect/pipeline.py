@@ -438,7 +438,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
             done(rows)
         if "ray" in active:
             from .distributed import compact_task
-            active["ray"][1].watch(compact_task.remote(config.output, config.storage_options, part, shard_ids),
+            active["ray"][1].watch(compact_task(config.output, config.storage_options, part, shard_ids),
                                    finished)
         else:
             active["local"].compact(part, shard_ids, finished)
