@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-actor", type=int,
                      help="CPUs (and interpreter threads) per actor (default: 1, or the CPUs a smaller pool leaves "
                           "unused shared out, at most 8)")
+    run.add_argument("--decode-threads", type=int, metavar="N",
+                     help="threads decoding images ahead of each worker's model (default: sized per node; 0: "
+                          "decode on the model's thread, one image after another)")
     run.add_argument("--max-shards-in-flight", type=int, help="per actor: the backpressure bound (default 2)")
     run.add_argument("--read-ahead", type=int, metavar="N",
                      help="images each worker keeps read ahead of its model (default 0: sized from the store's "

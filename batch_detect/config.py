@@ -52,6 +52,9 @@ class RunConfig:
     # CPUs (and interpreter threads) per actor. None: 1, and more where the pool leaves CPUs unused
     # (memory holds fewer actors than a node has CPUs, or fewer shards than CPUs): see threads_per_actor
     cpus_per_actor: int | None = None
+    # Decode threads per worker. None: sized per node (worker.decode_threads); 0: decode on the
+    # interpreter's thread, one image after another
+    decode_threads: int | None = None
     max_shards_in_flight: int = 2  # per actor: the backpressure bound
     read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency (readahead.py)
     part_rows: int = 100_000  # images (and failures) per output part file: files per table ≈ images / this
@@ -112,6 +115,9 @@ class RunConfig:
             raise ConfigError(f"--ray-min-images must be 0 (always Ray) or more, got {self.ray_min_images}")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
+        if self.decode_threads is not None and self.decode_threads < 0:
+            raise ConfigError(f"--decode-threads must be 0 (decode on the interpreter's thread) or more, "
+                              f"got {self.decode_threads}")
         if self.memory_per_actor_mb is not None and self.memory_per_actor_mb < 1:
             raise ConfigError(f"--memory-per-actor-mb must be positive, got {self.memory_per_actor_mb}")
         if not 0.0 < self.node_memory_share <= 1.0:

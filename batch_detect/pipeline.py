@@ -423,7 +423,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
         normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
         output_format=config.output_format,
         labels=ready["labels"], extensions=config.extensions, image_column=config.image_column,
-        batch_size=config.batch_size, read_ahead=config.read_ahead,
+        batch_size=config.batch_size, read_ahead=config.read_ahead, decode_threads=config.decode_threads,
         output_url=config.output, storage_options=config.storage_options,
     )
     resume = planning.mode == "resume"
@@ -705,7 +705,9 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
                    "threads (at most 8)"),
         "actors": actors, "interpreter_threads": threads,
         # The decode window bounds the decodes in flight (and their memory): threads beyond it stay idle.
-        "decode_threads": decode_threads(threads, depth), "decode_depth": depth,
+        "decode_threads": (decode_threads(threads, depth) if config.decode_threads is None
+                           else config.decode_threads),  # 0: on the interpreter's thread
+        "decode_depth": depth,
         "read_ahead": (f"fixed: {config.read_ahead} images (--read-ahead)" if config.read_ahead else
                        "sized per worker: ceil(read latency / infer time per image) + 1 images, at least the "
                        f"decode depth, at most {MAX_READS} and {READ_BYTES_BUDGET // MIB} MiB of files"),

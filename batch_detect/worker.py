@@ -58,6 +58,7 @@ class WorkerSettings:
     prefetch: int = PREFETCH
     output_format: str = "auto"
     read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency
+    decode_threads: int | None = None  # None: decode_threads(num_threads, depth); 0: on the interpreter's thread
 
 
 class ShardProcessor:
@@ -88,7 +89,8 @@ class ShardProcessor:
         self.reader = Reader(settings.storage_options)
         self.store = OutputStore(settings.output_url, settings.storage_options)
         depth = max(settings.prefetch, 2 * self.detector.batch)  # a full batch ready while the previous one runs
-        self.pools = Pools.create(decode_threads(settings.num_threads, depth), depth)
+        threads = settings.decode_threads
+        self.pools = Pools.create(decode_threads(settings.num_threads, depth) if threads is None else threads, depth)
         self.read_ahead = ReadAhead(settings.read_ahead)  # kept across shards: the next starts sized
 
     def _run(self, shard: Shard):
@@ -350,7 +352,7 @@ def run_shard(
             decodes.append((uri, pools.decode.submit(decode, uri, read_future)))
 
     try:
-        _drain(decodes, refill, rows, timings, detector, labels, read_ahead, sequential)
+        _drain(decodes, refill, rows, timings, detector, labels, read_ahead, sequential, pools.inline)
     finally:
         # A shard that raised leaves nothing queued for the next one (started work just finishes).
         for _, future in (*reads, *decodes):
@@ -363,7 +365,7 @@ def run_shard(
 
 
 def _drain(decodes: deque, refill, rows: "ShardRows", timings: dict, detector: Detector, labels, read_ahead: ReadAhead,
-           sequential: bool) -> None:
+           sequential: bool, inline: bool = False) -> None:
     """The interpreter's loop: take decoded images in order, a batch at a time, and keep the stages fed."""
     refill()
     while decodes:
@@ -373,7 +375,8 @@ def _drain(decodes: deque, refill, rows: "ShardRows", timings: dict, detector: D
             refill()
             t0 = time.perf_counter()
             prepared, failure, read_s, decode_s, nbytes = future.result()
-            timings["stall_s"] += time.perf_counter() - t0
+            # decoded right here (--decode-threads 0): that time is decode, not a wait
+            timings["stall_s"] += time.perf_counter() - t0 - (decode_s if inline else 0.0)
             timings["read_s"] += read_s
             timings["decode_s"] += decode_s
             timings["read_decode_s"] += read_s + decode_s
@@ -478,10 +481,43 @@ class Pools:
     decodes, with `depth` decoded images at most waiting for the interpreter."""
 
     read: ThreadPoolExecutor
-    decode: ThreadPoolExecutor
+    decode: "ThreadPoolExecutor | OnResult"
     depth: int
 
     @classmethod
     def create(cls, decode_threads: int, depth: int) -> "Pools":
-        return cls(ThreadPoolExecutor(max_workers=MAX_READS, thread_name_prefix="read"),
-                   ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode"), depth)
+        decode = (ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode") if decode_threads
+                  else OnResult())
+        return cls(ThreadPoolExecutor(max_workers=MAX_READS, thread_name_prefix="read"), decode, depth)
+
+    @property
+    def inline(self) -> bool:
+        return isinstance(self.decode, OnResult)
+
+
+class OnResult:
+    """An executor that runs each task on the thread asking for its result, when it asks: decoding on the
+    interpreter's thread, in order. For a node whose interpreters already keep every core busy, where
+    decoding ahead on other threads only adds threads contending for the same cores."""
+
+    def submit(self, fn, *args) -> "_Deferred":
+        return _Deferred(fn, args)
+
+
+class _Deferred:
+    __slots__ = ("_call", "_value")
+
+    def __init__(self, fn, args):
+        self._call = (fn, args)
+        self._value = None
+
+    def result(self):
+        if self._call is not None:
+            fn, args = self._call
+            self._call = None
+            self._value = fn(*args)  # decode() returns failures as values: nothing to keep but the value
+        return self._value
+
+    def cancel(self) -> bool:
+        self._call = None
+        return True

@@ -57,7 +57,9 @@ def main() -> int:
                     tar.add(os.path.join(images, name), arcname=f"sample/{name}")
         images = tars
     exe = os.path.join(os.path.dirname(sys.executable), "batch-detect")
-    base = [exe, "run", "--model", os.path.join(ROOT, "models", "shapes_ssd_uint8.tflite"),
+    # where the package is on PYTHONPATH only (the lent machine's bundle), as `python -m`, which costs the same
+    cli = [exe] if os.path.exists(exe) else [sys.executable, "-m", "batch_detect"]
+    base = [*cli, "run", "--model", os.path.join(ROOT, "models", "shapes_ssd_uint8.tflite"),
             "--labels", os.path.join(ROOT, "models", "shapes_labels.txt"), "--input", images, "--shard-size", "16"]
     runs: dict[str, list[float]] = {"without Ray (default)": [], "embedded Ray (--ray-min-images 0)": [],
                                     "re-run of the finished output": []}

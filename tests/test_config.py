@@ -7,7 +7,8 @@ from batch_detect.labels import parse_labels
 
 def test_invalid_settings_name_the_flag():
     for kwargs, flag in [({"score_threshold": 1.5}, "--score-threshold"), ({"shard_size": 0}, "--shard-size"),
-                         ({"resize": "crop"}, "--resize"), ({"normalization": "x"}, "--normalization")]:
+                         ({"resize": "crop"}, "--resize"), ({"normalization": "x"}, "--normalization"),
+                         ({"decode_threads": -1}, "--decode-threads")]:
         with pytest.raises(ConfigError, match=flag):
             RunConfig(model="m", input="i", output="o", **kwargs).validate()
 

@@ -71,6 +71,33 @@ def test_small_run_without_ray_writes_what_the_ray_path_writes(models_dir, image
     assert recall >= 0.8 and precision >= 0.8, (recall, precision)
 
 
+def test_decoding_on_the_interpreters_thread_writes_the_same_rows(models_dir, images, tmp_path):
+    """--decode-threads 0 (each worker one busy thread: decode, then invoke) changes where the work runs,
+    not what is written: the same detections, and a bad image is still a failure record of its stage."""
+    folder, _ = images
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))[:40]
+    for name in names:
+        os.link(os.path.join(folder, name), mixed / name)
+    (mixed / "truncated.jpg").write_bytes(open(os.path.join(folder, names[0]), "rb").read()[:300])
+    (mixed / "not_an_image.jpg").write_bytes(b"plain text, not a JPEG")
+    outs = {}
+    for threads in (None, "0"):
+        out = str(tmp_path / f"out-{threads}")
+        done = cli(models_dir, str(mixed), out, *(["--decode-threads", threads] if threads else []))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        outs[threads] = out
+    manifest = json.load(open(os.path.join(outs["0"], "_manifest.json")))
+    assert manifest["sizing"]["decode_threads"] == 0 and manifest["counts"]["images"] == 40
+    assert manifest["counts"]["failures"] == 2
+    assert rows(outs[None]) and rows(outs["0"]) == rows(outs[None])
+    failures = {o: duckdb.execute(f"SELECT regexp_replace(uri, '.*/', ''), stage, error_type FROM "
+                                  f"read_parquet('{outs[o]}/failures/*.parquet') ORDER BY ALL").fetchall()
+                for o in outs}
+    assert failures["0"] == failures[None] and {f[1] for f in failures["0"]} == {"decode"}, failures
+
+
 def test_small_tars_go_without_ray_their_members_counted_first(models_dir, images, tmp_path):
     """A tar's images are known only as it streams: on this machine's disk its headers are counted first
     (sidecars too: an upper bound on images), and a run under --ray-min-images needs no Ray."""
