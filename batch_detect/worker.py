@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import resource
 import signal
 import threading
@@ -403,76 +402,79 @@ def _drain(decodes: deque, refill, rows: "ShardRows", timings: dict, detector: D
 
 class StreamAhead:
     """A sequential stream's items (tar members, Parquet cells) read on a thread of their own, at most
-    `ahead` of what the shard has taken: the stream's reads (a block fetched from the store every few
-    images) overlap inference, as file reads on the read threads do. Yields (uri, (bytes, failure,
-    read seconds)); read seconds include the wait on the stream, so the manifest's read cost counts it."""
+    `ahead` of what the shard has taken and, beyond the first, `max_bytes` of them: the stream's reads (a
+    block fetched from the store every few images) overlap inference, as file reads on the read threads
+    do, within the read budget the worker's memory reservation holds (a stream's shard has no file reads).
+    Yields (uri, (bytes, failure, read seconds)); read seconds include the wait on the stream, so the
+    manifest's read cost counts it."""
 
     _END = object()
 
     def __init__(self, items: Iterator[Item], read, ahead: int, pool: ThreadPoolExecutor,
                  max_bytes: int = READ_BYTES_BUDGET):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
-        # Bytes queued at most (but always one item): the read budget the worker's memory reservation holds,
-        # which a stream's shard does not otherwise use (it has no file reads).
-        self._max_bytes, self._bytes = max_bytes, 0
-        self._room = threading.Condition()
-        self._stop = threading.Event()
+        self._ahead, self._max_bytes = max(1, ahead), max_bytes
+        self._ready: deque = deque()  # (item, bytes), in stream order; one condition guards both bounds
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._stopped = False
         self._done = pool.submit(self._produce, items, read)
 
     def _produce(self, items: Iterator[Item], read) -> None:
         try:
-            while not self._stop.is_set():
+            while True:
                 t0 = time.perf_counter()
                 nxt = next(items, None)
                 if nxt is None:
                     break
                 waited = time.perf_counter() - t0
                 data, failure, read_s = read(*nxt)
-                size = len(data) if data else 0
-                with self._room:
-                    while self._bytes and self._bytes + size > self._max_bytes and not self._stop.is_set():
-                        self._room.wait(0.1)
-                    self._bytes += size
-                self._put((nxt[0], (data, failure, read_s + waited)))
-            self._put(self._END)
+                if not self._offer((nxt[0], (data, failure, read_s + waited)), len(data) if data else 0):
+                    return
+            self._offer(self._END, 0, bounded=False)
         except BaseException as exc:  # handed to the shard's thread, which raises it there
-            self._put(exc)
+            self._offer(exc, 0, bounded=False)
         finally:
             close = getattr(items, "close", None)
             if close is not None:
                 close()  # the stream's file, closed on the thread that iterated it
 
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    def _offer(self, item, size: int, bounded: bool = True) -> bool:
+        """Queue an item once there is room (always for one); False when the stream was closed."""
+        with self._cond:
+            while (bounded and not self._stopped and self._ready
+                   and (len(self._ready) >= self._ahead or self._bytes + size > self._max_bytes)):
+                self._cond.wait()
+            if self._stopped:
+                return False
+            self._ready.append((item, size))
+            self._bytes += size
+            self._cond.notify_all()
+            return True
 
     def __iter__(self) -> "StreamAhead":
         return self
 
     def __next__(self):
-        item = self._queue.get()
-        if item is self._END:
-            self._queue.put(self._END)  # asked again: still the end
-            raise StopIteration
+        with self._cond:
+            while not self._ready:
+                self._cond.wait()
+            item, size = self._ready[0]
+            if item is self._END:
+                raise StopIteration  # left queued: asked again, still the end
+            self._ready.popleft()
+            self._bytes -= size
+            self._cond.notify_all()
         if isinstance(item, BaseException):
             raise item
-        with self._room:
-            self._bytes -= len(item[1][0]) if item[1][0] else 0
-            self._room.notify()
         return item
 
     def close(self) -> None:
         """Stop reading (a shard that raised, or one done): the thread ends after the read in progress."""
-        self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        with self._cond:
+            self._stopped = True
+            self._ready.clear()
+            self._bytes = 0
+            self._cond.notify_all()
 
 
 @dataclass

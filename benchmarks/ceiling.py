@@ -1,7 +1,9 @@
 """The Detector's own ceiling on this machine, next to the job, in one invocation: one process per core,
-each reading its slice of the JPEGs and running `Detector.process` (decode, invoke, output decoding) on
-one thread, all at once: no Ray, no Parquet, no threads ahead. Then the job on the same images. Where the
-job's steady rate is near this ceiling, what is left is the per-image work itself under full load.
+each taking the next few JPEGs from a shared counter (as the job's workers take shards: images differ in
+cost, fixed slices would leave some processes idle early) and running `Detector.process` (decode, invoke,
+output decoding) on one thread, all at once: no Ray, no Parquet, no threads ahead. Then the job on the
+same images. Where the job's steady rate is near this ceiling, what is left is the per-image work itself
+under full load.
 
     python benchmarks/ceiling.py [--images 4800]
 """
@@ -24,7 +26,10 @@ from bench import cpu_model, make_images, manifest, save, timed  # noqa: E402
 from rates import MODEL, steady_rate  # noqa: E402
 
 
-def _loop(paths: list[str], start_at: float, q) -> None:
+TAKE = 4  # images per draw from the shared counter
+
+
+def _loop(paths: list[str], start_at: float, counter, q) -> None:
     from batch_detect.detector import Detector
     from batch_detect.interpreter import load_backend, read_model
 
@@ -32,17 +37,23 @@ def _loop(paths: list[str], start_at: float, q) -> None:
                    normalization="auto", max_pixels=10**9)
     time.sleep(max(0.0, start_at - time.time()))  # every process loaded before any starts
     t0 = time.perf_counter()
-    for path in paths:
-        with open(path, "rb") as fh:
-            det.process(path, fh.read())
+    while True:
+        with counter.get_lock():
+            first = counter.value
+            counter.value += TAKE
+        if first >= len(paths):
+            break
+        for path in paths[first:first + TAKE]:
+            with open(path, "rb") as fh:
+                det.process(path, fh.read())
     q.put(time.perf_counter() - t0)
 
 
 def detector_ceiling(paths: list[str], procs: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
+    q, counter = ctx.Queue(), ctx.Value("l", 0)
     start_at = time.time() + 8
-    workers = [ctx.Process(target=_loop, args=(paths[i::procs], start_at, q)) for i in range(procs)]
+    workers = [ctx.Process(target=_loop, args=(paths, start_at, counter, q)) for _ in range(procs)]
     for w in workers:
         w.start()
     spans = [q.get() for _ in workers]

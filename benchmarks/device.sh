@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue #14's per-node measurements in one command on the lent 16-core machine (../shared/device/README.md).
 # Here, once: bash ../shared/device/make_site.sh   (writes .device/site.tar.xz, ~30 MB)
-# Then run, carrying .device:   bash benchmarks/device.sh   (about 8 minutes on 16 cores; results in $OUT)
+# Then run, carrying .device:   bash benchmarks/device.sh   (about 6 minutes on 16 cores, at most 9; results in $OUT)
 # rates.py: limit, this job and the Ray Data recipe back to back on 2,400 → 9,600 JPEGs (the issue's set);
-# scaling.py: 2 → 16 workers of one interpreter thread, then the default sizing;
+# ceiling.py: 16 plain Detector processes, then the job; scaling.py: 2 → 16 workers of one interpreter
+# thread, then the default sizing;
 # startup.py: the 120-image job without Ray, with Ray, and a finished re-run.
 # `bash benchmarks/device.sh placement` (~4 minutes): decode_placement.py, scaling.py with decode on the
 # interpreter's thread, startup.py once.
@@ -31,7 +32,8 @@ if [ "${1:-}" = placement ]; then  # where a full node decodes, then scaling wit
   exit 0
 fi
 # Each step bounded on its own, so one that overruns still leaves the others' results.
-timeout 330 python3 benchmarks/rates.py --repeat 1 --scale 4 --out "$OUT" 2>&1 | grep -v "^progress" | tail -40 \
+timeout 300 python3 benchmarks/rates.py --repeat 1 --scale 4 --out "$OUT" 2>&1 | grep -v "^progress" | tail -40 \
   || echo "rates.py did not finish"
-timeout 120 python3 benchmarks/scaling.py --images 2400 --out "$OUT" 2>&1 | tail -12 || echo "scaling.py did not finish"
-timeout 60 python3 benchmarks/startup.py --repeat 1 --out "$OUT" 2>&1 | tail -8 || echo "startup.py did not finish"
+timeout 90 python3 benchmarks/ceiling.py --images 4800 --out "$OUT" 2>&1 | tail -6 || echo "ceiling.py did not finish"
+timeout 110 python3 benchmarks/scaling.py --images 2400 --out "$OUT" 2>&1 | tail -12 || echo "scaling.py did not finish"
+timeout 50 python3 benchmarks/startup.py --repeat 1 --out "$OUT" 2>&1 | tail -8 || echo "startup.py did not finish"
