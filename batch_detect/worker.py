@@ -421,7 +421,7 @@ class StreamAhead:
 
     def _produce(self, items: Iterator[Item], read) -> None:
         try:
-            while True:
+            while not self._stopped:  # closed: no further read (a stream opens its file on the first)
                 t0 = time.perf_counter()
                 nxt = next(items, None)
                 if nxt is None:

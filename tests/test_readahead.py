@@ -142,4 +142,9 @@ def test_a_tar_or_parquet_stream_is_read_ahead_on_its_own_thread_within_its_boun
         time.sleep(0.2)
         assert len(produced) == 3, produced  # two queued (120 bytes), a third read and waiting for room
         assert [next(big)[0] for _ in range(4)] == ["item0", "item1", "item2", "item3"]
+        closed.clear()
         big.close()
+        assert settle(closed.is_set), "the stream was not closed"
+        after = len(produced)
+        time.sleep(0.2)
+        assert len(produced) == after, "read on after close"
