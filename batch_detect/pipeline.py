@@ -705,8 +705,7 @@ def _sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict
                    "threads (at most 8)"),
         "actors": actors, "interpreter_threads": threads,
         # The decode window bounds the decodes in flight (and their memory): threads beyond it stay idle.
-        "decode_threads": (decode_threads(threads, depth) if config.decode_threads is None
-                           else config.decode_threads),  # 0: on the interpreter's thread
+        "decode_threads": decode_threads(threads, depth, config.decode_threads),  # 0: on the interpreter's thread
         "decode_depth": depth,
         "read_ahead": (f"fixed: {config.read_ahead} images (--read-ahead)" if config.read_ahead else
                        "sized per worker: ceil(read latency / infer time per image) + 1 images, at least the "

@@ -88,8 +88,7 @@ class ShardProcessor:
         self.reader = Reader(settings.storage_options)
         self.store = OutputStore(settings.output_url, settings.storage_options)
         depth = max(settings.prefetch, 2 * self.detector.batch)  # a full batch ready while the previous one runs
-        threads = settings.decode_threads
-        self.pools = Pools.create(decode_threads(settings.num_threads, depth) if threads is None else threads, depth)
+        self.pools = Pools.create(decode_threads(settings.num_threads, depth, settings.decode_threads), depth)
         self.read_ahead = ReadAhead(settings.read_ahead)  # kept across shards: the next starts sized
 
     def _run(self, shard: Shard):
@@ -112,12 +111,14 @@ class ShardProcessor:
         return self.process_timed(shard)[0]
 
 
-def decode_threads(interpreter_threads: int, depth: int) -> int:
-    """Decode threads per worker: enough to keep an interpreter of this many threads fed, and no more than
-    the `depth` decoded images that may wait for it (more would idle: the window, not the threads, bounds
-    the memory of images being decoded). (Decoding on the interpreter's thread instead, as a node full of
-    workers gains nothing from the overlap, measured within noise on 2 cores: median +1% over five paired
-    runs.)"""
+def decode_threads(interpreter_threads: int, depth: int, chosen: int | None = None) -> int:
+    """Decode threads per worker: `chosen` (--decode-threads; 0: on the interpreter's thread) or enough to
+    keep an interpreter of this many threads fed, and no more than the `depth` decoded images that may wait
+    for it (more would idle: the window, not the threads, bounds the memory of images being decoded).
+    (Decoding on the interpreter's thread, as a node full of workers gains nothing from the overlap,
+    measured within noise on 2 cores, median +1% over five paired runs, and on 16: not the default.)"""
+    if chosen is not None:
+        return chosen
     return max(1, min(depth, max(2, interpreter_threads)))
 
 

@@ -15,15 +15,14 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
 
-from bench import cpu_model, make_images, manifest, save, timed  # noqa: E402
-from rates import MODEL, steady_rate  # noqa: E402
+from bench import cpu_model, save  # noqa: E402
+from rates import MODEL, job_inputs, job_run, steady_rate  # noqa: E402
 
 
 TAKE = 4  # images per draw from the shared counter
@@ -68,16 +67,11 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), args.images)
-    work = tempfile.mkdtemp(prefix="ceiling-")
-    listing = manifest(paths, os.path.join(work, "list.txt"))
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    paths, work, listing, env = job_inputs(args.images, "ceiling-")
     ceiling = detector_ceiling(paths, cores)
     print(json.dumps(ceiling), flush=True)
     out = os.path.join(work, "out")
-    t = timed([sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", listing, "--output", out,
-               "--shard-size", "64", "--score-threshold", "0.5", "--overwrite"], env)
-    m = json.load(open(os.path.join(out, "_manifest.json")))
+    t, m = job_run(listing, out, env)
     job = {"processing": m["counts"]["images"] / m["timings"]["run_s"], "steady": steady_rate(out),
            "wall_s": t["wall_s"], "workers": m["cluster"]["actors"]}
     results = {"cores": cores, "cpu": cpu_model(), "images": args.images, "ceiling": ceiling, "job": job,

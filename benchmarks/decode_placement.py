@@ -13,13 +13,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench import cpu_model, make_images, manifest, save, timed  # noqa: E402
-from rates import MODEL, steady_rate  # noqa: E402
+from bench import cpu_model, save  # noqa: E402
+from rates import job_inputs, job_run, steady_rate  # noqa: E402
 
 ARMS = {
     "default (decode threads per worker: 2)": ["--decode-threads", "2"],
@@ -35,17 +34,12 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), args.images)
-    work = tempfile.mkdtemp(prefix="placement-")
-    listing = manifest(paths, os.path.join(work, "list.txt"))
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    _, work, listing, env = job_inputs(args.images, "placement-")
     runs = []
     for rnd in range(args.rounds):
         for name, extra in ARMS.items():
             out = os.path.join(work, "out")
-            t = timed([sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", listing,
-                       "--output", out, "--shard-size", "64", "--score-threshold", "0.5", "--overwrite", *extra], env)
-            m = json.load(open(os.path.join(out, "_manifest.json")))
+            t, m = job_run(listing, out, env, extra)
             images = m["counts"]["images"]
             run = {"round": rnd, "arm": name, "wall_s": t["wall_s"], "workers": m["cluster"]["actors"],
                    "processing": images / m["timings"]["run_s"], "steady": steady_rate(out),

@@ -42,6 +42,23 @@ def steady_rate(output: str) -> float:
     return sum(e["images"] + e["failures"] for e in events) / (max(e["t"] for e in events) - start)
 
 
+def job_inputs(count: int, prefix: str) -> tuple[list[str], str, str, dict]:
+    """The bench.py JPEGs (`count`), a scratch folder, their listing in it, and an environment that runs
+    the job embedded (no cluster named) without usage stats."""
+    paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), count)
+    work = tempfile.mkdtemp(prefix=prefix)
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    return paths, work, manifest(paths, os.path.join(work, "list.txt")), env
+
+
+def job_run(listing: str, out: str, env: dict, extra: list[str] = ()) -> tuple[dict, dict]:
+    """This job on `listing` with the benchmarks' settings (SSD model, shards of 64, threshold 0.5), timed;
+    its timings (bench.timed) and its manifest."""
+    t = timed([sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", listing, "--output", out,
+               "--shard-size", "64", "--score-threshold", "0.5", "--overwrite", *extra], env)
+    return t, json.load(open(os.path.join(out, "_manifest.json")))
+
+
 def one_repetition(lists: dict, small: int, large: int, work: str, env: dict, cores: int, paths: list) -> dict:
     py = sys.executable
     before = limit(MODEL, paths, cores)

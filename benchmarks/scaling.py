@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench import cpu_model, make_images, manifest, save, timed  # noqa: E402
-from rates import MODEL, steady_rate  # noqa: E402
+from bench import cpu_model, save  # noqa: E402
+from rates import job_inputs, job_run, steady_rate  # noqa: E402
 
 
 def main() -> int:
@@ -33,19 +32,14 @@ def main() -> int:
     cores = os.cpu_count() or 1
     counts = ([int(c) for c in args.counts.split(",")] if args.counts
               else sorted({min(cores, 2 ** k) for k in range(1, cores.bit_length() + 1)}))
-    paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), args.images)
-    work = tempfile.mkdtemp(prefix="scaling-")
-    listing = manifest(paths, os.path.join(work, "list.txt"))
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    _, work, listing, env = job_inputs(args.images, "scaling-")
     arms = [(f"{n} × 1 thread", ["--num-actors", str(n), "--cpus-per-actor", "1", *args.flags.split()])
             for n in counts]
     arms.append(("default sizing", []))
     runs = []
     for name, extra in arms:
         out = os.path.join(work, "out")
-        t = timed([sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", listing, "--output", out,
-                   "--shard-size", "64", "--score-threshold", "0.5", "--overwrite", *extra], env)
-        m = json.load(open(os.path.join(out, "_manifest.json")))
+        t, m = job_run(listing, out, env, extra)
         images = m["counts"]["images"]
         run = {"arm": name, "wall_s": t["wall_s"], "executor": m["cluster"].get("executor", "ray"),
                "workers": m["cluster"]["actors"], "threads": m["cluster"].get("cpus_per_actor"),

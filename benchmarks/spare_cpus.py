@@ -10,17 +10,15 @@ as the reference. SSD model, the bench.py JPEGs, embedded Ray.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench import cpu_model, make_images, manifest, save, timed  # noqa: E402
-from rates import MODEL, steady_rate  # noqa: E402
+from bench import cpu_model, save  # noqa: E402
+from rates import job_inputs, job_run, steady_rate  # noqa: E402
 
 ARMS = {  # name -> extra flags (the memory bound is added to the first two)
     "memory-bound, --cpus-per-actor 1": ["--cpus-per-actor", "1"],
@@ -44,19 +42,14 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    paths = make_images(os.path.join(ROOT, "benchmarks", "data", "images"), args.images)
-    work = tempfile.mkdtemp(prefix="spare-")
-    listing = manifest(paths, os.path.join(work, "list.txt"))
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    _, work, listing, env = job_inputs(args.images, "spare-")
     bound = ["--memory-per-actor-mb", str(available_mb() // 2)]
     results: dict = {"cores": cores, "cpu": cpu_model(), "images": args.images, "runs": []}
     for rep in range(args.repeat):
         for arm, extra in ARMS.items():
             out = os.path.join(work, "out")
             flags = [] if extra is None else bound + extra
-            t = timed([sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", listing,
-                       "--output", out, "--shard-size", "64", "--score-threshold", "0.5", "--overwrite", *flags], env)
-            m = json.load(open(os.path.join(out, "_manifest.json")))
+            t, m = job_run(listing, out, env, flags)
             run = {"rep": rep, "arm": arm, "wall_s": t["wall_s"], "actors": m["cluster"]["actors"],
                    "threads": m["cluster"]["cpus_per_actor"], "steady": steady_rate(out),
                    "processing": m["counts"]["images"] / m["timings"]["run_s"]}
