@@ -422,12 +422,16 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "json", False):
                 print(json.dumps({"status": "nothing_new", **n}, indent=2, sort_keys=True))
             elif n.get("complete"):
-                print(f"already complete: {n['unchanged']} planned images in {summary.output}, and the input still "
-                      f"lists exactly them; nothing to do ({n['total_s']:.1f}s)")
+                print(f"already complete: {n['unchanged'] + n['changed']} planned images in {summary.output}, and the "
+                      f"input still lists exactly them; nothing to do ({n['total_s']:.1f}s)")
+                if n["changed"]:
+                    from .history import changed_since_planned
+
+                    print(f"batch-detect: warning: {changed_since_planned(n['changed'])}", file=sys.stderr)
             else:
                 print(f"nothing new: {n['unchanged']} objects listed, all processed by the {n['runs']} runs in "
                       f"{summary.output}; nothing was written ({n['total_s']:.1f}s)")
-            return 0
+            return _failure_verdict(manifest, config)
         if getattr(args, "json", False):
             print(json.dumps(manifest, indent=2, sort_keys=True))
         else:
@@ -435,14 +439,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"output: {summary.output}", file=sys.stdout)
         if manifest["status"] != "complete":
             return 1
-        rate, limit = manifest["counts"]["failure_rate"], config.max_failure_rate
-        if limit is not None and rate > limit:
-            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(manifest["counts"]["failure_types"].items()))
-            _error(f"{rate:.1%} of images failed, over --max-failure-rate {limit:g} ({kinds}); the output is "
-                   "complete and committed", prefix="batch-detect: ")
-            return 1
-        return 0
+        return _failure_verdict(manifest, config)
     return 2
+
+
+def _failure_verdict(manifest: dict, config: RunConfig) -> int:
+    """1 when the output's failures exceed --max-failure-rate: the same answer for the run and every re-run
+    that finds nothing left to do."""
+    rate, limit = manifest["counts"]["failure_rate"], config.max_failure_rate
+    if limit is not None and rate > limit:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(manifest["counts"]["failure_types"].items()))
+        _error(f"{rate:.1%} of images failed, over --max-failure-rate {limit:g} ({kinds}); the output is "
+               "complete and committed", prefix="batch-detect: ")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

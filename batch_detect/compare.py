@@ -47,7 +47,7 @@ def match(a, b, threshold: float = 0.5) -> list[tuple[int, int]]:
 
 
 def compare(model: str, reference: str, input_url: str, *, sample: int = 200, score_threshold: float = 0.25,
-            resize: str = "stretch", normalization: str = "auto", labels: list | None = None,
+            resize: str = "auto", normalization: str = "auto", labels: list | None = None,
             storage_options: dict | None = None, output_format: str = "auto") -> dict:
     backend = load_backend()
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .config_types import check_type
 from .decoding import OUTPUT_FORMATS
 from .errors import ConfigError
-from .geometry import RESIZE_MODES
+from .geometry import RESIZE_CHOICES
 from .preprocess import mean_std_spec
 from .storage import check_storage_options
 
@@ -31,7 +31,7 @@ class RunConfig:
     labels: str | None = None
     score_threshold: float = 0.25
     shard_size: int = 64
-    resize: str = "stretch"
+    resize: str = "auto"  # auto: by the model's family (letterbox for YOLO, stretch for SSD), resolved in prepare
     normalization: str = "auto"
     input_mean: list[float] | None = None  # float inputs: (pixel - mean) / std, in pixel units (0..255)
     input_std: list[float] | None = None
@@ -78,8 +78,8 @@ class RunConfig:
             raise ConfigError(f"--score-threshold must be within [0, 1], got {self.score_threshold}")
         if self.shard_size < 1:
             raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.resize not in RESIZE_CHOICES:
+            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_CHOICES)}, got {self.resize!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(
                 f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"

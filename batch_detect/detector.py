@@ -12,7 +12,7 @@ import numpy as np
 from .decoding import (Detections, SsdLayout, YoloLayout, confirm_by_values, decode_outputs,
                        identify_outputs)
 from .errors import InferenceError, ModelError, failure_fields
-from .geometry import RESIZE_MODES
+from .geometry import RESIZE_CHOICES
 from .interpreter import Backend, TensorSpec, make_interpreter, tensor_specs
 from .preprocess import InputSpec, PixelMapping, build_input, decode_image, pixel_mapping
 
@@ -42,7 +42,14 @@ class ModelInfo:
                 for role in [_role_of(self.layout, o)]
             ],
             "max_detections": self.layout.max_detections,
+            "default_resize": self.default_resize,
         }
+
+    @property
+    def default_resize(self) -> str:
+        # Ultralytics trains and exports YOLO on letterboxed inputs (a stretched cat is lost by the full-integer
+        # YOLOv8n); SSD exports (TF OD API, Model Maker) are trained on stretched ones.
+        return "letterbox" if isinstance(self.layout, YoloLayout) else "stretch"
 
 
 def _role_of(layout, spec: TensorSpec) -> str:
@@ -115,14 +122,14 @@ class Detector:
         jpeg_draft: bool = True,
         output_format: str = "auto",
     ):
-        if resize not in RESIZE_MODES:  # the CLI and config check it too; a library caller gets it here, once
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        if resize not in RESIZE_CHOICES:  # the CLI and config check it too; a library caller gets it here, once
+            raise ValueError(f"resize must be one of {RESIZE_CHOICES}, got {resize!r}")
         self.interpreter = make_interpreter(backend, model_content, num_threads, model_url)
         self.info = inspect_interpreter(self.interpreter, normalization, output_format)
         self.score_threshold = score_threshold
-        self.resize = resize
+        self.resize = self.info.default_resize if resize == "auto" else resize
         self.max_pixels = max_pixels
-        self.fit_to = (self.info.input.width, self.info.input.height, resize) if jpeg_draft else None
+        self.fit_to = (self.info.input.width, self.info.input.height, self.resize) if jpeg_draft else None
         self._output_indices = [o.index for o in self.info.outputs]
         self.batch = 1
 

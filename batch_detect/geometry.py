@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 
 RESIZE_MODES = ("stretch", "letterbox")
+# What a model was trained on decides: "auto" takes the family's own (detector.ModelInfo.default_resize).
+RESIZE_CHOICES = ("auto", *RESIZE_MODES)
 LETTERBOX_FILL = (114, 114, 114)
 RESAMPLE = Image.BILINEAR
 # Shrinking by 2x or more on an axis first reduces by whole factors (box averaging), then resamples the

@@ -82,6 +82,19 @@ class _Pass:
                 return
 
 
+def version_changed(planned: str | None, listed: str | None) -> bool:
+    """Another version of a planned object; unknown on either side (a manifest outside incremental runs) is
+    not a change."""
+    return planned is not None and listed is not None and planned != listed
+
+
+def changed_since_planned(n: int) -> str:
+    """What a plain re-run and `verify --input` say of objects whose bytes changed under the same URI."""
+    return (f"{n} planned {'object' if n == 1 else 'objects'} changed since {'it was' if n == 1 else 'they were'} "
+            "planned (same URI, another size, ETag or mtime): the output's rows describe the old bytes. Run with "
+            "--incremental to process the changed objects again as a new run")
+
+
 def select_new(store, state, current_run: int, counts: Selection, window: int = 4096):
     """A `plan_input` select: from a URI-sorted listing, the objects no run has planned, and those whose
     version differs from the one their latest run planned. An object whose versions are unknown (a
@@ -106,7 +119,7 @@ def select_new(store, state, current_run: int, counts: Selection, window: int = 
                     yield uri, version
                 elif seen[0] == current_run:
                     counts.planned_this_run += 1
-                elif version is not None and seen[1] is not None and version != seen[1]:
+                elif version_changed(seen[1], version):
                     counts.changed += 1
                     yield uri, version
                 else:

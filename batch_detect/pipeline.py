@@ -40,6 +40,7 @@ from .containers import tar_members_at_most
 from .errors import FailureRateExceeded, LeaseLost, ModelError, OutputError, Terminated
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .feed import Planning, PlanFeed, check_listing, first_shard_of, planning_for
+from .history import changed_since_planned
 from .labels import embedded_labels, label_warnings, load_labels
 from .lease import Lease
 from .local import NODE_ID, LocalDispatcher, worker_count
@@ -98,6 +99,8 @@ def prepare(config: RunConfig, checked: bool = False) -> dict:
         if config.model in str(exc):
             raise
         raise ModelError(f"model {config.model!r}: {exc}") from None
+    if config.resize == "auto":  # resolved once, before the identity and the workers see it: the manifest records it
+        config.resize = info.default_resize
     labels, labels_source = (load_labels(config.labels, so), config.labels) if config.labels else (None, None)
     if labels is None and (found := embedded_labels(model_content)) is not None:
         labels, labels_source = found[0], f"embedded in the model ({found[1]})"
@@ -229,10 +232,11 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
     elif planning.mode == "resume" and previous.get("status") == "complete" and _all_compacted(ready["commit_log"].state):
         # A finished output re-run: the listing is checked against its plan, without starting Ray.
         state = ready["commit_log"].state
-        check_listing(plan, store, planning, state)
+        changed = check_listing(plan, store, planning, state)
         again = {**previous, "counts": {**previous["counts"], "skipped_committed_shards": state.num_committed}}
         return RunSummary(output=config.output, manifest=again,
-                          nothing_new={"complete": True, "unchanged": state.planned_items, "runs": len(state.runs),
+                          nothing_new={"complete": True, "unchanged": state.planned_items - changed,
+                                       "changed": changed, "runs": len(state.runs),
                                        "total_s": time.perf_counter() - t_start})
     runs_before = [r for r in (previous or {}).get("runs", []) if r["run_id"] != planning.run]
     this_run = next((r for r in (previous or {}).get("runs", []) if r["run_id"] == planning.run), None)
@@ -588,7 +592,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     manifest["runs"] = manifest["runs"] + [_run_entry(manifest, state, run_no, manifest["status"], config)]
     manifest["sizing"] = _sizing(config, manifest["cluster"], costs, run_s)
     manifest["warnings"] = (label_warnings(ready["labels"], ready["labels_source"], ready["info"].layout)
-                            + _warnings(manifest, ready["labels"]))
+                            + _warnings(manifest, ready["labels"])
+                            + ([changed_since_planned(feed.changed)] if feed.changed else []))
     lease.check()  # the manifest says the output is whole: only while it is still this run's
     store.write_json(MANIFEST, manifest)
     return RunSummary(output=config.output, manifest=manifest)

@@ -5,6 +5,7 @@ resize to the model input, and map pixels to the input's dtype with its own quan
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -27,7 +28,6 @@ except ImportError:  # a cluster image without it: HEIC files become failures th
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 _AVIF_BRANDS = {b"avif", b"avis"}
 
-# Pillow's own bomb check stays as a backstop; ours runs first on the header size and names the limit.
 _NORMALIZATION_AFFINE = {"-1,1": (1 / 127.5, -1.0), "0,1": (1 / 255.0, 0.0), "0,255": (1.0, 0.0)}
 _INT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
@@ -200,15 +200,16 @@ def decode_image(data: bytes, max_pixels: int, fit_to: tuple[int, int, str] | No
     photo for a small model input disappears. Width and height are always the full image's."""
     if not data:
         raise DecodeError("empty file (0 bytes)", error_type="empty_file")
+    # Pillow checks sizes itself (in open, and per frame for GIFs) against its own global limit, with a message
+    # that never names --max-pixels: set to ours, its checks enforce the one limit and ours words it.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageTooLarge(
-                    f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (--max-pixels)"
-                )
+                raise ImageTooLarge(_too_large(f"{w}x{h} = {w * h} pixels", max_pixels))
             orientation = img.getexif().get(0x0112, 1)
             if fit_to is not None and img.format == "JPEG":
                 turned = orientation in (5, 6, 7, 8)  # turned by 90° after decoding: the target turns too
@@ -220,7 +221,9 @@ def decode_image(data: bytes, max_pixels: int, fit_to: tuple[int, int, str] | No
     except ImageTooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(str(exc)) from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's wording: "Image size (N pixels) exceeds ..."
+        raise ImageTooLarge(_too_large(f"{int(found.group(1)) if found else 'more than that many'} pixels",
+                                       max_pixels)) from None
     except UnidentifiedImageError:
         raise _unidentified(data) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -229,6 +232,10 @@ def decode_image(data: bytes, max_pixels: int, fit_to: tuple[int, int, str] | No
     # orientations 5-8 turn the image by 90°: the displayed width is the stored height
     width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     return Decoded(_to_rgb(img), width, height)
+
+
+def _too_large(size: str, max_pixels: int) -> str:
+    return f"image is {size}, over the limit of {max_pixels} pixels: raise it with --max-pixels N"
 
 
 def _unidentified(data: bytes) -> DecodeError:

@@ -91,7 +91,7 @@ def calibration_tensors(info, input_url: str, samples: int, resize: str, storage
 
 
 def quantize(source: str, input_url: str, output: str, *, samples: int = 100, io: str = "int8",
-             normalization: str = "auto", resize: str = "stretch", output_format: str = "auto",
+             normalization: str = "auto", resize: str = "auto", output_format: str = "auto",
              compare_sample: int = 200, score_threshold: float = 0.25, labels: list | None = None,
              storage_options: dict | None = None, log=print) -> dict:
     tf = import_tensorflow()  # first: without it nothing else matters
@@ -122,6 +122,7 @@ def quantize(source: str, input_url: str, output: str, *, samples: int = 100, io
     log(f"float reference: {float_path} ({info.layout.family}, input {list(info.input.tensor.shape)}, "
         f"normalization {info.mapping.normalization}; {time.perf_counter() - t0:.1f}s)")
 
+    resize = info.default_resize if resize == "auto" else resize  # calibrate on the pixels a run will feed
     tensors, skipped, listed = calibration_tensors(info, input_url, samples, resize, storage_options)
     log(f"calibration: {len(tensors)} images of {listed} at {input_url}"
         + (f" ({len(skipped)} could not be decoded and were left out)" if skipped else ""))

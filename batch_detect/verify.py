@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .commitlog import read_state
 from .errors import OutputError
-from .history import planned_objects
+from .history import changed_since_planned, planned_objects, version_changed
 from .plan import plan_input, shard_index
 from .schema import TABLES
 from .sink import LAYOUT, MANIFEST, OutputStore, part_name
@@ -232,40 +232,46 @@ def _check_input(store: OutputStore, state, manifest: dict, input_url: str, stor
     again = plan_input(input_url, form=form, extensions=tuple(cfg.get("extensions", ())),
                        shard_size=cfg.get("shard_size", 64), image_column=cfg.get("image_column"),
                        id_column=cfg.get("id_column"), storage_options=storage_options)
-    now = (u for shard in again.shards for u in shard.uris)
-    if form == "parquet":
-        stored = (u for _, uris in _plan_groups(store, state.chunks, report) for u in uris)
-    else:  # every run's plan merged in URI order, each object once (a changed one was planned again)
-        stored = (uri for uri, _ in itertools.groupby(row[0] for row in planned_objects(store, state)))
-    new, gone = _Examples(), _Examples()
+    new, gone, changed = _Examples(), _Examples(), _Examples()
     listed = 0
     if form == "parquet":  # ids follow row order, not sorted order: compared position by position
+        now = (u for shard in again.shards for u in shard.uris)
+        stored = (u for _, uris in _plan_groups(store, state.chunks, report) for u in uris)
         for a, b in itertools.zip_longest(stored, now):
             listed += b is not None
             if a != b and b is not None:
                 new.add(b)
             if a != b and a is not None:
                 gone.add(a)
-        _report_input(report, listed, new, gone)
+        _report_input(report, listed, new, gone, changed)
         return
+    now = (pair for shard in again.shards for pair in zip(shard.uris, shard.versions or itertools.repeat(None)))
+    # every run's plan merged in URI order, each object once at its latest version (a changed one was planned again)
+    stored = ((uri, list(rows)[-1][3]) for uri, rows in itertools.groupby(planned_objects(store, state),
+                                                                        key=lambda row: row[0]))
     a, b = next(stored, None), next(now, None)
     while a is not None or b is not None:
-        if b is not None and (a is None or b < a):
-            new.add(b)
+        if b is not None and (a is None or b[0] < a[0]):
+            new.add(b[0])
             listed += 1
             b = next(now, None)
-        elif a is not None and (b is None or a < b):
-            gone.add(a)
+        elif a is not None and (b is None or a[0] < b[0]):
+            gone.add(a[0])
             a = next(stored, None)
         else:
             listed += 1
+            if version_changed(a[1], b[1]):
+                changed.add(b[0])
             a, b = next(stored, None), next(now, None)
-    _report_input(report, listed, new, gone)
+    _report_input(report, listed, new, gone, changed)
 
 
-def _report_input(report: Report, listed: int, new, gone) -> None:
+def _report_input(report: Report, listed: int, new, gone, changed) -> None:
     report.facts["input_listed"] = listed
+    report.facts["input_changed"] = changed.n
     if new:
         report.fail(f"{new.n} images in the input are not in the plan: {new}")
     if gone:
         report.fail(f"{gone.n} planned images are no longer in the input: {gone}")
+    if changed:
+        report.fail(f"{changed_since_planned(changed.n)}: {changed}")

@@ -212,7 +212,7 @@ def bench_model(name: str, model: str, n_small: int, n_large: int, systems: list
     runners = {
         "job": lambda n: [py, "-m", "batch_detect", "run", "--model", model, "--input", lists[n],
                           "--output", os.path.join(work, f"{name}_job_{n}"), "--shard-size", str(shard_size),
-                          "--score-threshold", "0.5",
+                          "--score-threshold", "0.5", "--resize", "stretch",  # the recipe's and the limit's resize
                           "--overwrite"],
         "naive": lambda n: [py, os.path.join(ROOT, "benchmarks", "naive_loop.py"), model, lists[n]],
         "raydata": lambda n: [py, os.path.join(ROOT, "benchmarks", "raydata_recipe.py"), model, lists[n],

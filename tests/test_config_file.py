@@ -25,7 +25,7 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
                    'score-threshold = 0.5\nshard_size = 10\nextensions = ["jpg", "png"]\n'
                    '[storage_options]\nendpoint_url = "http://127.0.0.1:9000"\n')
     cfg = parse("--config", str(job), "--score-threshold", "0.4", "--storage-option", "anon=false")
-    assert cfg.score_threshold == 0.4 and cfg.shard_size == 10 and cfg.resize == "stretch"
+    assert cfg.score_threshold == 0.4 and cfg.shard_size == 10 and cfg.resize == "auto"
     assert cfg.extensions == ("jpg", "png") and cfg.input == "s3://b/in/"
     # a flag value is typed as the TOML one would be: anon=false is the boolean, not the truthy string
     assert cfg.storage_options == {"endpoint_url": "http://127.0.0.1:9000", "anon": False}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import glob
 import os
 import pty
@@ -14,6 +15,7 @@ import tarfile
 import threading
 
 import duckdb
+import pytest
 
 from batch_detect.config import RunConfig
 from batch_detect.errors import STAGES
@@ -127,3 +129,116 @@ def test_the_readme_lists_every_error_type_the_code_writes():
     written -= set(STAGES)  # the stage tuple itself matches the second pattern
     assert "worker_crashed" in written and "corrupt_image" in written, "the scan found too little: fix the test"
     assert written <= documented, written - documented
+
+
+# Issue #29, "the first hour, round 2".
+
+def _png(width: int, height: int) -> bytes:
+    """A huge PNG that is tiny on disk (one bit per pixel, all zero)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_max_pixels_is_the_only_pixel_limit(tmp_path, models_dir):
+    """Pillow's own bomb limits (89,478,485 pixels warned, twice that refused) must neither stop an image that
+    --max-pixels allows nor word the refusal of one it does not."""
+    from batch_detect.errors import ImageTooLarge
+    from batch_detect.preprocess import decode_image
+
+    hundred_million = _png(10_000, 10_000)  # over Pillow's warning limit, under its error limit
+    assert decode_image(hundred_million, 500_000_000).width == 10_000
+    two_hundred_million = _png(20_000, 10_000)  # over Pillow's error limit too
+    for data, limit in ((hundred_million, 50_000_000), (two_hundred_million, 150_000_000)):
+        try:
+            decode_image(data, limit)
+        except ImageTooLarge as exc:
+            assert "--max-pixels" in str(exc) and f"{limit}" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"an image over --max-pixels {limit} was decoded")
+    # the job itself: the flag raised, the image processed
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "huge.png").write_bytes(hundred_million)
+    out = tmp_path / "out"
+    run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=str(images), output=str(out),
+                  max_pixels=500_000_000))
+    assert duckdb.execute(f"SELECT uri, width FROM read_parquet('{out}/images/*.parquet')").fetchall() == [
+        (str(images / "huge.png"), 10_000)]
+
+
+def batch_detect(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batch_detect", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def test_a_changed_object_is_reported_by_a_re_run_and_by_verify(tmp_path, models_dir):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_dataset(str(images), 6, seed=11)
+    job = ["run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", str(images),
+           "--output", str(out)]
+    assert batch_detect(*job).returncode == 0
+    changed = images / "img_00002.jpg"
+    changed.write_bytes((images / "img_00004.jpg").read_bytes())  # same URI, other bytes (and size, and mtime)
+    again = batch_detect(*job)
+    assert again.returncode == 0, again.stderr
+    assert "already complete" in again.stdout
+    assert "1 planned object changed since it was planned" in again.stderr and "--incremental" in again.stderr
+    checked = batch_detect("verify", str(out), "--input", str(images))
+    assert checked.returncode == 1 and "NOT OK" in checked.stdout, checked.stdout
+    assert "1 planned object changed" in checked.stdout and str(changed) in checked.stdout, checked.stdout
+    # the way out it names works: the changed object is processed again, as run 2
+    assert batch_detect(*job, "--incremental").returncode == 0
+    assert duckdb.execute(f"SELECT uri, run_id FROM read_parquet('{out}/images/*.parquet') WHERE run_id = 2"
+                          ).fetchall() == [(str(changed), 2)]
+    assert batch_detect("verify", str(out), "--input", str(images)).returncode == 0
+
+
+def test_the_resize_follows_the_models_family(tmp_path, models_dir):
+    images = tmp_path / "images"
+    write_dataset(str(images), 3, seed=12)
+    for model, resize in (("shapes_yolov8_int8.tflite", "letterbox"), ("shapes_ssd_uint8.tflite", "stretch")):
+        manifest = run(RunConfig(model=os.path.join(models_dir, model), input=str(images),
+                                 output=str(tmp_path / model))).manifest
+        assert (manifest["config"]["resize"], manifest["model"]["default_resize"]) == (resize, resize), model
+    given = run(RunConfig(model=os.path.join(models_dir, "shapes_yolov8_int8.tflite"), input=str(images),
+                          output=str(tmp_path / "given"), resize="stretch")).manifest
+    assert given["config"]["resize"] == "stretch"
+
+
+def test_the_failure_rate_verdict_holds_on_a_re_run(tmp_path, models_dir):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_dataset(str(images), 4, seed=13)
+    write_bad_inputs(str(images))
+    job = ["run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", str(images),
+           "--output", str(out), "--max-failure-rate", "0.1"]
+    for attempt in ("run", "re-run"):
+        result = batch_detect(*job)
+        assert result.returncode == 1, (attempt, result.stdout, result.stderr)
+        assert "over --max-failure-rate 0.1" in result.stderr, (attempt, result.stderr)
+
+
+def test_the_real_full_integer_yolov8n_finds_the_cat_by_default(tmp_path):
+    """Ultralytics letterboxes; stretched, the full-integer YOLOv8n sees clocks in the cat's eyes."""
+    from conftest import SHARED
+
+    real = os.path.join(SHARED, "realworld")
+    if not os.path.isdir(real):
+        print(f"SKIP: {real} is absent (CI provides ../shared/realworld); the real YOLOv8n is not run")
+        pytest.skip(f"{real} is absent")
+    out = tmp_path / "out"
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "chelsea.png").write_bytes(open(os.path.join(real, "images", "chelsea.png"), "rb").read())
+    model = os.path.join(real, "yolov8n_full_integer_quant.tflite")
+    run(RunConfig(model=model, input=str(images), output=str(out), score_threshold=0.4))
+    best = duckdb.execute(f"SELECT class_id FROM read_parquet('{out}/detections/*.parquet') "
+                          "ORDER BY score DESC LIMIT 1").fetchall()
+    assert best == [(15,)], best  # COCO class 15: cat
+    run(RunConfig(model=model, input=str(images), output=str(tmp_path / "stretched"), score_threshold=0.4,
+                  resize="stretch"))
+    stretched = duckdb.execute(f"SELECT class_id FROM read_parquet('{tmp_path}/stretched/detections/*.parquet') "
+                               "ORDER BY score DESC LIMIT 1").fetchall()
+    assert stretched != [(15,)], "stretched finds the cat too: the test shows nothing"
