@@ -8,12 +8,17 @@ import difflib
 import json
 import os
 import sys
+from dataclasses import MISSING, fields
 
-from .config import _SECRET_KEY, IMAGE_EXTENSIONS, INPUT_FORMATS, NORMALIZATIONS, RunConfig, config_from_values, load_config_file
+from . import __version__
+from .config import (_SECRET_KEY, INPUT_FORMATS, NORMALIZATIONS, PATH_KEYS, REQUIRED, RunConfig, config_from_values,
+                     load_config_file)
 from .decoding import OUTPUT_FORMATS
-from .errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, Terminated
-from .geometry import RESIZE_MODES
+from .errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, Terminated, count
+from .geometry import RESIZE_CHOICES
 from .progress import Progress
+from .rayjob import job_paths
+from .sizing import MAX_AUTO_THREADS, RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU
 from .storage import check_storage_options, check_store_access
 
 
@@ -46,82 +51,138 @@ def storage_value(text: str):
     return text
 
 
+_RUN_GROUPS = (
+    ("input", "what to read (--input is required, as a flag or in --config)"),
+    ("model", "the detector, and how pixels go in and detections come out (--model is required)"),
+    ("output", "where the Parquet goes, and what becomes of a previous run there (--output is required)"),
+    ("cluster", "where the run happens and how many workers it gets"),
+    ("tuning", "speed and memory"),
+    ("operating", "the job file, credentials, limits and what is printed"),
+)
+
+
+# What a RunConfig left alone holds: the defaults `run --help` shows.
+_RUN_DEFAULTS = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(RunConfig)}
+
+
+def _shown(value) -> str:
+    """A RunConfig default as the help prints it."""
+    if isinstance(value, tuple):
+        return ",".join(v.lstrip(".") for v in value)
+    return f"{value:,}" if isinstance(value, int) and value >= 10_000 else str(value)
+
+
+def _option(group, flag: str, help: str, *, default: str | None = None, **kwargs) -> argparse.Action:
+    """A `run` option whose help ends with its default: RunConfig's own (the one place defaults live; the
+    parser's are "not given", so that a --config file can supply them), or `default` where RunConfig's
+    None means it is sized or found at run time. A switch shows whether it is on when not given; a required
+    option (RunConfig's "") shows no default."""
+    if kwargs.get("type") is int:
+        kwargs.setdefault("metavar", "N")
+    action = group.add_argument(flag, help=help, **kwargs)
+    value = _RUN_DEFAULTS.get(action.dest)
+    if value == "":
+        return action
+    if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+        default = "on" if value == action.const else "off"
+    elif default is None:
+        default = "none" if value in (None, {}) else _shown(value)
+    action.help += f" (default: {default})"
+    return action
+
+
+def _run_parser(sub) -> argparse.ArgumentParser:
+    run = sub.add_parser("run", help="run a TFLite detector over images into Parquet",
+                         usage="%(prog)s --model MODEL --input INPUT --output OUTPUT [options]",
+                         argument_default=argparse.SUPPRESS)
+    _version(run)  # jobs/detect.py hands every argument to `run`
+    g = {title: run.add_argument_group(title, text) for title, text in _RUN_GROUPS}
+    required = "required (here or in --config)"
+
+    _option(g["input"], "--input", f"{required}: {REQUIRED['input']}; a manifest is a .txt, "
+            "or a .csv or .parquet with a uri column")
+    _option(g["input"], "--input-format", "files (images), tar (WebDataset-style, one shard per tar) or parquet "
+            "(rows with an image-bytes column); auto: parquet with --image-column, tar for .tar inputs",
+            choices=INPUT_FORMATS)
+    _option(g["input"], "--extensions", "comma-separated file extensions to process; '*' for every file")
+    _option(g["input"], "--image-column", "Parquet input: the column holding encoded image bytes")
+    _option(g["input"], "--id-column", "Parquet input: the column that names each image in the output",
+            default="<file>#<row>")
+    _option(g["input"], "--max-pixels", "images with more pixels are failures (image_too_large), never decoded",
+            type=int)
+
+    _option(g["model"], "--model", f"{required}: {REQUIRED['model']}")
+    _option(g["model"], "--labels", "labels file: one label per line, or `id label` lines", metavar="FILE",
+            default="the labels file in the model's metadata, if any")
+    _option(g["model"], "--output-format", "decode the outputs as this family instead of detecting it from "
+            "their shapes", choices=OUTPUT_FORMATS)
+    _option(g["model"], "--score-threshold", "detections below it are not written", type=float,
+            metavar="S")
+    _option(g["model"], "--resize", "how images are fitted to the model input; auto: letterbox for YOLO, "
+            "stretch for SSD", choices=RESIZE_CHOICES)
+    _option(g["model"], "--normalization", "float inputs: the pixel range the model expects; integer inputs "
+            "follow the model's quantization unless forced", choices=NORMALIZATIONS)
+    _option(g["model"], "--input-mean", "float inputs: (pixel - mean) / std per RGB channel, in pixel units "
+            "(0..255); with --input-std, instead of --normalization", metavar="M[,M,M]")
+    _option(g["model"], "--input-std", "see --input-mean", metavar="S[,S,S]")
+
+    _option(g["output"], "--output", f"{required}: {REQUIRED['output']}")
+    _option(g["output"], "--part-rows", "images per output part file: files per table = images / this", type=int)
+    _option(g["output"], "--overwrite", "replace a previous run in --output", action="store_true")
+    _option(g["output"], "--resume", "finish a previous run in --output (re-running the same command does this "
+            "too); refused if the model, input or settings changed", action="store_true")
+    _option(g["output"], "--incremental", "process only what is new or changed in the input since the runs "
+            "already in --output, as a new run (rows carry its run_id); nothing new: says so and exits 0",
+            action="store_true")
+    _option(g["output"], "--allow-nonempty-output", "write into an --output inside the input, or one holding "
+            "files that are not a previous run's", action="store_true")
+
+    _option(g["cluster"], "--address", "the Ray cluster to join", default="$RAY_ADDRESS, else an embedded Ray")
+    _option(g["cluster"], "--ray-min-images", "without a cluster, runs of fewer images than this use worker "
+            "processes of this machine instead of starting Ray; 0: always Ray", type=int,
+            default=f"{RAY_MIN_IMAGES_PER_CPU:,} per CPU of this machine, at most {RAY_MIN_IMAGES_CAP:,}")
+    _option(g["cluster"], "--num-actors", "detector actors in all", type=int,
+            default="one per --cpus-per-actor CPUs of each node, as its memory allows")
+    _option(g["cluster"], "--cpus-per-actor", "CPUs (and interpreter threads) per actor", type=int,
+            default=f"1, or the CPUs a smaller pool leaves unused shared out, at most {MAX_AUTO_THREADS}")
+    _option(g["cluster"], "--memory-per-actor-mb", "memory Ray reserves per actor", type=int,
+            default="estimated from the model and the images in flight")
+    _option(g["cluster"], "--node-memory-share", "share of each node's Ray memory detector actors may reserve",
+            type=float, metavar="F")
+
+    _option(g["tuning"], "--shard-size", "images per shard: the unit of work, commit and retry", type=int)
+    _option(g["tuning"], "--batch-size", "images per invoke when the model's batch dimension is dynamic (a "
+            "fixed batch runs 1, noted in the manifest)", type=int)
+    _option(g["tuning"], "--max-shards-in-flight", "per actor: the backpressure bound", type=int)
+    _option(g["tuning"], "--read-ahead", "images each worker keeps read ahead of its model; 0: sized from the "
+            "store's measured latency and the model's time per image", type=int)
+    _option(g["tuning"], "--decode-threads", "threads decoding images ahead of each worker's model; 0: decode "
+            "on the model's thread, one image after another", type=int,
+            default="sized per worker, from its interpreter threads")
+    _option(g["tuning"], "--no-jpeg-draft", "decode JPEGs at full size, not at the smallest libjpeg scale that "
+            "keeps what the resize needs", action="store_false", dest="jpeg_draft")
+
+    _option(g["operating"], "--config", "TOML file with any of these options as keys (flags override it)",
+            metavar="FILE")
+    _option(g["operating"], "--storage-option", "fsspec storage option (e.g. endpoint_url=...), repeatable",
+            action="append", type=_storage_option, dest="storage_options", metavar="KEY=VALUE")
+    _option(g["operating"], "--max-failure-rate", "exit 1 (after committing everything) when more than this "
+            "fraction of images failed", type=float, metavar="R", default="no limit")
+    _option(g["operating"], "--dry-run", "list, plan, load the model and time it on a sample; print the plan, "
+            "write nothing", action="store_true")
+    _option(g["operating"], "--json", "print the final manifest as JSON", action="store_true")
+    return run
+
+
+def _version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"batch-detect {__version__}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batch-detect", description=__doc__.splitlines()[0])
+    _version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    # Run options default to "not given" so that a --config file can supply them and flags override it.
-    run = sub.add_parser("run", help="run a TFLite detector over images into Parquet",
-                         argument_default=argparse.SUPPRESS)
-    run.add_argument("--config", help="TOML file with any of these options as keys (flags override it)")
-    run.add_argument("--model", help="path or URL of the .tflite detector (required)")
-    run.add_argument("--input", help="folder, prefix or glob of images, local or fsspec URL (required)")
-    run.add_argument("--output", help="folder or prefix for the Parquet output (required)")
-    run.add_argument("--labels", help="labels file: one label per line, or `id label` lines")
-    run.add_argument("--score-threshold", type=float, help="default 0.25")
-    run.add_argument("--shard-size", type=int, help="images per shard, the unit of work and commit (default 64)")
-    run.add_argument("--resize", choices=RESIZE_MODES, help="default stretch")
-    run.add_argument("--normalization", choices=NORMALIZATIONS,
-                     help="float inputs: pixel range the model expects; integer inputs follow the model's "
-                          "quantization unless forced (default auto)")
-    run.add_argument("--input-mean", metavar="M[,M,M]",
-                     help="float inputs: (pixel - mean) / std per RGB channel, in pixel units (0..255); "
-                          "with --input-std, instead of --normalization")
-    run.add_argument("--input-std", metavar="S[,S,S]", help="see --input-mean")
-    run.add_argument("--output-format", choices=OUTPUT_FORMATS,
-                     help="decode the outputs as this family instead of detecting it (default auto)")
-    run.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this")
-    run.add_argument("--no-jpeg-draft", action="store_false", dest="jpeg_draft",
-                     help="decode JPEGs at full size (default: at the smallest libjpeg scale not below the model input)")
-    run.add_argument("--extensions", help="comma-separated file extensions to process; '*' for every file "
-                                          f"(default {','.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
-    run.add_argument("--batch-size", type=int,
-                     help="images per invoke when the model's batch dimension is dynamic (default 1; a fixed "
-                          "batch runs 1, noted in the manifest)")
-    run.add_argument("--input-format", choices=INPUT_FORMATS,
-                     help="files (images), tar (WebDataset-style shards, one shard per tar) or parquet (rows "
-                          "with an image-bytes column); default auto")
-    run.add_argument("--image-column", help="Parquet input: the column holding encoded image bytes")
-    run.add_argument("--id-column", help="Parquet input: the column that names each image in the output "
-                                         "(default: <file>#<row>)")
-    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
-    run.add_argument("--num-actors", type=int, help="default: one per --cpus-per-actor CPUs")
-    run.add_argument("--ray-min-images", type=int,
-                     help="without --address, runs of fewer images than this (default: 2,500 per CPU of this "
-                          "machine, at most 50,000) use worker processes on this machine instead of starting Ray "
-                          "(0: always Ray)")
-    run.add_argument("--cpus-per-actor", type=int,
-                     help="CPUs (and interpreter threads) per actor (default: 1, or the CPUs a smaller pool leaves "
-                          "unused shared out, at most 8)")
-    run.add_argument("--decode-threads", type=int, metavar="N",
-                     help="threads decoding images ahead of each worker's model (default: sized per node; 0: "
-                          "decode on the model's thread, one image after another)")
-    run.add_argument("--max-shards-in-flight", type=int, help="per actor: the backpressure bound (default 2)")
-    run.add_argument("--read-ahead", type=int, metavar="N",
-                     help="images each worker keeps read ahead of its model (default 0: sized from the store's "
-                          "measured latency and the model's time per image; never fewer than 4)")
-    run.add_argument("--part-rows", type=int,
-                     help="images per output part file (default 100000): files per table = images / this")
-    run.add_argument("--memory-per-actor-mb", type=int,
-                     help="memory Ray reserves per actor (default: estimated from the model and prefetch)")
-    run.add_argument("--node-memory-share", type=float,
-                     help="share of each node's Ray memory detector actors may reserve (default 0.8)")
-    run.add_argument("--storage-option", action="append", type=_storage_option, dest="storage_options",
-                     metavar="KEY=VALUE", help="fsspec storage option (e.g. endpoint_url=...), repeatable")
-    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
-    run.add_argument("--incremental", action="store_true",
-                     help="process only what is new or changed in the input since the runs already in --output, "
-                          "as a new run (rows carry its run_id); nothing new: says so and exits 0")
-    run.add_argument("--allow-nonempty-output", action="store_true",
-                     help="write into an --output inside the input, or one holding files that are not a previous "
-                          "run's (refused by default)")
-    run.add_argument("--resume", action="store_true",
-                     help="finish a previous run in --output (re-running the same command does this too); "
-                          "refused if the model, input or settings changed")
-    run.add_argument("--max-failure-rate", type=float, metavar="R",
-                     help="exit 1 (after committing everything) when more than this fraction of images failed")
-    run.add_argument("--dry-run", action="store_true",
-                     help="list, plan, load the model and time it on a sample; print the plan, write nothing")
-    run.add_argument("--json", action="store_true", help="print the final manifest as JSON")
+    _run_parser(sub)
 
     ins = sub.add_parser("inspect", help="explain a model: tensors, ops, detected family, warnings")
     ins.add_argument("model", help="path or URL of a .tflite file")
@@ -137,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--labels", default=None)
     cmp_.add_argument("--sample", type=int, default=200, help="images to use, spread over the input (0: all)")
     cmp_.add_argument("--score-threshold", type=float, default=0.25)
-    cmp_.add_argument("--resize", choices=RESIZE_MODES, default="stretch")
+    cmp_.add_argument("--resize", choices=RESIZE_CHOICES, default="auto",
+                      help="default auto: by family, letterbox for YOLO, stretch for SSD (as run)")
     cmp_.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
     cmp_.add_argument("--out", default=None, help="folder for compare.parquet (per image) and compare.json")
     cmp_.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
@@ -156,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-mean", default=None, metavar="M[,M,M]", help="instead of --normalization: pixel units")
     q.add_argument("--input-std", default=None, metavar="S[,S,S]")
     q.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
-    q.add_argument("--resize", choices=RESIZE_MODES, default="stretch")
+    q.add_argument("--resize", choices=RESIZE_CHOICES, default="auto",
+                   help="calibration images are fitted as a run will (default auto: letterbox for YOLO, "
+                   "stretch for SSD)")
     q.add_argument("--compare-sample", type=int, default=200, help="images for the drift check (0: all)")
     q.add_argument("--score-threshold", type=float, default=0.25, help="for the drift check")
     q.add_argument("--labels", default=None, help="labels file, for names in the drift report")
@@ -204,10 +268,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     flags = {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
     if "storage_options" in flags:
         flags["storage_options"] = dict(flags["storage_options"])
-    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    config_file = getattr(args, "config", None)
+    # Inside a Ray job first: a relative --config is looked for in Ray's copy of the working dir.
+    _note(job_paths({"--config": config_file, **_paths(flags)}))
+    values = load_config_file(config_file) if config_file else {}
+    _note(job_paths(_paths({k: v for k, v in values.items() if k not in flags})))
     if "storage_options" in values and "storage_options" in flags:
         flags["storage_options"] = {**values["storage_options"], **flags["storage_options"]}
     return config_from_values({**values, **flags})
+
+
+def _paths(values: dict) -> dict[str, str | None]:
+    """The local-path settings among `values`, by flag."""
+    return {f"--{name}": values.get(name) for name in PATH_KEYS if name in values}
+
+
+def _note(line: str | None) -> None:
+    if line:
+        print(f"batch-detect: {line}", file=sys.stderr, flush=True)
 
 
 def _print_summary(manifest: dict, out) -> None:
@@ -219,10 +297,10 @@ def _print_summary(manifest: dict, out) -> None:
               f"{this['unchanged']} already processed; {this['images']} processed, {this['failures']} failed, "
               f"{this['detections']} detections", file=out)
         print(f"output ({len(manifest['runs'])} runs): {c['images']} processed, {c['failures']} failed, "
-              f"{c['detections']} detections, {c['committed_shards']} shards committed", file=out)
+              f"{c['detections']} detections, {count(c['committed_shards'], 'shard')} committed", file=out)
     else:
         print(f"images: {c['listed']} listed, {c['images']} processed, {c['failures']} failed, "
-              f"{c['detections']} detections, {c['committed_shards']} shards committed", file=out)
+              f"{c['detections']} detections, {count(c['committed_shards'], 'shard')} committed", file=out)
     if c["failure_types"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(c["failure_types"].items()))
         print(f"failures by stage/type: {kinds}", file=out)
@@ -234,8 +312,9 @@ def _print_summary(manifest: dict, out) -> None:
     rate = t["images_per_s"]
     print(f"time: {t['total_s']:.1f}s total, {t['run_s']:.1f}s processing"
           + (f" ({rate:.1f} images/s)" if rate else "")
-          + f" on {manifest['cluster']['actors']} "
-          + ("worker processes, without Ray" if manifest["cluster"].get("executor") == "local processes" else "actors"),
+          + " on " + (count(manifest["cluster"]["actors"], "worker process", "worker processes") + ", without Ray"
+                      if manifest["cluster"].get("executor") == "local processes"
+                      else count(manifest["cluster"]["actors"], "actor")),
           file=out)
 
 
@@ -248,7 +327,9 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         f = report.facts
         print(f"{args.output}: {'OK' if report.ok else 'NOT OK'}")
-        print(f"planned {f.get('planned_images')} images in {f.get('planned_shards')} shards; "
+        planned = f.get("planned_images")
+        planned = "an unknown number of" if planned is None else planned  # the listing never ended
+        print(f"planned {planned} images in {f.get('planned_shards')} shards; "
               f"{f.get('committed_shards')} shards committed; {f.get('images')} images, "
               f"{f.get('failures')} failures, {f.get('detections')} detections")
         for problem in report.problems:
@@ -347,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             _error(exc)
             return 2
     if args.command == "report":
-        from .report import render_text, summarize, write_html
+        from .report import default_html_folder, render_text, summarize, write_html
 
         try:
             summary = summarize(args.output, dict(args.storage_option), samples=args.samples)
@@ -355,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             _error(f"cannot read {args.output!r} as a run's output: {exc}")
             return 2
         print(render_text(summary))
-        folder = args.html or f"report-run{summary['manifest']['run_id']}"
+        folder = args.html or default_html_folder(args.output, summary["manifest"])
         print(f"html: {write_html(summary, folder, args.samples, dict(args.storage_option))}")
         return 0
     if args.command == "status":
@@ -411,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
             _error(exc)
             return 2
         except KeyboardInterrupt as exc:
-            _error("interrupted: what was committed stays in the output; re-run the same command (or add --resume) "
-                   "to go on", prefix="batch-detect: ")
+            stays = "".join(f"{note}. " for note in getattr(exc, "__notes__", ()))  # the run's count, when it has one
+            _error(f"interrupted: {stays or 'what was committed stays in the output. '}Re-run the same command (or add "
+                   "--resume) to go on", prefix="batch-detect: ")
             return 143 if isinstance(exc, Terminated) else 130
         for bar in _open_progress:
             bar.end_line()  # the summary starts on a line of its own

@@ -20,6 +20,10 @@ INPUT_FORMATS = ("auto", "files", "tar", "parquet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
 # Pillow's own decompression-bomb threshold: larger images are refused, not decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
+REQUIRED = {"model": "the path or URL of a .tflite detector",
+             "input": "a folder, prefix, glob or manifest of images (local or an fsspec URL)",
+             "output": "the folder or prefix to write Parquet to (local or an fsspec URL)"}
+PATH_KEYS = ("model", "labels", "input", "output")  # the settings that may be local paths
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.I)
 
 
@@ -68,12 +72,11 @@ class RunConfig:
     storage_options: dict = field(default_factory=dict)
 
     def validate(self) -> "RunConfig":
-        if not self.model:
-            raise ConfigError("--model is required: the path or URL of a .tflite detector")
-        if not self.input:
-            raise ConfigError("--input is required: a folder, prefix or glob of images (local or fsspec URL)")
-        if not self.output:
-            raise ConfigError("--output is required: the folder or prefix to write Parquet to")
+        # Every missing one at once: a first run should not learn them one error at a time.
+        missing = [f"--{name} ({what})" for name, what in REQUIRED.items() if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)}: each as a flag or a key of the --config file "
+                              "(`batch-detect run --help` lists every option)")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ConfigError(f"--score-threshold must be within [0, 1], got {self.score_threshold}")
         if self.shard_size < 1:
@@ -234,4 +237,11 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path!r} not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
-    return _checked_keys(values, path)  # unknown keys are reported against the file
+    values = _checked_keys(values, path)  # unknown keys are reported against the file
+    # As in most tools' job files, a relative path names a place beside the file, wherever it is run from.
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            values[key] = os.path.normpath(os.path.join(folder, value))
+    return values

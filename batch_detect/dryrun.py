@@ -8,12 +8,10 @@ import os
 import random
 import time
 
-import ray
-
 from .config import RunConfig
 from .detector import Detector
-from .distributed import connect
-from .pipeline import prepare
+from .local import worker_count
+from .pipeline import executor, memory_per_worker, prepare, ray_address, start_ray, without_ray
 from .reading import Reader
 from .worker import shard_items
 
@@ -46,8 +44,17 @@ def _quotas(sizes: list[int], k: int) -> list[int]:
 
 
 def dry_run(config: RunConfig) -> str:
-    ready = prepare(config)  # every check a run makes before it starts; writes nothing
+    ready = prepare(config)  # every check a run makes before it starts; leaves nothing written
     plan, info = ready["plan"], ready["info"]
+    # Where the run would go, decided as the run decides it (before the plan is consumed by the sample).
+    workers, counted = without_ray(config, ready, ready["planning"], plan)
+    pool = None
+    if not workers and ray_address(config):  # the cluster's pool, sized as the run sizes it
+        pool = start_ray(config, ready, ready["planning"], plan, lambda text: None)
+        if pool["started_ray"]:
+            import ray
+
+            ray.shutdown()
     num_shards, num_items, picked = _sample(plan.shards, SAMPLE)
     detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor or 1,
                         score_threshold=config.score_threshold, resize=config.resize,
@@ -69,23 +76,21 @@ def dry_run(config: RunConfig) -> str:
             sampled += 1
     per_image = (time.perf_counter() - t0) / max(sampled, 1)
 
-    if config.address or os.environ.get("RAY_ADDRESS"):
-        started = connect(config.address)
-        cpus = float(ray.cluster_resources().get("CPU", 0))
-        if started:
-            ray.shutdown()
-        where = f"the cluster at {config.address or os.environ['RAY_ADDRESS']}"
-    else:
-        cpus = float(os.cpu_count() or 1)
-        where = "an embedded local Ray on this machine"
-    actors = config.num_actors or max(1, int(cpus // (config.cpus_per_actor or 1)))
-    actors = min(actors, num_shards)
+    where, actors, cpus = executor(config, plan.form, workers, counted), workers, float(os.cpu_count() or 1)
+    if not workers:
+        if pool is not None:
+            actors, cpus = pool["num_actors"], pool["cluster_cpus"]
+        else:  # an embedded Ray is not started for this: its one node is this machine, sized by the same rule
+            actors = config.num_actors or worker_count(config.cpus_per_actor or 1, max(1, num_shards),
+                                                       memory_per_worker(config, ready), config.node_memory_share)
+        where = f"{actors} actors on {where}"
     images = num_items if plan.form != "tar" else None
     estimate = (images or 0) * per_image / actors
     d = info.describe()
     i = d["input"]
     lines = [
-        f"dry run: nothing was written to {config.output}",
+        f"dry run: nothing was written to {config.output} (a file created there and deleted again showed that "
+        "the run can write it)",
         f"input ({plan.form}): {f'{images} images' if images is not None else f'{num_shards} tar shards'} "
         f"found at {config.input} ({plan.stats.skipped} other files skipped)",
         f"plan: {num_shards} shards" + (f" of up to {config.shard_size} images" if images is not None else ""),
@@ -95,9 +100,9 @@ def dry_run(config: RunConfig) -> str:
         *[f"  output {o['name']} {o['shape']} {o['dtype']} -> {o['role']}" for o in d["outputs"]],
         f"sample: {sampled} images, {per_image * 1000:.1f} ms each on one CPU "
         f"({failures} would fail)",
-        (f"estimate: {actors} actors on {where} ({cpus:g} CPUs): about {estimate:.0f}s of processing "
-         "plus start-up") if images is not None else
-        f"estimate: {actors} actors on {where} ({cpus:g} CPUs): {per_image * 1000 / actors:.1f} ms per image "
-        "(tar members are counted while streaming)",
+        (f"estimate: {where}, {cpus:g} CPUs: about {estimate:.0f}s of processing plus start-up")
+        if images is not None else
+        f"estimate: {where}, {cpus:g} CPUs: {per_image * 1000 / actors:.1f} ms per image (tar members are counted "
+        "while streaming)",
     ]
     return "\n".join(lines)

@@ -7,6 +7,11 @@ from __future__ import annotations
 STAGES = ("read", "decode", "validate", "infer", "postprocess")
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 node', '2 nodes': messages word their numbers as a person would."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 class BatchDetectError(Exception):
     """Base for everything this tool raises on purpose."""
 

@@ -8,7 +8,7 @@ from collections import Counter
 from .detector import inspect_interpreter
 from .errors import ModelError
 from .interpreter import load_backend, make_interpreter, read_model, sha256, tensor_specs
-from .labels import embedded_labels
+from .labels import label_warnings, model_classes, model_labels
 
 # Ops that mean the graph still holds resource variables: their values may never be initialised in
 # TFLite, so outputs are garbage (freeze variables before converting).
@@ -40,14 +40,17 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
         "ops": dict(sorted(Counter(ops).items())),
         "custom_ops": sorted({o for o in ops if not o.isupper() or o.startswith("TFLite")}),
         "labels": None,
+        "classes": None,
         "batch": ("dynamic" if len(inputs) == 1 and inputs[0].shape_signature[:1] == (-1,) else "fixed"),
         "family": None,
         "why_not": None,
         "warnings": [],
     }
-    found = embedded_labels(content)
-    if found is not None:
-        report["labels"] = {"file": found[1], "count": len(found[0]), "labels": found[0]}
+    found = model_labels(content)
+    if found.labels is not None:
+        report["labels"] = {"file": found.file, "origin": found.origin, "count": len(found.labels),
+                            "labels": found.labels}
+    report["labels_passed_over"] = list(found.passed_over)
     warn = report["warnings"]
     if _VARIABLE_OPS & set(ops):
         warn.append("the model holds resource variables (" + ", ".join(sorted(_VARIABLE_OPS & set(ops)))
@@ -65,6 +68,10 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
         info = inspect_interpreter(interp, normalization, output_format)
         report["family"] = info.layout.family
         report["decoding"] = info.describe()
+        classes = model_classes(content, info.layout)
+        report["classes"] = {"count": classes.count, "from": classes.where} if classes else None
+        if found.labels is not None:  # a model without labels is only a problem for a run without --labels
+            warn += label_warnings(found.labels, found.source, classes)
     except ModelError as exc:
         report["why_not"] = str(exc)
     return report
@@ -101,8 +108,12 @@ def render(report: dict) -> str:
     if report["labels"]:
         lab = report["labels"]
         shown = ", ".join(str(x) for x in lab["labels"][:20]) + (", …" if lab["count"] > 20 else "")
-        lines.append(f"labels: {lab['count']} embedded in the model ({lab['file']}; used when --labels is not "
+        how = f", {lab['origin']}" if lab["origin"] else ""
+        lines.append(f"labels: {lab['count']} embedded in the model ({lab['file']}{how}; used when --labels is not "
                      f"given): {shown}")
+    else:
+        lines.append("labels: none in the model (a run without --labels FILE writes null labels)")
+    lines += [f"  not taken as labels: {why}" for why in report["labels_passed_over"]]
     lines.append("batch: dynamic: --batch-size N runs N images per invoke" if report["batch"] == "dynamic"
                  else "batch: fixed: one image per invoke")
     if report["family"]:
@@ -111,5 +122,7 @@ def render(report: dict) -> str:
         lines.append(f"family: {report['family']} ({roles}); input normalization {dec['input']['normalization']}")
     else:
         lines.append(f"family: none: {report['why_not']}")
+    if report["classes"]:
+        lines.append(f"classes: {report['classes']['count']} ({report['classes']['from']})")
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)

@@ -4,10 +4,14 @@ model bytes read through fsspec, and a description of the model's tensors taken 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,11 +120,53 @@ class TensorSpec:
         return values.astype(np.float32, copy=False)
 
 
+_EDGE_TPU_OP = b"edgetpu-custom-op"  # the one custom op edgetpu_compiler puts the compiled graph in
+# The runtime's C++ logger prints this once per process on the first allocation, on every command, and
+# offers Python no switch (tflite::LoggerOptions is C++ only): it is taken out of what that call prints.
+_DELEGATE_NOTICE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+_first_allocation = threading.Lock()
+_allocated_once = False
+
+
+@contextlib.contextmanager
+def _without_delegate_notice():
+    global _allocated_once
+    with _first_allocation:
+        if _allocated_once:
+            yield
+            return
+        _allocated_once = True
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # stderr replaced by something without a descriptor
+            yield
+            return
+        sys.stderr.flush()
+        saved = os.dup(fd)
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), fd)
+            try:
+                yield
+            finally:
+                os.dup2(saved, fd)
+                os.close(saved)
+                caught.seek(0)
+                rest = caught.read().replace(_DELEGATE_NOTICE, b"")
+                if rest:  # anything else the runtime said (an error's details) is passed on
+                    os.write(fd, rest)
+
+
 def make_interpreter(backend: Backend, model_content: bytes, num_threads: int, url: str = "model"):
     try:
         interp = backend.interpreter(model_content, num_threads)
-        interp.allocate_tensors()
+        with _without_delegate_notice():
+            interp.allocate_tensors()
     except Exception as exc:
+        if _EDGE_TPU_OP in model_content:
+            raise ModelError(
+                f"{url!r} was compiled for the Edge TPU (edgetpu_compiler): its graph is an {_EDGE_TPU_OP.decode()} "
+                "that only a Coral accelerator runs, and this tool runs models on the CPU. Use the CPU model it was "
+                "compiled from (Coral publishes both; the CPU one has no _edgetpu in its name)") from None
         raise ModelError(
             f"{backend.name} {backend.version} cannot load {url!r}: {type(exc).__name__}: {exc}"
         ) from None

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 
+from .destination import unwritable
 from .errors import LeaseLost, OutputError
 from .sink import LOCK
 
@@ -126,13 +127,18 @@ class Lease:
         holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
                   "pid_start": _process_start(os.getpid()), "acquired_at": time.time(), "renewed_at": time.time()}
         path = store.path(LOCK)
-        store.fs.makedirs(store.root, exist_ok=True)
+        try:
+            store.makedirs(store.root)
+        except OSError as exc:  # checked before the run (destination.py); here if it changed since
+            raise unwritable(store.url, store, exc) from None
         for attempt in range(2):
             try:
                 _create(store, path, json.dumps(holder).encode())
                 return cls(store, token, holder)
             except FileExistsError:
                 pass
+            except OSError as exc:
+                raise unwritable(store.url, store, exc) from None
             try:
                 other = json.loads(store.fs.cat_file(path))
                 other["renewed_at"] = _last_renewal(store, other)

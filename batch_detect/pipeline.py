@@ -37,11 +37,11 @@ from .detector import inspect_interpreter
 from .commitlog import LOG_DIR, CommitLog
 from .committer import Committer
 from .containers import tar_members_at_most
-from .errors import FailureRateExceeded, LeaseLost, ModelError, OutputError, Terminated
+from .errors import FailureRateExceeded, LeaseLost, ModelError, OutputError, Terminated, count
 from .interpreter import load_backend, make_interpreter, read_model, sha256
 from .feed import Planning, PlanFeed, check_listing, first_shard_of, planning_for
 from .history import changed_since_planned
-from .labels import embedded_labels, label_warnings, load_labels
+from .labels import ModelLabels, label_warnings, load_labels, model_classes, model_labels
 from .lease import Lease
 from .local import NODE_ID, LocalDispatcher, worker_count
 from .metrics import record_dispatch
@@ -77,17 +77,26 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_config_and_stores(config: RunConfig) -> None:
+def _check_config_and_stores(config: RunConfig) -> OutputStore:
+    """The config, each object store reached once, and the output location (a file created there and
+    deleted): what a run checks before its first lasting request to the output. Returns the output's store."""
     config.validate()
     check_store_access([config.model, config.labels, config.input, config.output], config.storage_options)
+    try:
+        store = OutputStore(config.output, config.storage_options)
+    except (ValueError, ImportError, OSError) as exc:
+        raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
+    check_output_location(config.output, config.input, store, config.allow_nonempty_output)
+    return store
 
 
-def prepare(config: RunConfig, checked: bool = False) -> dict:
-    """Every check that needs no cluster. Raises a BatchDetectError naming the problem; writes nothing.
-    The input is opened and its first shard listed (an empty or missing input is refused here); the
-    rest is listed while the run goes. `checked`: the config and stores were checked already."""
-    if not checked:
-        _check_config_and_stores(config)
+def prepare(config: RunConfig, store: OutputStore | None = None) -> dict:
+    """Every check that needs no cluster. Raises a BatchDetectError naming the problem; leaves nothing
+    written. The input is opened and its first shard listed (an empty or missing input is refused here);
+    the rest is listed while the run goes. `store`: the output's, once the config, stores and output
+    location were checked (`_check_config_and_stores`)."""
+    if store is None:
+        store = _check_config_and_stores(config)
     so = config.storage_options
     t0 = time.perf_counter()
     backend = load_backend()
@@ -101,15 +110,14 @@ def prepare(config: RunConfig, checked: bool = False) -> dict:
         raise ModelError(f"model {config.model!r}: {exc}") from None
     if config.resize == "auto":  # resolved once, before the identity and the workers see it: the manifest records it
         config.resize = info.default_resize
-    labels, labels_source = (load_labels(config.labels, so), config.labels) if config.labels else (None, None)
-    if labels is None and (found := embedded_labels(model_content)) is not None:
-        labels, labels_source = found[0], f"embedded in the model ({found[1]})"
+    if config.labels:
+        found, labels, labels_source = ModelLabels(), load_labels(config.labels, so), config.labels
+    else:
+        found = model_labels(model_content)
+        labels, labels_source = found.labels, found.source
+    # Said before the run, not only in its summary: a misfit found after a day's run costs the day.
+    label_notes = label_warnings(labels, labels_source, model_classes(model_content, info.layout), found.passed_over)
     t_model = time.perf_counter() - t0
-    try:
-        store = OutputStore(config.output, so)
-    except (ValueError, ImportError, OSError) as exc:
-        raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
-    check_output_location(config.output, config.input, store, config.allow_nonempty_output)
     identity = {"model_sha256": sha256(model_content), "labels": labels,
                 **{k: getattr(config, k) for k in _IDENTITY_SETTINGS}}
     previous = _previous_run(store, config, identity)
@@ -122,10 +130,12 @@ def prepare(config: RunConfig, checked: bool = False) -> dict:
     if previous and plan.form != previous.get("plan", {}).get("form", plan.form):
         raise OutputError(f"output {config.output!r} holds {previous['plan']['form']} input and the input is now "
                           f"{plan.form}: choose a new --output, or pass --overwrite to replace it")
+    for note in label_notes:
+        log.warning("warning: %s", note)
     return {
         "backend": backend, "model_content": model_content, "info": info, "labels": labels,
-        "labels_source": labels_source, "plan": plan, "store": store, "identity": identity, "previous": previous,
-        "commit_log": commit_log, "planning": planning,
+        "labels_source": labels_source, "label_warnings": label_notes, "plan": plan, "store": store,
+        "identity": identity, "previous": previous, "commit_log": commit_log, "planning": planning,
         "timings": {"check_model_s": t_model, "first_listing_s": time.perf_counter() - t0 - t_model},
     }
 
@@ -176,16 +186,11 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phas
     per staged shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
     `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is)."""
     t_start = time.perf_counter()
-    lease = None
-    _check_config_and_stores(config)  # before the lease: it is the run's first request to the output
+    store = _check_config_and_stores(config)  # before the lease: it is the run's first request to the output
+    # An existing output is leased before its log is read: two drivers must never plan on one state.
+    lease = Lease.acquire(store) if not config.overwrite and store.exists(MANIFEST) else None
     try:
-        probe = OutputStore(config.output, config.storage_options)
-        # An existing output is leased before its log is read: two drivers must never plan on one state.
-        lease = Lease.acquire(probe) if not config.overwrite and probe.exists(MANIFEST) else None
-    except (ValueError, ImportError) as exc:
-        raise OutputError(f"cannot open output {config.output!r}: {exc}") from None
-    try:
-        return _run(config, t_start, lease, on_start, on_shard, on_listed, on_phase or (lambda text: None))
+        return _run(config, store, t_start, lease, on_start, on_shard, on_listed, on_phase or (lambda text: None))
     finally:
         if lease is not None:
             lease.release()
@@ -210,10 +215,10 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed, on_phase) -> RunSummary:
+def _run(config: RunConfig, store: OutputStore, t_start: float, lease, on_start, on_shard, on_listed,
+         on_phase) -> RunSummary:
     on_phase(f"checking the model, the input and the output ({config.output})")
-    ready = prepare(config, checked=True)
-    store: OutputStore = ready["store"]
+    ready = prepare(config, store)
     plan: PlanStream = ready["plan"]
     planning: Planning = ready["planning"]
     previous = ready["previous"]
@@ -259,16 +264,14 @@ def _run(config: RunConfig, t_start: float, lease, on_start, on_shard, on_listed
         "runs": runs_before,
     }
 
-    local_workers, local_images = _without_ray(config, ready, planning, plan)
+    local_workers, local_images = without_ray(config, ready, planning, plan)
     if local_workers:
-        what = f"at most {local_images} images" if plan.form == "tar" else f"{local_images} images"
-        on_phase(f"{what}, under --ray-min-images {ray_min_images(config)}: running on "
-                 f"{local_workers} worker process(es) of this machine, without starting Ray")
+        on_phase(f"using {executor(config, plan.form, local_workers, local_images)}")
         lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
         ray_facts = None
     else:
         # Ray is imported only now: a run with nothing to do (above) answers in the time Python starts.
-        ray_facts = _start_ray(config, ready, planning, plan, on_phase)
+        ray_facts = start_ray(config, ready, planning, plan, on_phase)
         try:
             lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
         except BaseException:
@@ -289,14 +292,34 @@ def ray_min_images(config: RunConfig) -> int:
     return auto_ray_min_images() if config.ray_min_images is None else config.ray_min_images
 
 
-def _without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanStream) -> tuple[int, int]:
+def ray_address(config: RunConfig) -> str | None:
+    return config.address or os.environ.get("RAY_ADDRESS")
+
+
+def ray_where(config: RunConfig) -> str:
+    address = ray_address(config)
+    return (f"the Ray cluster at {address}" if address else
+            "Ray on this machine (no --address: an embedded cluster for this run)")
+
+
+def executor(config: RunConfig, form: str, workers: int, images: int) -> str:
+    """Where a run's shards go, in the words the run and its dry run both print: `without_ray`'s worker
+    processes (`workers`, for `images` under --ray-min-images), else Ray."""
+    if not workers:
+        return ray_where(config)
+    what = f"at most {images} images" if form == "tar" else f"{images} images"
+    return (f"{count(workers, 'worker process', 'worker processes')} of this machine, without starting Ray ({what}, "
+            f"under --ray-min-images {ray_min_images(config)})")
+
+
+def without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanStream) -> tuple[int, int]:
     """(worker processes, images) when this run is small enough to do without Ray, else (0, 0): no cluster
     named, fewer images than --ray-min-images (counted by listing at most that many; for tars, whose images
     are known only as they stream, their members counted on this machine's disk, else the most their
     listed sizes can hold). Workers: one per --cpus-per-actor CPUs of this machine, as many as its memory
     share holds (the rule Ray's pool follows per node), one per shard at most."""
     threshold = ray_min_images(config)
-    if not threshold or config.address or os.environ.get("RAY_ADDRESS"):
+    if not threshold or ray_address(config):
         return 0, 0
     ray_module = sys.modules.get("ray")
     if ray_module is not None and ray_module.is_initialized():  # a driver already inside Ray: use it
@@ -320,11 +343,11 @@ def _without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanS
         return 0, 0
     shards = len(head) + sum(c["shards"] for c in planning.pending)
     workers = config.num_actors or worker_count(config.cpus_per_actor or 1, max(1, shards),
-                                                _memory_per_worker(config, ready), config.node_memory_share)
+                                                memory_per_worker(config, ready), config.node_memory_share)
     return workers, images
 
 
-def _memory_per_worker(config: RunConfig, ready: dict) -> int:
+def memory_per_worker(config: RunConfig, ready: dict) -> int:
     """What each worker (actor or process) reserves: --memory-per-actor-mb, or the estimate for this model."""
     if config.memory_per_actor_mb:
         return config.memory_per_actor_mb * MIB
@@ -339,8 +362,8 @@ def _local_threads(config: RunConfig, workers: int) -> int:
     return config.cpus_per_actor or auto_threads(os.cpu_count() or 1, workers)
 
 
-def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: PlanStream | None,
-               on_phase) -> dict:
+def start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: PlanStream | None,
+              on_phase) -> dict:
     """Join the cluster (or start an embedded one) and size the pool, before anything is written: a
     cluster we cannot use leaves no output. `plan` given: never more actors than the shards it holds."""
     import ray
@@ -348,12 +371,10 @@ def _start_ray(config: RunConfig, ready: dict, planning: Planning | None, plan: 
     from .distributed import connect, size_pool
 
     t_ray = time.perf_counter()
-    address = config.address or os.environ.get("RAY_ADDRESS")
-    on_phase(f"joining the Ray cluster at {address}" if address else
-             "starting Ray on this machine (no --address: an embedded cluster for this run)")
+    on_phase(f"{'joining' if ray_address(config) else 'starting'} {ray_where(config)}")
     started_ray = connect(config.address)
     try:
-        memory_per_actor = _memory_per_worker(config, ready)
+        memory_per_actor = memory_per_worker(config, ready)
         num_actors, capacity = size_pool(config.num_actors, config.cpus_per_actor or 1, memory_per_actor,
                                          config.node_memory_share, 1 << 62)
         if plan is not None:
@@ -519,8 +540,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
             handed_back = local.run()
             if handed_back:
                 on_phase(f"a worker process failed ({local.why_ray}): going on with Ray, which retries the "
-                         f"{len(handed_back)} shard(s) left and isolates an image that kills workers")
-                ray_facts = _start_ray(config, ready, None, None, on_phase)
+                         f"{count(len(handed_back), 'shard')} left and isolates an image that kills workers")
+                ray_facts = start_ray(config, ready, None, None, on_phase)
                 ray_facts["num_actors"] = max(1, min(ray_facts["num_actors"], len(handed_back)))
                 _resolve_threads(config, ray_facts)
                 settings = dataclasses.replace(settings, memory_per_actor=ray_facts["memory_per_actor"],
@@ -552,6 +573,8 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
                                 counts=_counts(state, done_before, ready["labels"]))
                 manifest["runs"] = manifest["runs"] + [_run_entry(manifest, state, run_no, status, config)]
                 store.write_json(MANIFEST, manifest)
+                if stopped:
+                    exc.add_note(_what_stays(state))
         raise
     finally:
         if "ray" in active:
@@ -591,7 +614,7 @@ def _dispatch(config: RunConfig, ready: dict, manifest: dict, commit_log: Commit
     )
     manifest["runs"] = manifest["runs"] + [_run_entry(manifest, state, run_no, manifest["status"], config)]
     manifest["sizing"] = _sizing(config, manifest["cluster"], costs, run_s)
-    manifest["warnings"] = (label_warnings(ready["labels"], ready["labels_source"], ready["info"].layout)
+    manifest["warnings"] = (ready["label_warnings"]
                             + _warnings(manifest, ready["labels"])
                             + ([changed_since_planned(feed.changed)] if feed.changed else []))
     lease.check()  # the manifest says the output is whole: only while it is still this run's
@@ -637,6 +660,17 @@ def _cluster_facts(config: RunConfig, ray_facts: dict | None, active: dict, loca
             "cpus_per_actor": _local_threads(config, local_workers),
             "memory_per_actor": None, "nodes": [NODE_ID], "actors_per_node": {NODE_ID: local_workers},
             "lost_nodes": [], **facts}
+
+
+def _what_stays(state) -> str:
+    """What an interrupted run leaves, exactly: committed shards are kept, but readers see only those in parts."""
+    committed, images = state.num_committed, state.totals["images"] + state.totals["failures"]
+    readable = sum(p["end"] - p["first"] for p in state.parts if p["done"])
+    text = f"{count(committed, 'shard')} ({count(images, 'image')}) committed"
+    if readable >= committed:
+        return text + ", all of them in part files that queries read now"
+    return (text + f"; {readable} of them in part files that queries read now, the other {committed - readable} "
+            "become readable when the same command is re-run (it compacts them before going on)")
 
 
 def _all_compacted(state) -> bool:

@@ -26,6 +26,8 @@ class Progress:
 
     def listed(self, total_images: int | None, total_shards: int) -> None:
         self.total, self.total_shards = total_images, total_shards
+        if self.tty and self.line_open:  # the bar drawn with "?" is redrawn with the totals at once
+            self._print(time.perf_counter())
 
     def update(self, summary: dict) -> None:
         self.done += summary["images"] + summary["failures"]
@@ -55,15 +57,16 @@ class Progress:
             width = 24
             filled = int(width * frac)
             bar = "#" * filled + "-" * (width - filled)
-            line = (f"\r[{bar}] {self.done}/{total} images {pct:5.1f}% | {rate:6.1f} img/s | "
-                    f"failures {self.failed} | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}")
+            # counts are of committed shards: a worker logs a failure before its shard commits
+            line = (f"\r[{bar}] {self.done}/{total} images committed {pct:5.1f}% | {rate:6.1f} img/s | "
+                    f"{self.failed} failed | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}")
             self.stream.write(line)
             self.line_open = True
             if self.shards == self.total_shards:
                 self.end_line()
         else:
-            self.stream.write(f"progress: {self.done}/{total} images ({pct:.1f}%), {rate:.1f} img/s, "
-                              f"failures {self.failed}, shards {self.shards}/{self.total_shards or '?'}, "
+            self.stream.write(f"progress: {self.done}/{total} images committed ({pct:.1f}%), {rate:.1f} img/s, "
+                              f"{self.failed} failed, shards {self.shards}/{self.total_shards or '?'}, "
                               f"ETA {_eta(eta)}\n")
         self.stream.flush()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import heapq
 import html
 import os
+import tempfile
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -154,6 +155,16 @@ def _read_back(uris: list[str], manifest: dict, reader: Reader) -> dict:
             getters.update(iter_parquet(part, reader.filesystem(source), cfg.get("image_column")))
     missing = ReadError(f"{form} input: this image cannot be read back for the gallery")
     return {u: getters.get(u, raising(missing)) for u in uris}
+
+
+def default_html_folder(output: str, manifest: dict) -> str:
+    """Beside the results for a local output (in a folder the tool owns, which readers' globs skip), never in
+    the current folder, which `ray job submit --working-dir .` would upload; in the temp folder for an object
+    store (the HTML is written locally)."""
+    name = f"run-{manifest['run_id']}"
+    if output.startswith("file://") or "://" not in output:
+        return os.path.join(os.path.abspath(os.path.expanduser(output.removeprefix("file://"))), "_report", name)
+    return os.path.join(tempfile.gettempdir(), f"batch-detect-report-{manifest['output_id'][:12]}", name)
 
 
 def write_html(summary: dict, folder: str, samples: int = 12, storage_options: dict | None = None) -> str:

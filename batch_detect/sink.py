@@ -29,10 +29,13 @@ STAGING = "_staging"
 LEGACY_COMMIT_DIR = "_shards"  # the per-shard markers of outputs written before the commit log
 ROW_GROUP_ROWS = 131_072  # rows per row group in a part: large enough for scans, small enough to buffer
 PLAN_ROW_GROUP = 8192
+# Object stores: a path starts with its bucket (container), and prefixes need no folders made. Their makedirs
+# creates a missing bucket: this tool never calls it there, so that a typo'd bucket is an error, not a new bucket.
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 # Stores where one PUT is atomic (an object appears whole or not at all): a file is put under its own name,
 # as one request. Elsewhere a temp name then a move; on these a move is a copy and a delete, and fsspec adds
 # a directory check and listings: 7 requests in a row per file, ~1 s per staged shard at 50 ms a request.
-ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+ATOMIC_PUT_PROTOCOLS = BUCKET_PROTOCOLS | {"memory"}
 # Staged shards read at once while compacting (fsspec's cat fetches a list concurrently on object stores).
 COMPACT_READ_BATCH = 32
 
@@ -56,6 +59,7 @@ class OutputStore:
         self.fence = None  # the driver's: raises before any write once its lease is another run's
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.atomic_put = bool(ATOMIC_PUT_PROTOCOLS.intersection(protocols))
+        self.bucket = self.root.split("/", 1)[0] if BUCKET_PROTOCOLS.intersection(protocols) else None
         self._one_request = one_request(self.fs)
 
     def path(self, *parts: str) -> str:
@@ -63,6 +67,11 @@ class OutputStore:
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
+
+    def makedirs(self, path: str) -> None:
+        """The folder `path` and those above it, where files need folders (not on object stores)."""
+        if self.bucket is None:
+            self.fs.makedirs(path, exist_ok=True)
 
     def _tmp(self, rel: str) -> str:
         final = self.path(rel)
@@ -80,7 +89,7 @@ class OutputStore:
             return
         for rel, data in files.items():
             final = self.path(rel)
-            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            self.makedirs(posixpath.dirname(final))
             tmp = self._tmp(rel)
             self.fs.pipe_file(tmp, data)
             self._rename(tmp, final)
@@ -161,7 +170,7 @@ class OutputStore:
             with self.fs.open(final, "rb") as fh:
                 return pq.ParquetFile(fh).metadata.num_rows, None
         tmp = self._tmp(posixpath.join(name, part_name(part)))  # streamed: a part may not fit in memory
-        self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        self.makedirs(posixpath.dirname(tmp))
         rows = 0
         with self.fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema, compression="zstd") as writer:
             buffered: list[pa.Table] = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from .commitlog import read_state
-from .errors import OutputError
+from .errors import OutputError, count
 from .sink import MANIFEST, OutputStore
 
 RATE_WINDOW_S = 300  # the rate is over the last five minutes of commits
@@ -24,23 +24,30 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
     now = time.time() if now is None else now
     done = state.totals["images"] + state.totals["failures"]
     planned = state.planned_items if state.listed else None  # every run's plan, as `done` counts every run
-    recent = [r for r in state.recent if r[0] >= now - RATE_WINDOW_S]
-    rate = None
-    if recent:
-        span = max(now - min(r[0] for r in recent), 1.0)
-        rate = sum(r[1] for r in recent) / span
     last_commit = state.recent[-1][0] if state.recent else None
     state_name = manifest.get("status", "unknown")
     if state_name == "running" and last_commit is not None and now - last_commit > STALE_S:
         state_name = "stalled"  # the manifest says running, but nothing has committed for a while
+    ended = state_name not in ("running", "stalled")
+    # A run that ended is measured up to its last commit: the time since is not the run's
+    end = last_commit if ended and last_commit is not None else now
+    recent = [r for r in state.recent if r[0] >= end - RATE_WINDOW_S]
+    rate = None
+    if ended and manifest.get("status") == "complete" and (manifest.get("timings") or {}).get("images_per_s"):
+        rate = manifest["timings"]["images_per_s"]  # the run's own measure, start to end
+    elif ended and len(recent) > 1:  # the first commit's images were done before the window opens
+        rate = sum(r[1] for r in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-3)
+    elif recent and not ended:
+        span = max(now - min(r[0] for r in recent), 1.0)
+        rate = sum(r[1] for r in recent) / span
     return {
         "output": output, "state": state_name, "run_id": manifest.get("run_id"), "runs": len(state.runs),
         "done": done, "planned": planned, "listed_so_far": state.planned_items,
         "images": state.totals["images"], "failures": state.totals["failures"],
         "detections": state.totals["detections"], "failures_by_type": dict(state.failure_types),
         "shards_committed": state.num_committed, "parts": len(state.parts),
-        "rate_images_per_s": rate,
-        "eta_s": (planned - done) / rate if rate and planned is not None and planned > done else None,
+        "rate_images_per_s": rate, "ended": ended,
+        "eta_s": (planned - done) / rate if rate and not ended and planned is not None and planned > done else None,
         "last_commit_s_ago": None if last_commit is None else round(now - last_commit, 1),
         "nodes": len({r[2] for r in recent}), "actors": len({(r[2], r[3]) for r in recent}),
         "last_error": manifest.get("error"),
@@ -48,15 +55,23 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
 
 
 def render(s: dict) -> str:
-    total = s["planned"] if s["planned"] is not None else f"≥{s['listed_so_far']} (still listing)"
+    if s["planned"] is not None:
+        total = s["planned"]
+    elif s["ended"]:
+        total = f"≥{s['listed_so_far']} (the listing stopped with the run; re-running the same command finishes it)"
+    else:
+        total = f"≥{s['listed_so_far']} (still listing)"
     runs = f" of {s['runs']}" if s["runs"] > 1 else ""
     lines = [f"{s['output']}: {s['state']} (run {s['run_id']}{runs})",
              f"images: {s['done']} of {total} done ({s['images']} processed, {s['failures']} failed, "
-             f"{s['detections']} detections); {s['shards_committed']} shards committed, {s['parts']} parts"]
+             f"{s['detections']} detections); {count(s['shards_committed'], 'shard')} committed, "
+             f"{count(s['parts'], 'part')}"]
     if s["rate_images_per_s"]:
         eta = f", ETA {s['eta_s']:.0f}s" if s["eta_s"] is not None else ""
-        lines.append(f"rate: {s['rate_images_per_s']:.1f} images/s over the last {RATE_WINDOW_S // 60} minutes{eta}; "
-                     f"{s['actors']} actors on {s['nodes']} nodes committed in that time")
+        when = "until it ended" if s["ended"] else f"over the last {RATE_WINDOW_S // 60} minutes"
+        lines.append(f"rate: {s['rate_images_per_s']:.1f} images/s {when}{eta}; "
+                     f"{count(s['actors'], 'worker')} on {count(s['nodes'], 'node')} committed in its last "
+                     f"{RATE_WINDOW_S // 60} minutes")
     if s["last_commit_s_ago"] is not None:
         lines.append(f"last commit: {s['last_commit_s_ago']:.0f}s ago")
     if s["state"] == "stalled":

@@ -258,8 +258,9 @@ def _log_first_failure(shard_id: str, failure: ImageFailure) -> None:
     kind = (failure.stage, failure.error_type)
     if kind not in _logged_kinds:
         _logged_kinds.add(kind)
-        log.warning("%s: %s failed (%s/%s): %s; further %s/%s failures are in the failures table only",
-                    shard_id, failure.uri, *kind, failure.message[:300], *kind)
+        log.warning("%s: %s failed (%s/%s): %s; progress counts it once its shard commits, and further %s/%s "
+                    "failures are in the failures table only", shard_id, failure.uri, *kind, failure.message[:300],
+                    *kind)
 
 
 # Set only by tests (forwarded to actors by the driver): images whose URI contains it crash the worker.

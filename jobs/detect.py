@@ -3,7 +3,9 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/detect.py --model models/shapes_ssd_uint8.tflite --input IMAGES --output OUT
 
-Inside a job Ray sets RAY_ADDRESS, so the run joins the cluster instead of starting its own.
+Inside a job Ray sets RAY_ADDRESS, so the run joins the cluster instead of starting its own. The job runs in
+Ray's temporary copy of --working-dir: relative --model/--labels/--config are read from it, and a relative
+--input or --output is refused (batch_detect/rayjob.py).
 """
 
 import os

@@ -20,6 +20,17 @@ def models_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def realworld() -> str:
+    """../shared/realworld: real pretrained detectors and photos (CI has it); tests that need it skip, saying why."""
+    real = os.path.join(SHARED, "realworld")
+    if not os.path.isdir(real):
+        msg = f"{real} is absent (CI provides ../shared/realworld); real-model checks not run"
+        print(f"SKIP: {msg}")
+        pytest.skip(msg)
+    return real
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the in-process end-to-end tests (2 CPUs, like the CI machine)."""
     import ray

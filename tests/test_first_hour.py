@@ -15,7 +15,6 @@ import tarfile
 import threading
 
 import duckdb
-import pytest
 
 from batch_detect.config import RunConfig
 from batch_detect.errors import STAGES
@@ -220,14 +219,9 @@ def test_the_failure_rate_verdict_holds_on_a_re_run(tmp_path, models_dir):
         assert "over --max-failure-rate 0.1" in result.stderr, (attempt, result.stderr)
 
 
-def test_the_real_full_integer_yolov8n_finds_the_cat_by_default(tmp_path):
+def test_the_real_full_integer_yolov8n_finds_the_cat_by_default(tmp_path, realworld):
     """Ultralytics letterboxes; stretched, the full-integer YOLOv8n sees clocks in the cat's eyes."""
-    from conftest import SHARED
-
-    real = os.path.join(SHARED, "realworld")
-    if not os.path.isdir(real):
-        print(f"SKIP: {real} is absent (CI provides ../shared/realworld); the real YOLOv8n is not run")
-        pytest.skip(f"{real} is absent")
+    real = realworld
     out = tmp_path / "out"
     images = tmp_path / "images"
     images.mkdir()
@@ -242,3 +236,127 @@ def test_the_real_full_integer_yolov8n_finds_the_cat_by_default(tmp_path):
     stretched = duckdb.execute(f"SELECT class_id FROM read_parquet('{tmp_path}/stretched/detections/*.parquet') "
                                "ORDER BY score DESC LIMIT 1").fetchall()
     assert stretched != [(15,)], "stretched finds the cat too: the test shows nothing"
+
+
+def test_an_edge_tpu_model_is_named_as_one(tmp_path, models_dir):
+    """edgetpu_compiler leaves one custom op, `edgetpu-custom-op`; here the fixture's post-processing op is
+    renamed so (the flatbuffer string's length prefix with it), which the CPU runtime cannot resolve either."""
+    content = bytearray(open(os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "rb").read())
+    at = content.find(b"TFLite_Detection_PostProcess")
+    assert at > 0 and content.count(b"TFLite_Detection_PostProcess") == 1
+    name = b"edgetpu-custom-op"
+    content[at - 4:at] = len(name).to_bytes(4, "little")
+    content[at:at + len(name) + 1] = name + b"\0"
+    model = tmp_path / "shapes_ssd_uint8_edgetpu.tflite"
+    model.write_bytes(bytes(content))
+    images = tmp_path / "images"
+    write_dataset(str(images), 1, seed=14)
+    result = batch_detect("run", "--model", str(model), "--input", str(images), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert "compiled for the Edge TPU" in result.stderr and "CPU model it was compiled from" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_no_command_prints_the_runtimes_delegate_notice(tmp_path, models_dir):
+    images = tmp_path / "images"
+    write_dataset(str(images), 2, seed=15)
+    model = os.path.join(models_dir, "shapes_ssd_uint8.tflite")
+    for args in (["inspect", model], ["run", "--model", model, "--input", str(images), "--output", str(tmp_path / "o")]):
+        result = batch_detect(*args)
+        assert result.returncode == 0, result.stderr
+        assert "XNNPACK" not in result.stderr + result.stdout, (args, result.stderr)
+
+
+def test_status_of_an_ended_run_neither_lists_nor_slows_down(tmp_path, models_dir):
+    from batch_detect.status import render, status
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_dataset(str(images), 40, seed=16)
+    manifest = run(RunConfig(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=str(images),
+                             output=str(out), shard_size=4)).manifest
+    import time
+
+    for later in (0, 3600):  # read at once, and an hour after the run ended
+        s = status(str(out), now=time.time() + later)
+        assert s["rate_images_per_s"] == manifest["timings"]["images_per_s"] and s["eta_s"] is None, (later, s)
+        text = render(s)
+        assert "until it ended" in text and "1 node " in text and "1 nodes" not in text, text
+    # a run stopped before its listing ended (status from the commit log: no total known)
+    text = render({**s, "state": "interrupted", "planned": None, "listed_so_far": 16})
+    assert "still listing" not in text and "≥16 (the listing stopped with the run" in text, text
+
+
+def test_an_early_interrupt_says_what_is_committed_and_when_it_is_readable(tmp_path, models_dir):
+    import signal
+    import time
+
+    from batch_detect.commitlog import read_state
+    from batch_detect.sink import OutputStore
+    from helpers import committed_count, kill_driver_when
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_dataset(str(images), 400, seed=17, sizes=((96, 72),))
+    cmd = [sys.executable, "-m", "batch_detect", "run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
+           "--input", str(images), "--output", str(out), "--shard-size", "4"]
+    code, text = kill_driver_when(cmd, lambda: committed_count(str(out)) >= 2, sig=signal.SIGINT)
+    assert code == 130, text[-3000:]
+    state = read_state(OutputStore(str(out)))
+    readable = sum(p["end"] - p["first"] for p in state.parts if p["done"])
+    images_done = state.totals["images"] + state.totals["failures"]
+    said = re.search(r"(\d+) shards \((\d+) images\) committed(;|,) (all of them|(\d+) of them) in part files", text)
+    assert said, text[-3000:]
+    assert (int(said.group(1)), int(said.group(2))) == (state.num_committed, images_done)
+    assert (said.group(4) == "all of them") == (readable == state.num_committed)
+    if readable < state.num_committed:
+        assert int(said.group(5)) == readable and "re-run" in text
+    assert "Traceback" not in text
+    time.sleep(0)  # the process is gone: kill_driver_when waited for it
+
+
+def test_a_job_files_relative_paths_are_beside_it(tmp_path, models_dir):
+    from batch_detect.cli import config_from_args, parse_args
+
+    job = tmp_path / "jobs" / "nightly.toml"
+    job.parent.mkdir()
+    job.write_text('model = "../models/m.tflite"\ninput = "images/*.jpg"\noutput = "out"\n'
+                   'labels = "/abs/labels.txt"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        cfg = config_from_args(parse_args(["run", "--config", str(job), "--output", "flag-out"])).validate()
+    finally:
+        os.chdir(cwd)
+    assert cfg.model == str(tmp_path / "models" / "m.tflite")
+    assert cfg.input == str(job.parent / "images" / "*.jpg")
+    assert cfg.labels == "/abs/labels.txt"
+    assert cfg.output == str(elsewhere / "flag-out")  # a flag's relative path is the shell's, as always
+
+
+def test_report_and_verify_say_what_a_user_can_use(tmp_path, models_dir):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_dataset(str(images), 4, seed=18)
+    assert batch_detect("run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", str(images),
+                        "--output", str(out)).returncode == 0
+    cwd = tmp_path / "project"
+    cwd.mkdir()  # what `ray job submit --working-dir .` would upload: the report must not land here
+    result = batch_detect("report", str(out), cwd=str(cwd))
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(cwd) == [], os.listdir(cwd)
+    assert f"html: {out / '_report' / 'run-1'}" in result.stdout and (out / "_report" / "run-1" / "index.html").exists()
+    assert batch_detect("verify", str(out)).returncode == 0  # the report beside the results is no stray part
+    # an output whose listing never ended: no "planned None"
+    from batch_detect.commitlog import read_state
+    from batch_detect.sink import OutputStore
+
+    log = sorted(glob.glob(str(out / "_log" / "*.jsonl")))
+    lines = [ln for path in log for ln in open(path)]
+    assert any('"ev": "listed"' in ln for ln in lines) or read_state(OutputStore(str(out))).listed
+    for path in glob.glob(str(out / "_log" / "*")):
+        os.remove(path)
+    lines = [ln for ln in lines if '"ev": "listed"' not in ln]
+    (out / "_log" / "000000000000.jsonl").write_text("".join(lines))
+    checked = batch_detect("verify", str(out))
+    assert checked.returncode == 1 and "None" not in checked.stdout and "an unknown number of" in checked.stdout, \
+        checked.stdout

@@ -92,11 +92,18 @@ def test_ray_job_submit_runs_the_job_entrypoint(head, tmp_path):
     images = tmp_path / "images"
     truth = write_dataset(str(images), 40, seed=99)
     out = tmp_path / "out"
+    # A relative --output names Ray's temporary copy of the working dir: refused before anything runs.
+    refused = submit(address, env, ["--input", str(images), "--output", "out-relative"])
+    log = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "inside a Ray job give --output an absolute path" in log, log[-4000:]
     result = submit(address, env, ["--labels", "models/shapes_labels.txt", "--input", str(images), "--output",
                                     str(out), "--shard-size", "8"])
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "status: complete" in log and "succeeded" in log
+    # the shipped model and labels, read from that copy, and the run says where
+    assert re.search(r"relative paths are read from Ray's temporary copy of the job's --working-dir \(\S*"
+                     r"runtime_resources\S*\): --model models/shapes_ssd_uint8.tflite, --labels", log), log[-4000:]
     n_ok = duckdb.execute(f"SELECT count(*) FROM read_parquet('{out}/images/*.parquet')").fetchone()[0]
     n_det = duckdb.execute(f"SELECT count(*) FROM read_parquet('{out}/detections/*.parquet')").fetchone()[0]
     assert n_ok == len(truth)

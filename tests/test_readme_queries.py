@@ -3,10 +3,15 @@ state holds."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import duckdb
+import pytest
 
 from batch_detect.config import RunConfig
 from batch_detect.pipeline import run
@@ -70,7 +75,7 @@ def test_readme_shell_and_polars_lines_run_after_the_readme_setup(local_ray, mod
 
     text = open(os.path.join(ROOT, "README.md")).read()
     shell = re.search(r"^duckdb -c \"(.*)\"$", text, re.M).group(1)
-    python = re.search(r"```python\n(import polars as pl\n.*?)\n(?:spark\..*\n)?```", text, re.S).group(1)
+    python = re.search(r"```python\n(import polars as pl\n.*?)\n```", text, re.S).group(1)
     duckdb_cli = shutil.which("duckdb", path=os.path.dirname(sys.executable))
     assert duckdb_cli, "the duckdb command line is not installed beside this Python: pip install -e '.[query]'"
     images = tmp_path / "images"
@@ -92,3 +97,32 @@ def test_readme_shell_and_polars_lines_run_after_the_readme_setup(local_ray, mod
         os.chdir(cwd)
     polars_labels = set(scope["result"]["label"].to_list())
     assert polars_labels == labels
+
+
+def test_readme_spark_lines_read_a_job_output(models_dir, tmp_path):
+    """The README's Spark lines, as written, on an output `batch-detect run` wrote: the failures by stage and
+    type that DuckDB counts."""
+    if not shutil.which("java"):
+        pytest.skip("no Java runtime on PATH, which Spark needs (Debian: apt-get install default-jre-headless)")
+    if importlib.util.find_spec("pyspark") is None:
+        pytest.skip("pyspark is not installed (pip install -e '.[spark]'; .ci/run does where Java is present)")
+    text = open(os.path.join(ROOT, "README.md")).read()
+    spark = re.search(r"```python\n(from pyspark\.sql import SparkSession\n.*?)```", text, re.S).group(1)
+    images = tmp_path / "images"
+    write_dataset(str(images), 12, seed=35)
+    write_bad_inputs(str(images))
+    job = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--model",
+                          os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input", str(images), "--output",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert job.returncode == 0, job.stderr[-3000:]
+    # local[1]: one core of the test machine's two; SPARK_LOCAL_IP: no lookup of this host's name
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_SUBMIT_ARGS": "--master local[1] pyspark-shell"}
+    got = subprocess.run([sys.executable, "-c", spark], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert got.returncode == 0, got.stderr[-3000:]
+    rows = [(stage, kind, int(n)) for stage, kind, n in
+            re.findall(r"^\|\s*(\w+)\|\s*(\w+)\|\s*(\d+)\|$", got.stdout, re.M)]
+    expected = duckdb.execute("SELECT stage, error_type, count(*) FROM "
+                              f"read_parquet('{tmp_path}/out/failures/*.parquet') GROUP BY ALL").fetchall()
+    assert len(expected) == 3 and sorted(rows) == sorted(expected), got.stdout

@@ -10,9 +10,7 @@ import pytest
 
 from batch_detect.config import RunConfig
 from batch_detect.pipeline import run
-from conftest import SHARED
 
-REAL = os.path.join(SHARED, "realworld")
 
 # From ../shared/realworld/README.md (stretch to 640x640, score >= 0.4, class-aware NMS IoU 0.45):
 # the best detection per photo, (label, score, [xmin, ymin, xmax, ymax]).
@@ -30,15 +28,6 @@ EXPECTED = {
         "coffee.png": ("cup", 0.75, [0.28, 0.04, 0.70, 0.79]),
     },
 }
-
-
-@pytest.fixture(scope="module")
-def realworld():
-    if not os.path.isdir(REAL):
-        msg = f"{REAL} is absent (CI provides ../shared/realworld); real-model checks not run"
-        print(f"SKIP: {msg}")
-        pytest.skip(msg)
-    return REAL
 
 
 @pytest.mark.parametrize("model", sorted(EXPECTED))
