@@ -47,7 +47,7 @@ def dry_run(config: RunConfig) -> str:
     ready = prepare(config)  # every check a run makes before it starts; leaves nothing written
     plan, info = ready["plan"], ready["info"]
     # Where the run would go, decided as the run decides it (before the plan is consumed by the sample).
-    workers, counted = without_ray(config, ready, ready["planning"], plan)
+    workers, counted, _ = without_ray(config, ready, ready["planning"], plan)
     pool = None
     if not workers and ray_address(config):  # the cluster's pool, sized as the run sizes it
         pool = start_ray(config, ready, ready["planning"], plan, lambda text: None)

@@ -264,7 +264,15 @@ def _run(config: RunConfig, store: OutputStore, t_start: float, lease, on_start,
         "runs": runs_before,
     }
 
-    local_workers, local_images = without_ray(config, ready, planning, plan)
+    local_workers, local_images, local_shards = without_ray(config, ready, planning, plan)
+    if local_workers and on_start is not None and on_listed is not None and planning.mode in ("fresh", "resume") \
+            and plan.form != "tar":
+        # Listed to the end already (that is how it was found small): progress shows the totals from the start
+        started = on_start
+
+        def on_start(*args, **kwargs):
+            started(*args, **kwargs)
+            on_listed(local_images, local_shards)
     if local_workers:
         on_phase(f"using {executor(config, plan.form, local_workers, local_images)}")
         lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
@@ -312,20 +320,20 @@ def executor(config: RunConfig, form: str, workers: int, images: int) -> str:
             f"under --ray-min-images {ray_min_images(config)})")
 
 
-def without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanStream) -> tuple[int, int]:
-    """(worker processes, images) when this run is small enough to do without Ray, else (0, 0): no cluster
+def without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanStream) -> tuple[int, int, int]:
+    """(worker processes, images, shards) when this run is small enough to do without Ray, else (0, 0, 0): no cluster
     named, fewer images than --ray-min-images (counted by listing at most that many; for tars, whose images
     are known only as they stream, their members counted on this machine's disk, else the most their
     listed sizes can hold). Workers: one per --cpus-per-actor CPUs of this machine, as many as its memory
     share holds (the rule Ray's pool follows per node), one per shard at most."""
     threshold = ray_min_images(config)
     if not threshold or ray_address(config):
-        return 0, 0
+        return 0, 0, 0
     ray_module = sys.modules.get("ray")
     if ray_module is not None and ray_module.is_initialized():  # a driver already inside Ray: use it
-        return 0, 0
+        return 0, 0, 0
     if plan.form == "tar" and planning.pending:
-        return 0, 0  # stored tar chunks hold no sizes: no bound on their images
+        return 0, 0, 0  # stored tar chunks hold no sizes: no bound on their images
     images = sum(c["items"] for c in planning.pending)
     head: list[Shard] = []
     for shard in plan.shards:
@@ -340,11 +348,11 @@ def without_ray(config: RunConfig, ready: dict, planning: Planning, plan: PlanSt
             break
     plan.shards = itertools.chain(head, plan.shards)
     if images >= threshold:
-        return 0, 0
+        return 0, 0, 0
     shards = len(head) + sum(c["shards"] for c in planning.pending)
     workers = config.num_actors or worker_count(config.cpus_per_actor or 1, max(1, shards),
                                                 memory_per_worker(config, ready), config.node_memory_share)
-    return workers, images
+    return workers, images, shards
 
 
 def memory_per_worker(config: RunConfig, ready: dict) -> int:

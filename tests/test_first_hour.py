@@ -360,3 +360,27 @@ def test_report_and_verify_say_what_a_user_can_use(tmp_path, models_dir):
     checked = batch_detect("verify", str(out))
     assert checked.returncode == 1 and "None" not in checked.stdout and "an unknown number of" in checked.stdout, \
         checked.stdout
+
+
+def test_progress_knows_the_totals_once_the_listing_is_counted(tmp_path, models_dir):
+    """A run without Ray counts its whole listing before it starts: no progress line says "?" after that."""
+    images = tmp_path / "images"
+    write_dataset(str(images), 40, seed=19)
+    result = batch_detect("run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"), "--input",
+                          str(images), "--output", str(tmp_path / "out"), "--shard-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "without starting Ray (40 images" in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("progress: ")]
+    assert lines and all("/40 images" in ln and "shards " in ln and "/10," in ln for ln in lines), lines
+    # a terminal's bar drawn before the totals were known is redrawn with them at once
+    from batch_detect.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = Progress(None, None, stream=screen)
+    bar.update({"images": 4, "failures": 0, "detections": 1})
+    bar.listed(40, 10)
+    assert "4/40 images committed" in screen.getvalue().rsplit("\r", 1)[-1], screen.getvalue()
