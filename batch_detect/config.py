@@ -9,11 +9,11 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
 from .config_types import check_type
-from .decoding import OUTPUT_FORMATS
+from .model.decoding import OUTPUT_FORMATS
 from .errors import ConfigError
-from .geometry import RESIZE_CHOICES
-from .preprocess import mean_std_spec
-from .storage import check_storage_options
+from .model.geometry import RESIZE_CHOICES
+from .model.preprocess import mean_std_spec
+from .inputs.storage import check_storage_options
 
 NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")

@@ -30,8 +30,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from batch_detect.detector import Detector  # noqa: E402
-from batch_detect.interpreter import load_backend, read_model  # noqa: E402
+from batch_detect.model.detector import Detector  # noqa: E402
+from batch_detect.model.interpreter import load_backend, read_model  # noqa: E402
 from batch_detect.synthetic import draw_scene, scene_rng  # noqa: E402
 
 SIZES = [(640, 480), (1280, 720), (1920, 1080), (1024, 768), (800, 600)]

@@ -29,8 +29,8 @@ TAKE = 4  # images per draw from the shared counter
 
 
 def _loop(paths: list[str], start_at: float, counter, q) -> None:
-    from batch_detect.detector import Detector
-    from batch_detect.interpreter import load_backend, read_model
+    from batch_detect.model.detector import Detector
+    from batch_detect.model.interpreter import load_backend, read_model
 
     det = Detector(load_backend(), read_model(MODEL), num_threads=1, score_threshold=0.5, resize="stretch",
                    normalization="auto", max_pixels=10**9)

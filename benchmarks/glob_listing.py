@@ -27,7 +27,7 @@ def child(how: str, url: str) -> None:
     first = None
     count = 0
     if how == "streamed":
-        from batch_detect.listing import iter_input
+        from batch_detect.inputs.listing import iter_input
 
         for _ in iter_input(url, (".jpg",)):
             first = first if first is not None else time.perf_counter() - t0

@@ -21,10 +21,10 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from batch_detect.commitlog import LogState  # noqa: E402
-from batch_detect.history import Selection, select_new  # noqa: E402
-from batch_detect.plan import chunked, cut_shards  # noqa: E402
-from batch_detect.sink import OutputStore  # noqa: E402
+from batch_detect.output.commitlog import LogState  # noqa: E402
+from batch_detect.inputs.history import Selection, select_new  # noqa: E402
+from batch_detect.inputs.plan import chunked, cut_shards  # noqa: E402
+from batch_detect.output.sink import OutputStore  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "incremental_history.md")
 

@@ -19,7 +19,7 @@ import tracemalloc
 import pyarrow as pa
 
 from batch_detect.config import IMAGE_EXTENSIONS
-from batch_detect.plan import chunked, plan_input
+from batch_detect.inputs.plan import chunked, plan_input
 
 
 def rss_mb() -> float:

@@ -36,7 +36,7 @@ def make_manifests(folder: str, n: int) -> dict[str, str]:
 
 
 def child(path: str) -> None:
-    from batch_detect.listing import ListingStats, iter_input
+    from batch_detect.inputs.listing import ListingStats, iter_input
 
     stats = ListingStats()
     t0 = time.perf_counter()

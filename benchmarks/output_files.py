@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from batch_detect.synthetic import write_dataset  # noqa: E402
-from batch_detect.verify import verify  # noqa: E402
+from batch_detect.commands.verify import verify  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def child(tree: str, url: str, options: str, id_column: str) -> None:
     sys.path.insert(0, tree)
     import s3fs
 
-    from batch_detect.containers import parquet_ranges
+    from batch_detect.inputs.containers import parquet_ranges
 
     so = json.loads(options)
     files = sorted("s3://" + p for p in s3fs.S3FileSystem(**so).glob(url.removeprefix("s3://") + "/*.parquet"))

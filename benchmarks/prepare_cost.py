@@ -60,7 +60,7 @@ def cases() -> list[tuple[str, str, str, str]]:
 def load_arms(before: str | None) -> dict:
     """{arm: Detector class}. The earlier checkout's package is copied under another name, so both arms
     live in this one process and alternate case by case (separate processes drifted ±15% here)."""
-    from batch_detect.detector import Detector
+    from batch_detect.model.detector import Detector
 
     arms = {}
     if before:
@@ -73,7 +73,7 @@ def load_arms(before: str | None) -> dict:
 
 
 def measure(detector_cls, backend, model: str, mode: str, datas: list[bytes]) -> dict:
-    from batch_detect.interpreter import read_model
+    from batch_detect.model.interpreter import read_model
 
     det = detector_cls(backend, read_model(model), num_threads=1, score_threshold=0.25, resize=mode,
                        normalization="auto", max_pixels=10**9)
@@ -99,7 +99,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     from bench import cpu_model, save
-    from batch_detect.interpreter import load_backend
+    from batch_detect.model.interpreter import load_backend
 
     sets = image_sets()
     arms = load_arms(args.before)

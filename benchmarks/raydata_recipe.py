@@ -12,8 +12,8 @@ import ray  # noqa: E402
 
 class DetectBatch:
     def __init__(self, model: str):
-        from batch_detect.detector import Detector
-        from batch_detect.interpreter import load_backend, read_model
+        from batch_detect.model.detector import Detector
+        from batch_detect.model.interpreter import load_backend, read_model
 
         self.det = Detector(load_backend(), read_model(model), num_threads=1, score_threshold=0.5,
                             resize="stretch", normalization="auto", max_pixels=10**9)

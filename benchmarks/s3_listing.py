@@ -54,7 +54,7 @@ def client(args) -> None:
     import s3fs
 
     sys.path.insert(0, ROOT)
-    from batch_detect.walk import walk
+    from batch_detect.inputs.walk import walk
 
     fs = s3fs.S3FileSystem(endpoint_url=args.endpoint, skip_instance_cache=True, **CREDENTIALS)
     fs.ls(BUCKET)  # session and connection set up outside the timing

@@ -6,8 +6,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from batch_detect.detector import Detector  # noqa: E402
-from batch_detect.interpreter import load_backend, read_model  # noqa: E402
+from batch_detect.model.detector import Detector  # noqa: E402
+from batch_detect.model.interpreter import load_backend, read_model  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from batch_detect.geometry import box_iou as iou  # noqa: F401  (one definition, used by the tests)
+from batch_detect.model.geometry import box_iou as iou  # noqa: F401  (one definition, used by the tests)
 
 
 def recall_precision(truth: dict, predicted: dict, threshold: float = 0.5) -> tuple[float, float]:
@@ -38,8 +38,8 @@ def recall_precision(truth: dict, predicted: dict, threshold: float = 0.5) -> tu
 
 def committed_count(out: str) -> int:
     """Shards the output's commit log records as committed (0 before the first segment)."""
-    from batch_detect.commitlog import read_state
-    from batch_detect.sink import OutputStore
+    from batch_detect.output.commitlog import read_state
+    from batch_detect.output.sink import OutputStore
 
     if not os.path.isdir(os.path.join(out, "_log")):
         return 0
@@ -47,8 +47,8 @@ def committed_count(out: str) -> int:
 
 
 def shard_events(out: str) -> list[dict]:
-    from batch_detect.commitlog import shard_events as events
-    from batch_detect.sink import OutputStore
+    from batch_detect.output.commitlog import shard_events as events
+    from batch_detect.output.sink import OutputStore
 
     return events(OutputStore(out)) if os.path.isdir(os.path.join(out, "_log")) else []
 

@@ -14,7 +14,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from batch_detect.config import RunConfig  # noqa: E402
-from batch_detect.pipeline import run  # noqa: E402
+from batch_detect.run.pipeline import run  # noqa: E402
 from helpers import committed_count, shard_events  # noqa: E402
 
 

@@ -8,8 +8,8 @@ import os
 import duckdb
 
 from batch_detect.config import RunConfig
-from batch_detect.pipeline import run
-from batch_detect.verify import verify
+from batch_detect.run.pipeline import run
+from batch_detect.commands.verify import verify
 from helpers import iou, write_corpus
 
 

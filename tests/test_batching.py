@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from batch_detect.config import RunConfig
-from batch_detect.detector import Detector
-from batch_detect.interpreter import load_backend, read_model
-from batch_detect.pipeline import run
+from batch_detect.model.detector import Detector
+from batch_detect.model.interpreter import load_backend, read_model
+from batch_detect.run.pipeline import run
 from batch_detect.synthetic import write_dataset
 from helpers import recall_precision
 
@@ -51,7 +51,7 @@ def test_batches_give_the_same_detections(models_dir, images):
 
 
 def test_fixed_batch_model_stays_at_one(models_dir):
-    from batch_detect.inspect import inspect_model
+    from batch_detect.commands.inspect import inspect_model
 
     det = _detector(models_dir, "shapes_ssd_uint8.tflite")
     assert det.set_batch(8) == 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from batch_detect import commitlog
-from batch_detect.commitlog import CommitLog, read_state
-from batch_detect.committer import Committer
-from batch_detect.sink import OutputStore
+from batch_detect.output import commitlog
+from batch_detect.output.commitlog import CommitLog, read_state
+from batch_detect.run.committer import Committer
+from batch_detect.output.sink import OutputStore
 
 
 def shard(i: int, images: int = 8, failures: int = 0) -> dict:

@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from batch_detect.compare import compare
+from batch_detect.commands.compare import compare
 from batch_detect.synthetic import write_dataset
 from conftest import SHARED
 

@@ -2,7 +2,7 @@ import pytest
 
 from batch_detect.config import RunConfig
 from batch_detect.errors import ConfigError, failure_fields, DecodeError
-from batch_detect.labels import parse_labels
+from batch_detect.model.labels import parse_labels
 
 
 def test_invalid_settings_name_the_flag():

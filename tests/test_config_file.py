@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from batch_detect.cli import build_parser, config_from_args
-from batch_detect.dryrun import _quotas
+from batch_detect.commands.cli import build_parser, config_from_args
+from batch_detect.commands.dryrun import _quotas
 from batch_detect.errors import ConfigError
 from batch_detect.synthetic import write_dataset
 

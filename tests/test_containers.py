@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch_detect.config import IMAGE_EXTENSIONS, RunConfig
-from batch_detect.containers import iter_parquet, iter_tar, unsafe_member_name
+from batch_detect.inputs.containers import iter_parquet, iter_tar, unsafe_member_name
 from batch_detect.errors import InputError, ReadError
-from batch_detect.plan import plan_input
-from batch_detect.pipeline import run
+from batch_detect.inputs.plan import plan_input
+from batch_detect.run.pipeline import run
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import recall_precision
 
 HOSTILE = {  # member name -> the failure it must become
@@ -213,7 +213,7 @@ def test_parquet_input_errors(tmp_path, drawn):
 
 def test_parquet_ids_are_checked_across_files_beyond_memory(tmp_path, drawn, monkeypatch):
     """Ids go through the spilling sort (runs of 5 here): a repeat across files is found, unique ids plan."""
-    from batch_detect import extsort
+    from batch_detect.inputs import extsort
 
     monkeypatch.setattr(extsort, "RUN_SIZE", 5)
     images, truth = drawn
@@ -233,7 +233,7 @@ def test_parquet_ids_are_checked_across_files_beyond_memory(tmp_path, drawn, mon
 def test_many_parquet_files_planned_at_once_come_out_in_file_order(tmp_path, drawn):
     """Files are planned several at a time (each costs a few requests on a store): the plan is still in
     file order, and the first bad file in that order is the one named, whichever finished first."""
-    from batch_detect.containers import PLAN_FILES_AT_ONCE
+    from batch_detect.inputs.containers import PLAN_FILES_AT_ONCE
 
     images, truth = drawn
     names = sorted(truth)[:3]
@@ -279,7 +279,7 @@ def test_tar_shards_through_the_job(local_ray, models_dir, tmp_path, drawn):
     recall, precision = recall_precision({k: tuples(v) for k, v in expected.items()}, predictions(out, expected))
     assert recall >= 0.95 and precision >= 0.9, (recall, precision)
     # the report's gallery reads members back out of their tars
-    from batch_detect.report import summarize, write_html
+    from batch_detect.commands.report import summarize, write_html
 
     write_html(summarize(out), str(tmp_path / "html"), samples=4)
     assert len(list((tmp_path / "html" / "gallery").glob("*.png"))) == 4

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import batch_detect.geometry as geometry
-from batch_detect.detector import Detector
-from batch_detect.interpreter import load_backend, read_model
+import batch_detect.model.geometry as geometry
+from batch_detect.model.detector import Detector
+from batch_detect.model.interpreter import load_backend, read_model
 from batch_detect.synthetic import draw_scene, scene_rng
 from conftest import SHARED
 from helpers import recall_precision

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from batch_detect.decoding import confirm_by_values, decode_ssd, identify_ssd_outputs
+from batch_detect.model.decoding import confirm_by_values, decode_ssd, identify_ssd_outputs
 from batch_detect.errors import ModelError, PostprocessError
-from batch_detect.interpreter import TensorSpec
+from batch_detect.model.interpreter import TensorSpec
 
 
 def t(index, name, shape):
@@ -102,7 +102,7 @@ def yolo_spec(shape, dtype="float32", scale=0.0, zp=0):
 
 
 def test_yolov8_transposed_pixels_and_class_aware_nms():
-    from batch_detect.decoding import YoloLayout, decode_outputs, identify_outputs
+    from batch_detect.model.decoding import YoloLayout, decode_outputs, identify_outputs
 
     layout = identify_outputs([yolo_spec((1, 4 + 3, 12))])
     assert isinstance(layout, YoloLayout) and layout.transposed and layout.num_classes == 3
@@ -120,7 +120,7 @@ def test_yolov8_transposed_pixels_and_class_aware_nms():
 
 
 def test_yolov5_objectness_and_quantized_output():
-    from batch_detect.decoding import YoloLayout, decode_outputs, identify_outputs
+    from batch_detect.model.decoding import YoloLayout, decode_outputs, identify_outputs
 
     layout = identify_outputs([yolo_spec((1, 10, 5 + 2), "uint8", 1 / 255, 0)])
     assert isinstance(layout, YoloLayout) and layout.objectness and not layout.transposed
@@ -137,7 +137,7 @@ def test_yolo_scores_and_classes_match_a_per_prediction_reference(transposed):
     """The vectorised decode (max along the layout's axis, argmax only for predictions kept) gives what a
     plain loop over predictions gives: class = argmax of its class scores (first on ties), score = that
     score (× objectness for YOLOv5)."""
-    from batch_detect.decoding import NMS_IOU, YoloLayout, decode_yolo, nms
+    from batch_detect.model.decoding import NMS_IOU, YoloLayout, decode_yolo, nms
 
     rng = np.random.default_rng(11)
     n, c = 300, 6

@@ -10,8 +10,8 @@ import pytest
 
 from batch_detect.config import RunConfig
 from batch_detect.errors import OutputError
-from batch_detect.pipeline import run
-from batch_detect.schema import TABLES
+from batch_detect.run.pipeline import run
+from batch_detect.output.schema import TABLES
 from batch_detect.synthetic import write_dataset
 from helpers import recall_precision, write_bad_inputs
 

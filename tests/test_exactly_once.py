@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from batch_detect.cli import main
+from batch_detect.commands.cli import main
 from batch_detect.config import RunConfig
 from batch_detect.errors import OutputError
-from batch_detect.pipeline import run
+from batch_detect.run.pipeline import run
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import committed_count, kill_driver_when, write_bad_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

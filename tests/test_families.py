@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from batch_detect.config import RunConfig
-from batch_detect.detector import inspect_interpreter
-from batch_detect.interpreter import load_backend, make_interpreter, read_model
-from batch_detect.pipeline import run
+from batch_detect.model.detector import inspect_interpreter
+from batch_detect.model.interpreter import load_backend, make_interpreter, read_model
+from batch_detect.run.pipeline import run
 from batch_detect.synthetic import write_dataset
 from helpers import recall_precision
 from test_end_to_end import check_invariant, predictions, truth_tuples

@@ -18,7 +18,7 @@ import duckdb
 
 from batch_detect.config import RunConfig
 from batch_detect.errors import STAGES
-from batch_detect.pipeline import run
+from batch_detect.run.pipeline import run
 from batch_detect.synthetic import write_dataset
 from helpers import write_bad_inputs
 
@@ -121,7 +121,7 @@ def test_no_test_names_a_path_of_one_machine():
 def test_the_readme_lists_every_error_type_the_code_writes():
     documented = set().union(*readme_failure_types().values())
     written = set()
-    for path in glob.glob(os.path.join(ROOT, "batch_detect", "*.py")):
+    for path in glob.glob(os.path.join(ROOT, "batch_detect", "**", "*.py"), recursive=True):
         text = open(path).read()
         written |= set(re.findall(r"error_type\s*=\s*\"([a-z_]+)\"", text))
         written |= set(re.findall(r"\"(?:read|decode|validate|infer|postprocess)\", \"([a-z_]+)\"", text))
@@ -145,7 +145,7 @@ def test_max_pixels_is_the_only_pixel_limit(tmp_path, models_dir):
     """Pillow's own bomb limits (89,478,485 pixels warned, twice that refused) must neither stop an image that
     --max-pixels allows nor word the refusal of one it does not."""
     from batch_detect.errors import ImageTooLarge
-    from batch_detect.preprocess import decode_image
+    from batch_detect.model.preprocess import decode_image
 
     hundred_million = _png(10_000, 10_000)  # over Pillow's warning limit, under its error limit
     assert decode_image(hundred_million, 500_000_000).width == 10_000
@@ -268,7 +268,7 @@ def test_no_command_prints_the_runtimes_delegate_notice(tmp_path, models_dir):
 
 
 def test_status_of_an_ended_run_neither_lists_nor_slows_down(tmp_path, models_dir):
-    from batch_detect.status import render, status
+    from batch_detect.commands.status import render, status
 
     images, out = tmp_path / "images", tmp_path / "out"
     write_dataset(str(images), 40, seed=16)
@@ -290,8 +290,8 @@ def test_an_early_interrupt_says_what_is_committed_and_when_it_is_readable(tmp_p
     import signal
     import time
 
-    from batch_detect.commitlog import read_state
-    from batch_detect.sink import OutputStore
+    from batch_detect.output.commitlog import read_state
+    from batch_detect.output.sink import OutputStore
     from helpers import committed_count, kill_driver_when
 
     images, out = tmp_path / "images", tmp_path / "out"
@@ -314,7 +314,7 @@ def test_an_early_interrupt_says_what_is_committed_and_when_it_is_readable(tmp_p
 
 
 def test_a_job_files_relative_paths_are_beside_it(tmp_path, models_dir):
-    from batch_detect.cli import config_from_args, parse_args
+    from batch_detect.commands.cli import config_from_args, parse_args
 
     job = tmp_path / "jobs" / "nightly.toml"
     job.parent.mkdir()
@@ -347,8 +347,8 @@ def test_report_and_verify_say_what_a_user_can_use(tmp_path, models_dir):
     assert f"html: {out / '_report' / 'run-1'}" in result.stdout and (out / "_report" / "run-1" / "index.html").exists()
     assert batch_detect("verify", str(out)).returncode == 0  # the report beside the results is no stray part
     # an output whose listing never ended: no "planned None"
-    from batch_detect.commitlog import read_state
-    from batch_detect.sink import OutputStore
+    from batch_detect.output.commitlog import read_state
+    from batch_detect.output.sink import OutputStore
 
     log = sorted(glob.glob(str(out / "_log" / "*.jsonl")))
     lines = [ln for path in log for ln in open(path)]
@@ -373,7 +373,7 @@ def test_progress_knows_the_totals_once_the_listing_is_counted(tmp_path, models_
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("progress: ")]
     assert lines and all("/40 images" in ln and "shards " in ln and "/10," in ln for ln in lines), lines
     # a terminal's bar drawn before the totals were known is redrawn with them at once
-    from batch_detect.progress import Progress
+    from batch_detect.commands.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

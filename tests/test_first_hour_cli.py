@@ -16,7 +16,7 @@ from dataclasses import MISSING, fields
 
 import pytest
 
-from batch_detect.cli import build_parser
+from batch_detect.commands.cli import build_parser
 from batch_detect.config import RunConfig
 from batch_detect.synthetic import write_dataset
 
@@ -147,7 +147,7 @@ def test_relative_paths_inside_a_ray_job(job_copy, tmp_path):
 def test_the_job_supervisor_still_marks_the_entrypoint_as_we_look_for_it():
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    from batch_detect.rayjob import JOB_ENV
+    from batch_detect.commands.rayjob import JOB_ENV
 
     assert JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR
 
@@ -175,7 +175,7 @@ def s3_output(s3_server, tmp_path_factory):
     """A run's output on S3 (moto on 127.0.0.1), at the README's example prefix in a bucket of this module's."""
     import s3fs
 
-    from batch_detect.pipeline import run
+    from batch_detect.run.pipeline import run
 
     options = {"key": "my-key-id", "secret": "my-secret", "endpoint_url": s3_server}
     name = f"results-{os.getpid()}"

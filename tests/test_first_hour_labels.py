@@ -18,11 +18,11 @@ import pytest
 
 from batch_detect.config import RunConfig
 from batch_detect.errors import ConfigError
-from batch_detect.interpreter import load_backend, make_interpreter, read_model
-from batch_detect.labels import (ULTRALYTICS, embedded_labels, label_warnings, load_labels, model_classes,
+from batch_detect.model.interpreter import load_backend, make_interpreter, read_model
+from batch_detect.model.labels import (ULTRALYTICS, embedded_labels, label_warnings, load_labels, model_classes,
                                  model_labels, ultralytics_names)
-from batch_detect.modelfile import LabelFile, metadata_label_files
-from batch_detect.pipeline import prepare, run
+from batch_detect.model.modelfile import LabelFile, metadata_label_files
+from batch_detect.run.pipeline import prepare, run
 from batch_detect.synthetic import write_dataset
 
 SHAPES = ["circle", "square", "triangle"]

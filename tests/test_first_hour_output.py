@@ -206,8 +206,8 @@ def test_nothing_in_the_driver_or_workers_creates_a_bucket(bucket):
     """The lease and a part's compaction, each the first write of its kind, on an output whose bucket is
     gone: an error, not a new bucket. Before: both created it (the lease's makedirs, the part's makedirs)."""
     from batch_detect.errors import OutputError
-    from batch_detect.lease import Lease
-    from batch_detect.sink import OutputStore
+    from batch_detect.output.lease import Lease
+    from batch_detect.output.sink import OutputStore
 
     name, options, missing = bucket
     store = OutputStore(f"s3://{missing}/out", options)

@@ -14,13 +14,13 @@ import time
 import duckdb
 import pytest
 
-from batch_detect.cli import main
+from batch_detect.commands.cli import main
 from batch_detect.config import RunConfig
 from batch_detect.errors import InputError, OutputError
-from batch_detect.pipeline import run
-from batch_detect.sink import LOCK
+from batch_detect.run.pipeline import run
+from batch_detect.output.sink import LOCK
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import committed_count, kill_driver_when
 
 SIZES = ((96, 72), (72, 96))

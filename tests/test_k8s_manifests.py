@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from batch_detect.cli import build_parser
+from batch_detect.commands.cli import build_parser
 from conftest import ROOT, SHARED
 
 KUBERAY = os.path.join(SHARED, "kuberay")

@@ -14,12 +14,12 @@ import zipfile
 import pyarrow.parquet as pq
 import pytest
 
-from batch_detect.cli import _print_summary
+from batch_detect.commands.cli import _print_summary
 from batch_detect.config import RunConfig
-from batch_detect.interpreter import load_backend, make_interpreter, read_model
-from batch_detect.labels import embedded_labels
-from batch_detect.pipeline import run
-from batch_detect.report import render_text, summarize
+from batch_detect.model.interpreter import load_backend, make_interpreter, read_model
+from batch_detect.model.labels import embedded_labels
+from batch_detect.run.pipeline import run
+from batch_detect.commands.report import render_text, summarize
 from batch_detect.synthetic import write_dataset
 
 # Not the committed names, so the test knows which labels a run used.

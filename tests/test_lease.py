@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from batch_detect import lease as lease_module
+from batch_detect.output import lease as lease_module
 from batch_detect.config import RunConfig
 from batch_detect.errors import LeaseLost, OutputError
-from batch_detect.lease import Lease
-from batch_detect.pipeline import run
-from batch_detect.sink import LOCK, MANIFEST, OutputStore
+from batch_detect.output.lease import Lease
+from batch_detect.run.pipeline import run
+from batch_detect.output.sink import LOCK, MANIFEST, OutputStore
 from batch_detect.synthetic import write_dataset
 
 

@@ -3,8 +3,8 @@ import os
 import pytest
 
 from batch_detect.errors import InputError
-from batch_detect.listing import list_input
-from batch_detect.plan import plan_fingerprint, plan_shards
+from batch_detect.inputs.listing import list_input
+from batch_detect.inputs.plan import plan_fingerprint, plan_shards
 
 
 def _touch(path: str) -> None:
@@ -74,7 +74,7 @@ def test_manifest_files_give_the_same_plan_as_listing(tmp_path):
 
 
 def test_external_sort_merges_in_rounds_and_keeps_any_string(tmp_path, monkeypatch):
-    from batch_detect import extsort
+    from batch_detect.inputs import extsort
 
     monkeypatch.setattr(extsort, "RUN_SIZE", 7)
     monkeypatch.setattr(extsort, "FAN_IN", 3)  # 300 strings: 43 runs, merged in rounds of 3
@@ -91,7 +91,7 @@ def test_external_sort_merges_in_rounds_and_keeps_any_string(tmp_path, monkeypat
 def test_large_unsorted_manifest_is_sorted_on_disk(tmp_path, monkeypatch):
     import tempfile
 
-    from batch_detect import extsort, listing
+    from batch_detect.inputs import extsort, listing
 
     monkeypatch.setattr(listing, "SORT_LIMIT", 40)
     monkeypatch.setattr(extsort, "RUN_SIZE", 25)
@@ -129,7 +129,7 @@ def test_external_sort_leaves_no_runs_when_a_daemon_thread_merging_is_killed_at_
     script = f"""
 import sys, threading, time
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-from batch_detect import extsort
+from batch_detect.inputs import extsort
 extsort.RUN_SIZE = 1000
 def consume():
     for s in extsort.sorted_unique((f"u{{i * 7919 % 5000:05d}}" for i in range(5000)), folder={str(tmp_path)!r}):

@@ -7,7 +7,7 @@ import time
 
 from ray.exceptions import RaySystemError
 
-from batch_detect.liveness import (DEADLINE_FLOOR_S, DEADLINE_UNMEASURED_S, MIN_SAMPLES, CallClock, NodeWatch)
+from batch_detect.run.liveness import (DEADLINE_FLOOR_S, DEADLINE_UNMEASURED_S, MIN_SAMPLES, CallClock, NodeWatch)
 
 
 def test_deadline_is_unmeasured_then_floored_then_ten_times_p95():

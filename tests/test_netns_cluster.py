@@ -17,7 +17,7 @@ import pytest
 
 import netns
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import committed_count
 
 MODEL = os.path.join(netns.ROOT, "models", "shapes_ssd_uint8.tflite")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_loss_driver.py")
 

@@ -14,11 +14,11 @@ import time
 
 import duckdb
 
-from batch_detect.commitlog import read_state
-from batch_detect.pipeline import FAIL_FAST_MIN
-from batch_detect.sink import OutputStore
+from batch_detect.output.commitlog import read_state
+from batch_detect.run.pipeline import FAIL_FAST_MIN
+from batch_detect.output.sink import OutputStore
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import committed_count, kill_driver_when
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def test_sigterm_leaves_a_consistent_output_that_resumes(models_dir, tmp_path):
 def test_progress_in_logs_is_a_line_a_minute_not_a_line_a_shard():
     import io
 
-    from batch_detect.progress import Progress
+    from batch_detect.commands.progress import Progress
 
     log = io.StringIO()  # not a terminal: plain lines
     bar = Progress(None, None, stream=log)
@@ -127,11 +127,11 @@ def test_progress_in_logs_is_a_line_a_minute_not_a_line_a_shard():
 
 
 def test_actor_logs_name_the_shard_and_image_of_the_first_failure_of_each_kind(caplog):
-    from batch_detect.detector import ImageFailure
-    from batch_detect.worker import ShardRows
+    from batch_detect.model.detector import ImageFailure
+    from batch_detect.run.worker import ShardRows
 
     rows = ShardRows("shard-000007")
-    with caplog.at_level("WARNING", logger="batch_detect.worker"):
+    with caplog.at_level("WARNING", logger="batch_detect.run.worker"):
         for i in range(3):
             rows.add(ImageFailure(f"s3://b/junk_{i}.jpg", "decode", "corrupt_image_test", "cannot identify"), None)
         rows.add(ImageFailure("s3://b/huge.jpg", "validate", "image_too_large_test", "too big"), None)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from batch_detect.config import RunConfig, config_from_values
-from batch_detect.decoding import decode_yolo, identify_outputs
+from batch_detect.model.decoding import decode_yolo, identify_outputs
 from batch_detect.errors import ConfigError, ModelError
-from batch_detect.interpreter import TensorSpec
+from batch_detect.model.interpreter import TensorSpec
 from batch_detect.synthetic import write_dataset
 
 

@@ -13,9 +13,9 @@ import time
 
 import duckdb
 
-from batch_detect.status import status
+from batch_detect.commands.status import status
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import write_bad_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

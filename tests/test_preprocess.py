@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from batch_detect.errors import DecodeError, ImageTooLarge, ModelError
-from batch_detect.geometry import fitted_size, resize_to_input
-from batch_detect.interpreter import TensorSpec
-from batch_detect.preprocess import InputSpec, build_input, decode_image, pixel_mapping
+from batch_detect.model.geometry import fitted_size, resize_to_input
+from batch_detect.model.interpreter import TensorSpec
+from batch_detect.model.preprocess import InputSpec, build_input, decode_image, pixel_mapping
 
 
 def spec(dtype="uint8", shape=(1, 8, 8, 3), scale=0.0, zp=0) -> InputSpec:
@@ -165,7 +165,7 @@ def test_jpeg_draft_follows_what_the_resize_keeps():
 
 
 def test_mean_std_for_float_inputs_per_channel():
-    from batch_detect.preprocess import mean_std_spec
+    from batch_detect.model.preprocess import mean_std_spec
 
     s = spec("float32")
     norm = mean_std_spec([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
@@ -183,7 +183,7 @@ def test_mean_std_for_float_inputs_per_channel():
 
 
 def test_mean_std_refused_where_it_cannot_apply():
-    from batch_detect.preprocess import mean_std_spec
+    from batch_detect.model.preprocess import mean_std_spec
 
     with pytest.raises(ModelError, match="apply to float inputs.*uint8"):
         pixel_mapping(spec("uint8", scale=1 / 255, zp=0), mean_std_spec([127.5], [127.5]))
@@ -222,8 +222,8 @@ def test_mean_std_reaches_the_detector(models_dir):
     wrong mean/std changes them (the option is really used)."""
     import os
 
-    from batch_detect.detector import Detector
-    from batch_detect.interpreter import load_backend, read_model
+    from batch_detect.model.detector import Detector
+    from batch_detect.model.interpreter import load_backend, read_model
     from batch_detect.synthetic import draw_scene, scene_rng
 
     content = read_model(os.path.join(models_dir, "shapes_ssd_float32.tflite"))

@@ -31,7 +31,7 @@ def cli(*args, block_tensorflow=False, timeout=600):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     if block_tensorflow:
         # `import tensorflow` raises ImportError, as in an environment without the extra.
-        code = ("import sys; sys.modules['tensorflow'] = None; from batch_detect.cli import main; "
+        code = ("import sys; sys.modules['tensorflow'] = None; from batch_detect.commands.cli import main; "
                 "sys.exit(main(sys.argv[1:]))")
         cmd = [sys.executable, "-c", code, *args]
     else:
@@ -111,7 +111,7 @@ def test_quantize_savedmodel_then_run_it(saved_model, images, tmp_path, io, requ
     if io != "int8":
         return  # one run through the job is enough
     from batch_detect.config import RunConfig
-    from batch_detect.pipeline import run
+    from batch_detect.run.pipeline import run
 
     request.getfixturevalue("local_ray")
     job_out = tmp_path / "run"

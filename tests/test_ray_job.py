@@ -16,10 +16,10 @@ import urllib.request
 import duckdb
 import pytest
 
-from batch_detect.commitlog import read_state
-from batch_detect.sink import OutputStore
+from batch_detect.output.commitlog import read_state
+from batch_detect.output.sink import OutputStore
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import token_cluster_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

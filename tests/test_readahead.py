@@ -9,11 +9,11 @@ import pytest
 import s3fs
 
 from batch_detect.config import RunConfig
-from batch_detect.pipeline import run
-from batch_detect.readahead import BYTES_BUDGET, MAX_READS, START, ReadAhead
+from batch_detect.run.pipeline import run
+from batch_detect.run.readahead import BYTES_BUDGET, MAX_READS, START, ReadAhead
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
-from batch_detect.worker import PREFETCH
+from batch_detect.commands.verify import verify
+from batch_detect.run.worker import PREFETCH
 
 
 def test_littles_law_from_measurements():
@@ -90,7 +90,7 @@ def test_a_tar_or_parquet_stream_is_read_ahead_on_its_own_thread_within_its_boun
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from batch_detect.worker import StreamAhead
+    from batch_detect.run.worker import StreamAhead
 
     produced, closed, main = [], threading.Event(), threading.get_ident()
 

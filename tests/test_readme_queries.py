@@ -14,7 +14,7 @@ import duckdb
 import pytest
 
 from batch_detect.config import RunConfig
-from batch_detect.pipeline import run
+from batch_detect.run.pipeline import run
 from batch_detect.synthetic import write_dataset
 from helpers import write_bad_inputs
 

@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 from batch_detect.config import RunConfig
-from batch_detect.pipeline import run
+from batch_detect.run.pipeline import run
 
 
 # From ../shared/realworld/README.md (stretch to 640x640, score >= 0.4, class-aware NMS IoU 0.45):

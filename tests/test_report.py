@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from batch_detect.config import RunConfig
-from batch_detect.pipeline import run
-from batch_detect.report import colour
+from batch_detect.run.pipeline import run
+from batch_detect.commands.report import colour
 from batch_detect.synthetic import write_dataset
 from helpers import iou, write_bad_inputs
 

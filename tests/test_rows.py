@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from batch_detect.decoding import Detections
-from batch_detect.detector import ImageFailure, ImageResult
-from batch_detect.schema import DETECTIONS
-from batch_detect.worker import ShardRows, summarize_shard
+from batch_detect.model.decoding import Detections
+from batch_detect.model.detector import ImageFailure, ImageResult
+from batch_detect.output.schema import DETECTIONS
+from batch_detect.run.worker import ShardRows, summarize_shard
 
 
 def result(uri: str, class_ids, seed: int) -> ImageResult:

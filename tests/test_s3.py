@@ -11,7 +11,7 @@ import pytest
 import s3fs
 
 from batch_detect.config import RunConfig
-from batch_detect.pipeline import run
+from batch_detect.run.pipeline import run
 from batch_detect.synthetic import write_dataset
 
 SECRET = "s3cr3t-Value-that-must-not-leak-7f3a"
@@ -166,7 +166,7 @@ def test_status_of_a_running_job_on_s3(local_ray, bucket, tmp_path, models_dir):
     import threading
     import time
 
-    from batch_detect.status import status
+    from batch_detect.commands.status import status
 
     name, options, fs, _ = bucket
     images = tmp_path / "many"
@@ -196,7 +196,7 @@ def test_part_move_survives_a_stale_listing_from_another_thread(bucket):
     listing of the folder that another thread (a `status` beside the run) took while a part's temporary file
     was being written must not make the move fail (it once failed a run in this suite, when every file was
     moved into place; on object stores only parts are, as they are streamed)."""
-    from batch_detect.sink import OutputStore
+    from batch_detect.output.sink import OutputStore
 
     name, options, _, _ = bucket
     store = OutputStore(f"s3://{name}/stale-out", options)
@@ -216,9 +216,9 @@ def test_part_move_survives_a_stale_listing_from_another_thread(bucket):
 def _staged_rows(shard: str, images: int):
     import numpy as np
 
-    from batch_detect.decoding import Detections
-    from batch_detect.detector import ImageResult
-    from batch_detect.worker import ShardRows
+    from batch_detect.model.decoding import Detections
+    from batch_detect.model.detector import ImageResult
+    from batch_detect.run.worker import ShardRows
 
     rows = ShardRows(shard)
     for i in range(images):
@@ -236,8 +236,8 @@ def test_staged_shard_is_one_put_per_table_and_compaction_reads_at_once(bucket):
     import pyarrow.parquet as pq
     from flaky_proxy import FlakyProxy
 
-    from batch_detect.plan import shard_id
-    from batch_detect.sink import OutputStore
+    from batch_detect.inputs.plan import shard_id
+    from batch_detect.output.sink import OutputStore
 
     name, options, fs, _ = bucket
     with FlakyProxy(options["endpoint_url"], latency_s=0.05) as proxy:
@@ -284,7 +284,7 @@ def test_an_image_read_is_one_get(bucket):
     large objects into ranges, which for images doubles the requests and the latency of every read."""
     from flaky_proxy import FlakyProxy
 
-    from batch_detect.reading import Reader
+    from batch_detect.inputs.reading import Reader
 
     name, options, fs, truth = bucket
     key = sorted(truth)[0]

@@ -9,10 +9,10 @@ import os
 import pytest
 
 from batch_detect.config import RunConfig
-from batch_detect.distributed import MIB, threads_per_actor
-from batch_detect.pipeline import run
-from batch_detect.sizing import MAX_AUTO_THREADS, auto_threads
-from batch_detect.worker import decode_threads
+from batch_detect.run.distributed import MIB, threads_per_actor
+from batch_detect.run.pipeline import run
+from batch_detect.run.sizing import MAX_AUTO_THREADS, auto_threads
+from batch_detect.run.worker import decode_threads
 from batch_detect.synthetic import write_dataset
 
 GIB = 1024 * MIB
@@ -78,7 +78,7 @@ def test_memory_bound_pool_gets_the_spare_cpus(local_ray, models_dir, tmp_path):
 
 
 def test_runs_without_a_cluster_go_without_ray_up_to_a_threshold_that_grows_with_the_machine():
-    from batch_detect.sizing import RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU, auto_ray_min_images
+    from batch_detect.run.sizing import RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU, auto_ray_min_images
 
     assert auto_ray_min_images(2) == 2 * RAY_MIN_IMAGES_PER_CPU == 5_000
     assert auto_ray_min_images(16) == 16 * RAY_MIN_IMAGES_PER_CPU
@@ -93,7 +93,7 @@ def test_runs_without_a_cluster_go_without_ray_up_to_a_threshold_that_grows_with
     (2, 0.5, 1, 0.8, 0),  # none fits (the local path still starts one; Ray's pool refuses)
 ])
 def test_workers_fitting_one_machine(cpus, memory_gib, per_worker_gib, share, expected):
-    from batch_detect.sizing import workers_fitting
+    from batch_detect.run.sizing import workers_fitting
 
     assert workers_fitting(cpus, memory_gib * GIB, 1, int(per_worker_gib * GIB), share) == expected
 
@@ -101,8 +101,8 @@ def test_workers_fitting_one_machine(cpus, memory_gib, per_worker_gib, share, ex
 def test_worker_processes_without_ray_respect_this_machines_memory():
     """The processes of a run without Ray follow the rule Ray's pool follows per node: a reservation of
     half this machine's memory lets one in, whatever its CPUs; a small one lets one per CPU."""
-    from batch_detect.local import worker_count
-    from batch_detect.sizing import machine_memory
+    from batch_detect.run.local import worker_count
+    from batch_detect.run.sizing import machine_memory
 
     memory = machine_memory()
     if memory is None:

@@ -13,8 +13,8 @@ import fsspec
 import pytest
 import s3fs
 
-import batch_detect.walk as walk_module
-from batch_detect.walk import walk
+import batch_detect.inputs.walk as walk_module
+from batch_detect.inputs.walk import walk
 
 # Names where a depth-first walk by name alone and the sorted strings disagree ('-', '.', ' ', '!' sort before '/'),
 # unicode, deep nesting.
@@ -183,14 +183,14 @@ GLOBS = ["*.jpg", "*", "*/*.jpg", "**/*.jpg", "**", "a/*", "?/*.jpg", "[ab]*/*",
 
 def _fsspec_glob(fs, pattern):
     """What the listing did before: fsspec's own glob, files only, sorted."""
-    from batch_detect.walk import version_of
+    from batch_detect.inputs.walk import version_of
 
     return sorted((p, version_of(info)) for p, info in fs.glob(pattern, detail=True).items()
                   if info.get("type") == "file")
 
 
 def _streamed_glob(url):
-    from batch_detect.listing import ListingStats, iter_listed
+    from batch_detect.inputs.listing import ListingStats, iter_listed
 
     return list(iter_listed(url, (), stats=ListingStats()))
 
@@ -259,7 +259,7 @@ def test_s3_glob_streams_what_fsspec_globs(s3_server, tricky_bucket, pattern):
         etag = __import__("hashlib").md5(b"x").hexdigest()  # its content is b"x" (fs.info answers for the prefix)
         want = sorted(want + [(f"s3://{name}/p/a", f"1:{etag}")])
     fs.invalidate_cache()
-    from batch_detect.listing import ListingStats, iter_listed
+    from batch_detect.inputs.listing import ListingStats, iter_listed
 
     options = {"key": "testing-key-id", "secret": "x", "endpoint_url": s3_server, "skip_instance_cache": True}
     got = list(iter_listed(f"s3://{name}/p/{pattern}", (), storage_options=options, stats=ListingStats()))

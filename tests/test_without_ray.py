@@ -16,7 +16,7 @@ import duckdb
 import pytest
 
 from batch_detect.synthetic import write_dataset
-from batch_detect.verify import verify
+from batch_detect.commands.verify import verify
 from helpers import committed_count, kill_driver_when, recall_precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,7 @@ def test_a_tar_elsewhere_is_bounded_by_its_listed_size(tmp_path):
     header, so the listed size bounds them. A tar that is not one (compressed, cut short) falls back to it."""
     import fsspec
 
-    from batch_detect.containers import tar_members_at_most
+    from batch_detect.inputs.containers import tar_members_at_most
 
     path = tmp_path / "t.tar"
     with tarfile.open(path, "w") as tar:
@@ -205,9 +205,9 @@ def test_unsorted_manifest_over_the_in_memory_limit_runs_each_image_once(models_
     an earlier test started it.)"""
     import tempfile
 
-    from batch_detect import extsort, listing
+    from batch_detect.inputs import extsort, listing
     from batch_detect.config import RunConfig
-    from batch_detect.pipeline import run
+    from batch_detect.run.pipeline import run
 
     folder, truth = images
     monkeypatch.setattr(listing, "SORT_LIMIT", 40)

@@ -14,9 +14,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from batch_detect.detector import Detector  # noqa: E402
-from batch_detect.geometry import box_iou as iou  # noqa: E402
-from batch_detect.interpreter import load_backend, read_model  # noqa: E402
+from batch_detect.model.detector import Detector  # noqa: E402
+from batch_detect.model.geometry import box_iou as iou  # noqa: E402
+from batch_detect.model.interpreter import load_backend, read_model  # noqa: E402
 from batch_detect.synthetic import write_dataset  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from batch_detect.geometry import resize_to_input
+from batch_detect.model.geometry import resize_to_input
 from batch_detect.synthetic import CLASSES, draw_scene
 
 SIZE = 128

@@ -3,7 +3,7 @@ committed float fixture (`models/shapes_ssd_float32.tflite`): its trained convol
 back out of the TFLite file and put into the same network (`tools/make_fixture_models.network`), whose
 anchor decoding now happens in the graph. The serving signature takes `image` [1,128,128,3] float in
 0..1 and returns one raw prediction tensor [1, 4+C, N] (xc, yc, w, h normalised, then per-class
-probabilities): the layout `batch_detect/decoding.py` decodes as yolov8, with no custom op.
+probabilities): the layout `batch_detect/model/decoding.py` decodes as yolov8, with no custom op.
 
     PYTHONPATH=. python tools/make_yolo_savedmodel.py --out /tmp/shapes_yolo_savedmodel
     # the committed dynamic-batch model (batching tests):

@@ -1,0 +1,234 @@
+"""One writer per output: a lease file, `_lock.json`, created exclusively by the run that writes.
+
+Two drivers appending to one commit log would each believe its own state and number shards, chunks and
+parts over the other's. So a run creates the lease with an exclusive create (O_EXCL locally, a
+conditional put `If-None-Match: *` on S3) before it writes anything, renews it while it runs, and
+deletes it at the end. A second run into the same output is refused while the lease is live.
+
+A lease is stale, and may be taken over, when its holder is on this machine and its process is gone
+(a killed driver: re-running at once works), or when it has not been renewed for STALE_S seconds (a
+driver on another machine that died). Staleness across machines compares the holder's clock with
+ours: clocks more than a few seconds apart delay or hasten a takeover by that much.
+
+Renewals never rewrite `_lock.json`: each holder writes its own heartbeat beside it (`_lock.<token>.json`),
+after checking the lock still names it. A renewal racing a takeover then cannot overwrite the new
+holder's lock; it only leaves a heartbeat nobody reads.
+
+Renewal runs on a thread of its own from the moment the lease is taken, so that nothing the driver waits
+for (Ray's start, a slow listing, a slow store) lets the lease go stale, and a failed renewal is retried
+rather than ending the run. Once a renewal finds the lease taken, every write of the driver's store
+raises (`fence`), and the run checks the lease each time round its dispatch loop (`check`): taken over,
+it stops and writes nothing more (work already handed to workers finishes staging its shard); unrenewable
+for STALL_S, it stops while the lease is still its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from .destination import unwritable
+from ..errors import LeaseLost, OutputError
+from .sink import LOCK
+
+log = logging.getLogger(__name__)
+STALE_S = 60.0
+RENEW_S = 10.0
+# Unrenewed this long, the run stops: the STALE_S - STALL_S left are its time to stop before a takeover.
+STALL_S = 40.0
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not mistaken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_gone(holder: dict, now: float) -> str | None:
+    """Why the lease `holder` wrote is stale, or None while it may still be live."""
+    if holder.get("host") == socket.gethostname() and os.path.isdir("/proc"):
+        start = _process_start(int(holder.get("pid", -1)))
+        if start is None or (holder.get("pid_start") and start != holder["pid_start"]):
+            return f"its process {holder.get('pid')} on this machine has ended"
+    age = now - float(holder.get("renewed_at", 0))
+    if age > STALE_S:
+        return f"it was last renewed {age:.0f}s ago (stale after {STALE_S:.0f}s)"
+    return None
+
+
+def _create(store, path: str, data: bytes) -> None:
+    """Create `path` holding `data`, or raise FileExistsError: never a moment with the file empty. Locally,
+    a temp file linked into place (link refuses an existing name); on object stores, a conditional put."""
+    if getattr(store.fs, "local_file", False):
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.remove(tmp)
+        return
+    store.fs.pipe_file(path, data, mode="create")
+
+
+def _heartbeat(token: str) -> str:
+    return f"{LOCK.removesuffix('.json')}.{token}.json"
+
+
+def _last_renewal(store, holder: dict) -> float:
+    """When `holder` last renewed: its heartbeat's time, or the lock's own before the first renewal."""
+    renewed = float(holder.get("renewed_at", 0))
+    if holder.get("token"):
+        try:
+            beat = json.loads(store.fs.cat_file(store.path(_heartbeat(holder["token"]))))
+            renewed = max(renewed, float(beat.get("renewed_at", 0)))
+        except (FileNotFoundError, ValueError):
+            pass
+    return renewed
+
+
+def _modified(store, path: str) -> float:
+    try:
+        return store.fs.modified(path).timestamp()
+    except (OSError, NotImplementedError, AttributeError):
+        return time.time()  # unknown: count it as fresh rather than take a live lease
+
+
+class Lease:
+    def __init__(self, store, token: str, holder: dict):
+        self.store, self.token, self.holder = store, token, holder
+        self.renewed = time.monotonic()  # the last renewal that reached the store
+        self.lost: LeaseLost | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def acquire(cls, store, renewing: bool = True) -> "Lease":
+        """Take the output's lease, or raise OutputError naming its live holder. With `renewing`, a thread
+        keeps it fresh until `release`."""
+        lease = cls._take(store)
+        if renewing:
+            lease._thread = threading.Thread(target=lease._renew_loop, name="lease-renewal", daemon=True)
+            lease._thread.start()
+        return lease
+
+    @classmethod
+    def _take(cls, store) -> "Lease":
+        token = uuid.uuid4().hex
+        holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
+                  "pid_start": _process_start(os.getpid()), "acquired_at": time.time(), "renewed_at": time.time()}
+        path = store.path(LOCK)
+        try:
+            store.makedirs(store.root)
+        except OSError as exc:  # checked before the run (destination.py); here if it changed since
+            raise unwritable(store.url, store, exc) from None
+        for attempt in range(2):
+            try:
+                _create(store, path, json.dumps(holder).encode())
+                return cls(store, token, holder)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise unwritable(store.url, store, exc) from None
+            try:
+                other = json.loads(store.fs.cat_file(path))
+                other["renewed_at"] = _last_renewal(store, other)
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except ValueError:  # not ours to read: judge it by the file's age
+                other = {"renewed_at": _modified(store, path)}
+            why = _holder_gone(other, time.time())
+            if why is None or attempt:
+                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(other.get("acquired_at", 0))))
+                raise OutputError(
+                    f"output {store.url!r} is being written by another batch-detect run (host "
+                    f"{other.get('host')!r}, pid {other.get('pid')}, since {since}): two runs into one output "
+                    f"would corrupt it. Wait for that run to end; if it is gone, its lease ({LOCK}) expires "
+                    f"{STALE_S:.0f}s after its last renewal, or delete {LOCK} once you are sure")
+            log.warning("taking over the lease of output %s: %s", store.url, why)
+            store.fs.rm(path)
+            if other.get("token"):
+                _remove(store, _heartbeat(other["token"]))
+        raise OutputError(f"output {store.url!r}: could not take its lease ({LOCK}); try again")
+
+    def renew(self) -> None:
+        """One renewal: the lock still names this run, then its heartbeat. Raises LeaseLost (and fences the
+        store) if another run holds the lease now."""
+        started, renewed_at = time.monotonic(), time.time()  # what others will judge staleness by
+        try:
+            current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
+        except (FileNotFoundError, ValueError):
+            current = {}
+        if current.get("token") != self.token:
+            self.lost = LeaseLost(
+                f"output {self.store.url!r}: this run's lease ({LOCK}) was taken over by another run (host "
+                f"{current.get('host')!r}, pid {current.get('pid')}); stopping so that the two do not both "
+                "write. What was committed stays; re-run once the other has ended")
+            raise self.lost
+        if self._stop.is_set():
+            return  # released meanwhile: a heartbeat now would outlive the lease
+        self.store.put_atomic(_heartbeat(self.token), json.dumps({"token": self.token,
+                                                                   "renewed_at": renewed_at}).encode())
+        self.renewed = started
+
+    def fence(self) -> None:
+        """For every write of the driver's store: none once the lease is known to be another run's."""
+        if self.lost is not None:
+            raise self.lost
+
+    def _renew_loop(self) -> None:
+        wait = RENEW_S
+        while not self._stop.wait(wait):
+            try:
+                self.renew()
+                self.last_error, wait = None, RENEW_S
+            except LeaseLost:
+                return
+            except Exception as exc:  # a store that failed once: try again sooner, the run goes on meanwhile
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("renewing the lease of output %s failed (%s); retrying", self.store.url, self.last_error)
+                wait = min(RENEW_S, 2.0)
+
+    def check(self) -> None:
+        """Raise if the run must stop: LeaseLost when another run took the lease, OutputError when it could
+        not be renewed for STALL_S (before anyone may take it over: what is committed can still be logged)."""
+        if self.lost is not None:
+            raise self.lost
+        stalled = time.monotonic() - self.renewed
+        if self._thread is not None and stalled > STALL_S:
+            raise OutputError(f"output {self.store.url!r}: its lease ({LOCK}) could not be renewed for "
+                              f"{stalled:.0f}s (last error: {self.last_error}); stopping before another run may "
+                              f"take it over ({STALE_S:.0f}s). Check the output store, then re-run: what was "
+                              "committed stays")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            # A renewal in flight on a store that hangs must not hold the exit (`ray job stop` kills after
+            # 3 s); a late one can only leave this run's heartbeat behind, never the lock.
+            self._thread.join(timeout=2)
+        if self.lost is not None:
+            return  # another run's now
+        try:
+            current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
+            if current.get("token") == self.token:
+                self.store.fs.rm(self.store.path(LOCK))
+        except (FileNotFoundError, ValueError, OSError):
+            pass
+        _remove(self.store, _heartbeat(self.token))
+
+
+def _remove(store, rel: str) -> None:
+    try:
+        store.fs.rm(store.path(rel))
+    except (FileNotFoundError, OSError):
+        pass
