@@ -7,6 +7,7 @@ import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
 
 from .config_types import check_type
 from .model.decoding import OUTPUT_FORMATS
@@ -72,78 +73,8 @@ class RunConfig:
     storage_options: dict = field(default_factory=dict)
 
     def validate(self) -> "RunConfig":
-        # Every missing one at once: a first run should not learn them one error at a time.
-        missing = [f"--{name} ({what})" for name, what in REQUIRED.items() if not getattr(self, name)]
-        if missing:
-            raise ConfigError(f"missing {', '.join(missing)}: each as a flag or a key of the --config file "
-                              "(`batch-detect run --help` lists every option)")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ConfigError(f"--score-threshold must be within [0, 1], got {self.score_threshold}")
-        if self.shard_size < 1:
-            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
-        if self.resize not in RESIZE_CHOICES:
-            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_CHOICES)}, got {self.resize!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ConfigError(
-                f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        self.input_mean, self.input_std = (_floats(v, f"--input-{n}") for v, n in
-                                           ((self.input_mean, "mean"), (self.input_std, "std")))
-        if (self.input_mean is None) != (self.input_std is None):
-            raise ConfigError("--input-mean and --input-std go together: give both (pixel units, e.g. "
-                              "--input-mean 123.675,116.28,103.53 --input-std 58.395,57.12,57.375)")
-        if self.input_mean is not None:
-            if self.normalization != "auto":
-                raise ConfigError(f"--normalization {self.normalization} and --input-mean/--input-std both say how "
-                                  "to scale pixels: give one of them")
-            for name, values in (("--input-mean", self.input_mean), ("--input-std", self.input_std)):
-                if len(values) not in (1, 3):
-                    raise ConfigError(f"{name} takes 1 value or 3 (one per RGB channel), got {len(values)}")
-            if any(s <= 0 for s in self.input_std):
-                raise ConfigError(f"--input-std values must be positive, got {self.input_std}")
-        if self.output_format not in OUTPUT_FORMATS:
-            raise ConfigError(
-                f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}"
-            )
-        if self.max_pixels < 1:
-            raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
-        if self.num_actors is not None and self.num_actors < 1:
-            raise ConfigError(f"--num-actors must be at least 1, got {self.num_actors}")
-        if self.read_ahead < 0:
-            raise ConfigError(f"--read-ahead must be 0 (sized from the measured read latency) or more, "
-                              f"got {self.read_ahead}")
-        if self.ray_min_images is not None and self.ray_min_images < 0:
-            raise ConfigError(f"--ray-min-images must be 0 (always Ray) or more, got {self.ray_min_images}")
-        if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
-            raise ConfigError(f"--cpus-per-actor must be at least 1, got {self.cpus_per_actor}")
-        if self.decode_threads is not None and self.decode_threads < 0:
-            raise ConfigError(f"--decode-threads must be 0 (decode on the interpreter's thread) or more, "
-                              f"got {self.decode_threads}")
-        if self.memory_per_actor_mb is not None and self.memory_per_actor_mb < 1:
-            raise ConfigError(f"--memory-per-actor-mb must be positive, got {self.memory_per_actor_mb}")
-        if not 0.0 < self.node_memory_share <= 1.0:
-            raise ConfigError(f"--node-memory-share must be within (0, 1], got {self.node_memory_share}")
-        if self.input_format not in INPUT_FORMATS:
-            raise ConfigError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
-        if self.input_format == "parquet" and not self.image_column:
-            raise ConfigError("--input-format parquet needs --image-column: the column holding the image bytes")
-        if self.image_column and self.input_format not in ("auto", "parquet"):
-            raise ConfigError(f"--image-column reads Parquet input; it contradicts --input-format {self.input_format}")
-        if self.id_column and not self.image_column:
-            raise ConfigError("--id-column names rows of Parquet input: give --image-column too")
-        if self.overwrite and self.resume:
-            raise ConfigError("--overwrite and --resume contradict each other: pick one")
-        if self.overwrite and self.incremental:
-            raise ConfigError("--overwrite and --incremental contradict each other: --incremental keeps what the "
-                              "output holds and adds what is new; --overwrite replaces it")
-        if self.max_failure_rate is not None and not 0.0 <= self.max_failure_rate <= 1.0:
-            raise ConfigError(f"--max-failure-rate must be within [0, 1], got {self.max_failure_rate}")
-        if self.part_rows < 1:
-            raise ConfigError(f"--part-rows must be at least 1, got {self.part_rows}")
-        if self.max_shards_in_flight < 1:
-            raise ConfigError(f"--max-shards-in-flight must be at least 1, got {self.max_shards_in_flight}")
+        for check in _CHECKS:  # in this order: with several wrong settings, the first one is reported
+            check(self)
         # Actors run in other processes (and cwds, and nodes): local paths must not stay relative.
         self.model, self.input, self.output = (absolute_local(u) for u in (self.model, self.input, self.output))
         self.labels = absolute_local(self.labels) if self.labels else None
@@ -165,6 +96,105 @@ class RunConfig:
         out["extensions"] = list(self.extensions)
         out["storage_options"] = redact(self.storage_options)
         return out
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """One setting's single-value rule: `--flag must be <must_be>, got <value>` when `fails` says so."""
+
+    name: str
+    must_be: str
+    fails: Callable[[Any], bool]
+    show: Callable[[Any], str] = str
+
+    def __call__(self, config: RunConfig) -> None:
+        value = getattr(config, self.name)
+        if self.fails(value):
+            raise ConfigError(f"--{self.name.replace('_', '-')} must be {self.must_be}, got {self.show(value)}")
+
+
+def _one_of(name: str, choices: tuple[str, ...]) -> _Bound:
+    return _Bound(name, f"one of {', '.join(choices)}", lambda v: v not in choices, repr)
+
+
+def _at_least(name: str, minimum: int, must_be: str = "") -> _Bound:
+    # None: the setting is left to be sized (or is off)
+    return _Bound(name, must_be or f"at least {minimum}", lambda v: v is not None and v < minimum)
+
+
+def _fraction(name: str, zero_allowed: bool = True) -> _Bound:
+    if zero_allowed:
+        return _Bound(name, "within [0, 1]", lambda v: v is not None and not 0.0 <= v <= 1.0)
+    return _Bound(name, "within (0, 1]", lambda v: v is not None and not 0.0 < v <= 1.0)
+
+
+def _check_required(config: RunConfig) -> None:
+    # Every missing one at once: a first run should not learn them one error at a time.
+    missing = [f"--{name} ({what})" for name, what in REQUIRED.items() if not getattr(config, name)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: each as a flag or a key of the --config file "
+                          "(`batch-detect run --help` lists every option)")
+
+
+def _check_pixel_scaling(config: RunConfig) -> None:
+    """--input-mean/--input-std: parsed to numbers, given together, and instead of --normalization."""
+    config.input_mean, config.input_std = (_floats(v, f"--input-{n}") for v, n in
+                                           ((config.input_mean, "mean"), (config.input_std, "std")))
+    if (config.input_mean is None) != (config.input_std is None):
+        raise ConfigError("--input-mean and --input-std go together: give both (pixel units, e.g. "
+                          "--input-mean 123.675,116.28,103.53 --input-std 58.395,57.12,57.375)")
+    if config.input_mean is None:
+        return
+    if config.normalization != "auto":
+        raise ConfigError(f"--normalization {config.normalization} and --input-mean/--input-std both say how "
+                          "to scale pixels: give one of them")
+    for name, values in (("--input-mean", config.input_mean), ("--input-std", config.input_std)):
+        if len(values) not in (1, 3):
+            raise ConfigError(f"{name} takes 1 value or 3 (one per RGB channel), got {len(values)}")
+    if any(s <= 0 for s in config.input_std):
+        raise ConfigError(f"--input-std values must be positive, got {config.input_std}")
+
+
+def _check_input_columns(config: RunConfig) -> None:
+    """Parquet input's columns against --input-format."""
+    if config.input_format == "parquet" and not config.image_column:
+        raise ConfigError("--input-format parquet needs --image-column: the column holding the image bytes")
+    if config.image_column and config.input_format not in ("auto", "parquet"):
+        raise ConfigError(f"--image-column reads Parquet input; it contradicts --input-format {config.input_format}")
+    if config.id_column and not config.image_column:
+        raise ConfigError("--id-column names rows of Parquet input: give --image-column too")
+
+
+def _check_run_mode(config: RunConfig) -> None:
+    """What to do with an output that holds a run already: one answer at most."""
+    if config.overwrite and config.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: pick one")
+    if config.overwrite and config.incremental:
+        raise ConfigError("--overwrite and --incremental contradict each other: --incremental keeps what the "
+                          "output holds and adds what is new; --overwrite replaces it")
+
+
+# How each image is detected: shard and batch sizes, pixels in, detections out.
+_DETECTION_CHECKS = (
+    _fraction("score_threshold"), _at_least("shard_size", 1), _one_of("resize", RESIZE_CHOICES),
+    _one_of("normalization", NORMALIZATIONS), _at_least("batch_size", 1), _check_pixel_scaling,
+    _one_of("output_format", OUTPUT_FORMATS), _at_least("max_pixels", 1, "positive"),
+)
+# The workers: how many, and what each holds (threads, images ahead, memory).
+_WORKER_CHECKS = (
+    _at_least("num_actors", 1), _at_least("read_ahead", 0, "0 (sized from the measured read latency) or more"),
+    _at_least("ray_min_images", 0, "0 (always Ray) or more"), _at_least("cpus_per_actor", 1),
+    _at_least("decode_threads", 0, "0 (decode on the interpreter's thread) or more"),
+    _at_least("memory_per_actor_mb", 1, "positive"), _fraction("node_memory_share", zero_allowed=False),
+)
+_INPUT_CHECKS = (_one_of("input_format", INPUT_FORMATS), _check_input_columns)
+# The run and its output: what an existing output becomes, when the run fails, parts and dispatch.
+_RUN_CHECKS = (
+    _check_run_mode, _fraction("max_failure_rate"), _at_least("part_rows", 1), _at_least("max_shards_in_flight", 1),
+)
+_CHECKS: tuple[Callable[[RunConfig], None], ...] = (
+    _check_required, *_DETECTION_CHECKS, *_WORKER_CHECKS, *_INPUT_CHECKS, *_RUN_CHECKS,
+)
 
 
 def _floats(value, name: str) -> list[float] | None:

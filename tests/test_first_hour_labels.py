@@ -181,8 +181,8 @@ def test_tflite_support_metadata_names_the_label_file(models_dir, images, tmp_pa
     path = tmp_path / "with_metadata.tflite"
     path.write_bytes(model)
     ready = prepare(RunConfig(model=str(path), input=images, output=str(tmp_path / "out")))
-    assert ready["labels"] == SHAPES and ready["label_warnings"] == []
-    assert ready["labels_source"] == f"embedded in the model (shapes.txt, {found.origin})"
+    assert ready.labels == SHAPES and ready.label_warnings == []
+    assert ready.labels_source == f"embedded in the model (shapes.txt, {found.origin})"
 
     # A declared file that is not a label list is passed over, and said so.
     bad = with_zip(meta, {"shapes.txt": "{'names': 3}"})
@@ -204,7 +204,7 @@ def test_a_labels_count_that_does_not_fit_is_warned_before_any_work(models_dir, 
     yolo = os.path.join(models_dir, "shapes_yolov8_float32.tflite")
     content = read_model(ssd)
     ready = prepare(RunConfig(model=ssd, input=images, output=str(tmp_path / "probe")))
-    classes = model_classes(content, ready["info"].layout)
+    classes = model_classes(content, ready.info.layout)
     assert (classes.count, classes.without_background) == (3, True)
     assert "TFLite_Detection_PostProcess op's num_classes" in classes.where
 
@@ -224,18 +224,18 @@ def test_a_labels_count_that_does_not_fit_is_warned_before_any_work(models_dir, 
         out = tmp_path / f"out_{name}"
         with caplog.at_level(logging.WARNING, logger="batch_detect"):
             ready = prepare(RunConfig(model=ssd, labels=str(path), input=images, output=str(out)))
-        assert len(ready["label_warnings"]) == 1 and ready["label_warnings"][0].startswith(expected.format(path))
+        assert len(ready.label_warnings) == 1 and ready.label_warnings[0].startswith(expected.format(path))
         said = [r.getMessage() for r in caplog.records if r.name.startswith("batch_detect")]
-        assert said == ["warning: " + ready["label_warnings"][0]]
+        assert said == ["warning: " + ready.label_warnings[0]]
         assert not out.exists() or not any(out.iterdir())  # said before anything is written
     fits = tmp_path / "three.txt"
     fits.write_text("\n".join(SHAPES) + "\n")
     fitting = prepare(RunConfig(model=ssd, labels=str(fits), input=images, output=str(tmp_path / "ok")))
-    assert fitting["label_warnings"] == []
+    assert fitting.label_warnings == []
     yolo_ready = prepare(RunConfig(model=yolo, labels=str(tmp_path / "two.txt"), input=images,
                                    output=str(tmp_path / "yolo")))
-    assert yolo_ready["label_warnings"][0].startswith("2 labels") and "class id 2 gets a null label" in \
-        yolo_ready["label_warnings"][0]
+    assert yolo_ready.label_warnings[0].startswith("2 labels") and "class id 2 gets a null label" in \
+        yolo_ready.label_warnings[0]
 
     # The command line says it before the run starts, and in --dry-run.
     env = {**os.environ, "RAY_ADDRESS": ""}

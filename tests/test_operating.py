@@ -15,7 +15,7 @@ import time
 import duckdb
 
 from batch_detect.output.commitlog import read_state
-from batch_detect.run.pipeline import FAIL_FAST_MIN
+from batch_detect.run.dispatch import FAIL_FAST_MIN
 from batch_detect.output.sink import OutputStore
 from batch_detect.synthetic import write_dataset
 from batch_detect.commands.verify import verify

@@ -51,16 +51,6 @@ def storage_value(text: str):
     return text
 
 
-_RUN_GROUPS = (
-    ("input", "what to read (--input is required, as a flag or in --config)"),
-    ("model", "the detector, and how pixels go in and detections come out (--model is required)"),
-    ("output", "where the Parquet goes, and what becomes of a previous run there (--output is required)"),
-    ("cluster", "where the run happens and how many workers it gets"),
-    ("tuning", "speed and memory"),
-    ("operating", "the job file, credentials, limits and what is printed"),
-)
-
-
 # What a RunConfig left alone holds: the defaults `run --help` shows.
 _RUN_DEFAULTS = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(RunConfig)}
 
@@ -91,86 +81,113 @@ def _option(group, flag: str, help: str, *, default: str | None = None, **kwargs
     return action
 
 
+_REQUIRED = "required (here or in --config)"
+
+
+def _input_options(g) -> None:
+    _option(g, "--input", f"{_REQUIRED}: {REQUIRED['input']}; a manifest is a .txt, "
+            "or a .csv or .parquet with a uri column")
+    _option(g, "--input-format", "files (images), tar (WebDataset-style, one shard per tar) or parquet "
+            "(rows with an image-bytes column); auto: parquet with --image-column, tar for .tar inputs",
+            choices=INPUT_FORMATS)
+    _option(g, "--extensions", "comma-separated file extensions to process; '*' for every file")
+    _option(g, "--image-column", "Parquet input: the column holding encoded image bytes")
+    _option(g, "--id-column", "Parquet input: the column that names each image in the output",
+            default="<file>#<row>")
+    _option(g, "--max-pixels", "images with more pixels are failures (image_too_large), never decoded",
+            type=int)
+
+
+def _model_options(g) -> None:
+    _option(g, "--model", f"{_REQUIRED}: {REQUIRED['model']}")
+    _option(g, "--labels", "labels file: one label per line, or `id label` lines", metavar="FILE",
+            default="the labels file in the model's metadata, if any")
+    _option(g, "--output-format", "decode the outputs as this family instead of detecting it from "
+            "their shapes", choices=OUTPUT_FORMATS)
+    _option(g, "--score-threshold", "detections below it are not written", type=float,
+            metavar="S")
+    _option(g, "--resize", "how images are fitted to the model input; auto: letterbox for YOLO, "
+            "stretch for SSD", choices=RESIZE_CHOICES)
+    _option(g, "--normalization", "float inputs: the pixel range the model expects; integer inputs "
+            "follow the model's quantization unless forced", choices=NORMALIZATIONS)
+    _option(g, "--input-mean", "float inputs: (pixel - mean) / std per RGB channel, in pixel units "
+            "(0..255); with --input-std, instead of --normalization", metavar="M[,M,M]")
+    _option(g, "--input-std", "see --input-mean", metavar="S[,S,S]")
+
+
+def _output_options(g) -> None:
+    _option(g, "--output", f"{_REQUIRED}: {REQUIRED['output']}")
+    _option(g, "--part-rows", "images per output part file: files per table = images / this", type=int)
+    _option(g, "--overwrite", "replace a previous run in --output", action="store_true")
+    _option(g, "--resume", "finish a previous run in --output (re-running the same command does this "
+            "too); refused if the model, input or settings changed", action="store_true")
+    _option(g, "--incremental", "process only what is new or changed in the input since the runs "
+            "already in --output, as a new run (rows carry its run_id); nothing new: says so and exits 0",
+            action="store_true")
+    _option(g, "--allow-nonempty-output", "write into an --output inside the input, or one holding "
+            "files that are not a previous run's", action="store_true")
+
+
+def _cluster_options(g) -> None:
+    _option(g, "--address", "the Ray cluster to join", default="$RAY_ADDRESS, else an embedded Ray")
+    _option(g, "--ray-min-images", "without a cluster, runs of fewer images than this use worker "
+            "processes of this machine instead of starting Ray; 0: always Ray", type=int,
+            default=f"{RAY_MIN_IMAGES_PER_CPU:,} per CPU of this machine, at most {RAY_MIN_IMAGES_CAP:,}")
+    _option(g, "--num-actors", "detector actors in all", type=int,
+            default="one per --cpus-per-actor CPUs of each node, as its memory allows")
+    _option(g, "--cpus-per-actor", "CPUs (and interpreter threads) per actor", type=int,
+            default=f"1, or the CPUs a smaller pool leaves unused shared out, at most {MAX_AUTO_THREADS}")
+    _option(g, "--memory-per-actor-mb", "memory Ray reserves per actor", type=int,
+            default="estimated from the model and the images in flight")
+    _option(g, "--node-memory-share", "share of each node's Ray memory detector actors may reserve",
+            type=float, metavar="F")
+
+
+def _tuning_options(g) -> None:
+    _option(g, "--shard-size", "images per shard: the unit of work, commit and retry", type=int)
+    _option(g, "--batch-size", "images per invoke when the model's batch dimension is dynamic (a "
+            "fixed batch runs 1, noted in the manifest)", type=int)
+    _option(g, "--max-shards-in-flight", "per actor: the backpressure bound", type=int)
+    _option(g, "--read-ahead", "images each worker keeps read ahead of its model; 0: sized from the "
+            "store's measured latency and the model's time per image", type=int)
+    _option(g, "--decode-threads", "threads decoding images ahead of each worker's model; 0: decode "
+            "on the model's thread, one image after another", type=int,
+            default="sized per worker, from its interpreter threads")
+    _option(g, "--no-jpeg-draft", "decode JPEGs at full size, not at the smallest libjpeg scale that "
+            "keeps what the resize needs", action="store_false", dest="jpeg_draft")
+
+
+def _operating_options(g) -> None:
+    _option(g, "--config", "TOML file with any of these options as keys (flags override it)",
+            metavar="FILE")
+    _option(g, "--storage-option", "fsspec storage option (e.g. endpoint_url=...), repeatable",
+            action="append", type=_storage_option, dest="storage_options", metavar="KEY=VALUE")
+    _option(g, "--max-failure-rate", "exit 1 (after committing everything) when more than this "
+            "fraction of images failed", type=float, metavar="R", default="no limit")
+    _option(g, "--dry-run", "list, plan, load the model and time it on a sample; print the plan, "
+            "write nothing", action="store_true")
+    _option(g, "--json", "print the final manifest as JSON", action="store_true")
+
+
+# `run --help` in this order: what a first run needs before what a large one tunes.
+_RUN_GROUPS = (
+    ("input", "what to read (--input is required, as a flag or in --config)", _input_options),
+    ("model", "the detector, and how pixels go in and detections come out (--model is required)", _model_options),
+    ("output", "where the Parquet goes, and what becomes of a previous run there (--output is required)",
+     _output_options),
+    ("cluster", "where the run happens and how many workers it gets", _cluster_options),
+    ("tuning", "speed and memory", _tuning_options),
+    ("operating", "the job file, credentials, limits and what is printed", _operating_options),
+)
+
+
 def _run_parser(sub) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a TFLite detector over images into Parquet",
                          usage="%(prog)s --model MODEL --input INPUT --output OUTPUT [options]",
                          argument_default=argparse.SUPPRESS)
     _version(run)  # jobs/detect.py hands every argument to `run`
-    g = {title: run.add_argument_group(title, text) for title, text in _RUN_GROUPS}
-    required = "required (here or in --config)"
-
-    _option(g["input"], "--input", f"{required}: {REQUIRED['input']}; a manifest is a .txt, "
-            "or a .csv or .parquet with a uri column")
-    _option(g["input"], "--input-format", "files (images), tar (WebDataset-style, one shard per tar) or parquet "
-            "(rows with an image-bytes column); auto: parquet with --image-column, tar for .tar inputs",
-            choices=INPUT_FORMATS)
-    _option(g["input"], "--extensions", "comma-separated file extensions to process; '*' for every file")
-    _option(g["input"], "--image-column", "Parquet input: the column holding encoded image bytes")
-    _option(g["input"], "--id-column", "Parquet input: the column that names each image in the output",
-            default="<file>#<row>")
-    _option(g["input"], "--max-pixels", "images with more pixels are failures (image_too_large), never decoded",
-            type=int)
-
-    _option(g["model"], "--model", f"{required}: {REQUIRED['model']}")
-    _option(g["model"], "--labels", "labels file: one label per line, or `id label` lines", metavar="FILE",
-            default="the labels file in the model's metadata, if any")
-    _option(g["model"], "--output-format", "decode the outputs as this family instead of detecting it from "
-            "their shapes", choices=OUTPUT_FORMATS)
-    _option(g["model"], "--score-threshold", "detections below it are not written", type=float,
-            metavar="S")
-    _option(g["model"], "--resize", "how images are fitted to the model input; auto: letterbox for YOLO, "
-            "stretch for SSD", choices=RESIZE_CHOICES)
-    _option(g["model"], "--normalization", "float inputs: the pixel range the model expects; integer inputs "
-            "follow the model's quantization unless forced", choices=NORMALIZATIONS)
-    _option(g["model"], "--input-mean", "float inputs: (pixel - mean) / std per RGB channel, in pixel units "
-            "(0..255); with --input-std, instead of --normalization", metavar="M[,M,M]")
-    _option(g["model"], "--input-std", "see --input-mean", metavar="S[,S,S]")
-
-    _option(g["output"], "--output", f"{required}: {REQUIRED['output']}")
-    _option(g["output"], "--part-rows", "images per output part file: files per table = images / this", type=int)
-    _option(g["output"], "--overwrite", "replace a previous run in --output", action="store_true")
-    _option(g["output"], "--resume", "finish a previous run in --output (re-running the same command does this "
-            "too); refused if the model, input or settings changed", action="store_true")
-    _option(g["output"], "--incremental", "process only what is new or changed in the input since the runs "
-            "already in --output, as a new run (rows carry its run_id); nothing new: says so and exits 0",
-            action="store_true")
-    _option(g["output"], "--allow-nonempty-output", "write into an --output inside the input, or one holding "
-            "files that are not a previous run's", action="store_true")
-
-    _option(g["cluster"], "--address", "the Ray cluster to join", default="$RAY_ADDRESS, else an embedded Ray")
-    _option(g["cluster"], "--ray-min-images", "without a cluster, runs of fewer images than this use worker "
-            "processes of this machine instead of starting Ray; 0: always Ray", type=int,
-            default=f"{RAY_MIN_IMAGES_PER_CPU:,} per CPU of this machine, at most {RAY_MIN_IMAGES_CAP:,}")
-    _option(g["cluster"], "--num-actors", "detector actors in all", type=int,
-            default="one per --cpus-per-actor CPUs of each node, as its memory allows")
-    _option(g["cluster"], "--cpus-per-actor", "CPUs (and interpreter threads) per actor", type=int,
-            default=f"1, or the CPUs a smaller pool leaves unused shared out, at most {MAX_AUTO_THREADS}")
-    _option(g["cluster"], "--memory-per-actor-mb", "memory Ray reserves per actor", type=int,
-            default="estimated from the model and the images in flight")
-    _option(g["cluster"], "--node-memory-share", "share of each node's Ray memory detector actors may reserve",
-            type=float, metavar="F")
-
-    _option(g["tuning"], "--shard-size", "images per shard: the unit of work, commit and retry", type=int)
-    _option(g["tuning"], "--batch-size", "images per invoke when the model's batch dimension is dynamic (a "
-            "fixed batch runs 1, noted in the manifest)", type=int)
-    _option(g["tuning"], "--max-shards-in-flight", "per actor: the backpressure bound", type=int)
-    _option(g["tuning"], "--read-ahead", "images each worker keeps read ahead of its model; 0: sized from the "
-            "store's measured latency and the model's time per image", type=int)
-    _option(g["tuning"], "--decode-threads", "threads decoding images ahead of each worker's model; 0: decode "
-            "on the model's thread, one image after another", type=int,
-            default="sized per worker, from its interpreter threads")
-    _option(g["tuning"], "--no-jpeg-draft", "decode JPEGs at full size, not at the smallest libjpeg scale that "
-            "keeps what the resize needs", action="store_false", dest="jpeg_draft")
-
-    _option(g["operating"], "--config", "TOML file with any of these options as keys (flags override it)",
-            metavar="FILE")
-    _option(g["operating"], "--storage-option", "fsspec storage option (e.g. endpoint_url=...), repeatable",
-            action="append", type=_storage_option, dest="storage_options", metavar="KEY=VALUE")
-    _option(g["operating"], "--max-failure-rate", "exit 1 (after committing everything) when more than this "
-            "fraction of images failed", type=float, metavar="R", default="no limit")
-    _option(g["operating"], "--dry-run", "list, plan, load the model and time it on a sample; print the plan, "
-            "write nothing", action="store_true")
-    _option(g["operating"], "--json", "print the final manifest as JSON", action="store_true")
+    for title, text, add_options in _RUN_GROUPS:
+        add_options(run.add_argument_group(title, text))
     return run
 
 
@@ -178,19 +195,24 @@ def _version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"batch-detect {__version__}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batch-detect", description=__doc__.splitlines()[0])
-    _version(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+def _storage_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
 
+
+def _json_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print the {what} as JSON")
+
+
+def _inspect_parser(sub) -> None:
     ins = sub.add_parser("inspect", help="explain a model: tensors, ops, detected family, warnings")
     ins.add_argument("model", help="path or URL of a .tflite file")
     ins.add_argument("--normalization", choices=NORMALIZATIONS, default="auto")
     ins.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
-    ins.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
-    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+    _storage_flag(ins)
+    _json_flag(ins, "report")
 
+
+def _compare_parser(sub) -> None:
     cmp_ = sub.add_parser("compare", help="how far a model's detections drift from a reference model's")
     cmp_.add_argument("--model", required=True, help="the model under test (e.g. the quantized one)")
     cmp_.add_argument("--reference", required=True, help="the model to compare against (e.g. the float one)")
@@ -202,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default auto: by family, letterbox for YOLO, stretch for SSD (as run)")
     cmp_.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
     cmp_.add_argument("--out", default=None, help="folder for compare.parquet (per image) and compare.json")
-    cmp_.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+    _storage_flag(cmp_)
 
+
+def _quantize_parser(sub) -> None:
     q = sub.add_parser("quantize", help="int8 post-training quantization of a SavedModel/Keras detector, "
                                         "calibrated on your images, then compared with the float model")
     q.add_argument("--saved-model", required=True, help="SavedModel folder or .keras file (float detector)")
@@ -224,23 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compare-sample", type=int, default=200, help="images for the drift check (0: all)")
     q.add_argument("--score-threshold", type=float, default=0.25, help="for the drift check")
     q.add_argument("--labels", default=None, help="labels file, for names in the drift report")
-    q.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+    _storage_flag(q)
 
+
+def _report_parser(sub) -> None:
     rep = sub.add_parser("report", help="summarise a run: numbers in the terminal, an HTML folder with pictures")
     rep.add_argument("output", help="the --output of a run")
     rep.add_argument("--html", default=None, help="folder for the HTML report (default: ./report-<run id>)")
     rep.add_argument("--samples", type=int, default=12, help="images in the gallery")
-    rep.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
+    _storage_flag(rep)
 
+
+def _verify_parser(sub) -> None:
     ver = sub.add_parser("verify", help="check that an output is whole: every image exactly once, all committed")
     ver.add_argument("output", help="the --output of a run")
     ver.add_argument("--input", default=None, help="also check the plan against what this input lists now")
-    ver.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
-    ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    _storage_flag(ver)
+    _json_flag(ver, "report")
+
+
+def _status_parser(sub) -> None:
     st = sub.add_parser("status", help="where a run stands (running or finished), read from its output alone")
     st.add_argument("output", help="the --output of a run (local or an fsspec URL)")
-    st.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE")
-    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    _storage_flag(st)
+    _json_flag(st, "status")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch-detect", description=__doc__.splitlines()[0])
+    _version(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in (_run_parser, _inspect_parser, _compare_parser, _quantize_parser, _report_parser,
+                       _verify_parser, _status_parser):
+        add_parser(sub)
     return parser
 
 
@@ -248,7 +288,6 @@ _CLI_ONLY = ("config", "json", "dry_run", "command")
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from ..model.labels import load_labels
     from .quantize import quantize
 
     so = dict(args.storage_option)
@@ -259,7 +298,7 @@ def _quantize(args: argparse.Namespace) -> int:
     quantize(args.saved_model, args.input, args.output, samples=args.samples, io=args.io,
              normalization=norm.pixel_normalization, resize=args.resize, output_format=args.output_format,
              compare_sample=args.compare_sample, score_threshold=args.score_threshold,
-             labels=load_labels(args.labels, so) if args.labels else None, storage_options=so)
+             labels=_labels(args, so), storage_options=so)
     return 0
 
 
@@ -387,142 +426,144 @@ def _check_stores(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command != "run":
-        try:
-            _check_stores(args)
-        except BatchDetectError as exc:
-            _error(exc)
-            return 2
-    if args.command == "inspect":
-        from .inspect import inspect_model, render
+    try:
+        if args.command != "run":
+            _check_stores(args)  # a run's config checks its stores with the rest of its settings
+        return _COMMANDS[args.command](args)
+    except BatchDetectError as exc:  # bad model/config/input/output, whichever command met it
+        _error(exc)
+        return 2
 
-        try:
-            report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format)
-        except BatchDetectError as exc:
-            _error(exc)
-            return 2
-        print(json.dumps(report, indent=2) if args.json else render(report))
-        return 0 if report["family"] else 1
-    if args.command == "compare":
-        from .compare import compare, render, write
-        from ..model.labels import load_labels
 
-        so = dict(args.storage_option)
-        try:
-            result = compare(args.model, args.reference, args.input, sample=args.sample,
-                             score_threshold=args.score_threshold, resize=args.resize,
-                             output_format=args.output_format,
-                             labels=load_labels(args.labels, so) if args.labels else None, storage_options=so)
-        except BatchDetectError as exc:
-            _error(exc)
-            return 2
-        print(render(result))
-        if args.out:
-            write(result, args.out)
-            print(f"written: {args.out}/compare.parquet, {args.out}/compare.json")
-        return 0
-    if args.command == "quantize":
-        try:
-            return _quantize(args)
-        except BatchDetectError as exc:
-            _error(exc)
-            return 2
-    if args.command == "report":
-        from .report import default_html_folder, render_text, summarize, write_html
+def _labels(args: argparse.Namespace, storage_options: dict):
+    from ..model.labels import load_labels
 
-        try:
-            summary = summarize(args.output, dict(args.storage_option), samples=args.samples)
-        except (BatchDetectError, FileNotFoundError) as exc:
-            _error(f"cannot read {args.output!r} as a run's output: {exc}")
-            return 2
-        print(render_text(summary))
-        folder = args.html or default_html_folder(args.output, summary["manifest"])
-        print(f"html: {write_html(summary, folder, args.samples, dict(args.storage_option))}")
-        return 0
-    if args.command == "status":
-        from .status import render, status
+    return load_labels(args.labels, storage_options) if args.labels else None
 
-        try:
-            result = status(args.output, dict(args.storage_option))
-        except BatchDetectError as exc:
-            _error(exc)
-            return 2
-        print(json.dumps(result, indent=2) if args.json else render(result))
-        return 0
-    if args.command == "verify":
-        try:
-            return _verify(args)
-        except BatchDetectError as exc:
-            _error(exc)
-            return 2
-    if args.command == "run":
-        from ..run.pipeline import run
 
-        progress: dict = {}
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model, render
 
-        def on_start(actors: int, done_shards: int, done_images: int, without_ray: bool = False,
-                     threads: int = 1) -> None:
-            resumed = f" ({done_shards} shards already committed, resuming)" if done_shards else ""
-            workers = f"{actors} worker processes" if without_ray else f"{actors} actors"
-            if threads > 1:
-                workers += f" of {threads} interpreter threads each"
-            print(f"running on {workers}{resumed}; the input is listed as the run goes", file=sys.stderr)
-            progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
-            _open_progress[:] = [progress["bar"]]
+    report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["family"] else 1
 
-        try:
-            config = config_from_args(args)
-            if getattr(args, "dry_run", False):
-                from .dryrun import dry_run
 
-                print(dry_run(config))
-                return 0
-            summary = run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
-                          on_listed=lambda images, shards: progress["bar"].listed(images, shards),
-                          on_phase=lambda text: print(f"{text} ...", file=sys.stderr, flush=True))
-        except FailureRateExceeded as exc:
-            _error(exc, prefix="batch-detect: ")
-            return 1
-        except HeadUnreachable as exc:
-            _error(exc)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)  # Ray's exit handler would wait minutes for the unreachable head
-        except BatchDetectError as exc:
-            _error(exc)
-            return 2
-        except KeyboardInterrupt as exc:
-            stays = "".join(f"{note}. " for note in getattr(exc, "__notes__", ()))  # the run's count, when it has one
-            _error(f"interrupted: {stays or 'what was committed stays in the output. '}Re-run the same command (or add "
-                   "--resume) to go on", prefix="batch-detect: ")
-            return 143 if isinstance(exc, Terminated) else 130
-        for bar in _open_progress:
-            bar.end_line()  # the summary starts on a line of its own
-        manifest = summary.manifest
-        if summary.nothing_new is not None:
-            n = summary.nothing_new
-            if getattr(args, "json", False):
-                print(json.dumps({"status": "nothing_new", **n}, indent=2, sort_keys=True))
-            elif n.get("complete"):
-                print(f"already complete: {n['unchanged'] + n['changed']} planned images in {summary.output}, and the "
-                      f"input still lists exactly them; nothing to do ({n['total_s']:.1f}s)")
-                if n["changed"]:
-                    from ..inputs.history import changed_since_planned
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, render, write
 
-                    print(f"batch-detect: warning: {changed_since_planned(n['changed'])}", file=sys.stderr)
-            else:
-                print(f"nothing new: {n['unchanged']} objects listed, all processed by the {n['runs']} runs in "
-                      f"{summary.output}; nothing was written ({n['total_s']:.1f}s)")
-            return _failure_verdict(manifest, config)
-        if getattr(args, "json", False):
-            print(json.dumps(manifest, indent=2, sort_keys=True))
-        else:
-            _print_summary(manifest, sys.stdout)
-            print(f"output: {summary.output}", file=sys.stdout)
-        if manifest["status"] != "complete":
-            return 1
+    so = dict(args.storage_option)
+    result = compare(args.model, args.reference, args.input, sample=args.sample,
+                     score_threshold=args.score_threshold, resize=args.resize, output_format=args.output_format,
+                     labels=_labels(args, so), storage_options=so)
+    print(render(result))
+    if args.out:
+        write(result, args.out)
+        print(f"written: {args.out}/compare.parquet, {args.out}/compare.json")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import default_html_folder, render_text, summarize, write_html
+
+    try:
+        summary = summarize(args.output, dict(args.storage_option), samples=args.samples)
+    except (BatchDetectError, FileNotFoundError) as exc:
+        _error(f"cannot read {args.output!r} as a run's output: {exc}")
+        return 2
+    print(render_text(summary))
+    folder = args.html or default_html_folder(args.output, summary["manifest"])
+    print(f"html: {write_html(summary, folder, args.samples, dict(args.storage_option))}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import render, status
+
+    result = status(args.output, dict(args.storage_option))
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """`run`; a BatchDetectError not answered here is main's exit 2."""
+    try:
+        config = config_from_args(args)
+        if getattr(args, "dry_run", False):
+            from .dryrun import dry_run
+
+            print(dry_run(config))
+            return 0
+        summary = _run_with_progress(config)
+    except FailureRateExceeded as exc:
+        _error(exc, prefix="batch-detect: ")
+        return 1
+    except HeadUnreachable as exc:
+        _error(exc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)  # Ray's exit handler would wait minutes for the unreachable head
+    except KeyboardInterrupt as exc:
+        stays = "".join(f"{note}. " for note in getattr(exc, "__notes__", ()))  # the run's count, when it has one
+        _error(f"interrupted: {stays or 'what was committed stays in the output. '}Re-run the same command (or add "
+               "--resume) to go on", prefix="batch-detect: ")
+        return 143 if isinstance(exc, Terminated) else 130
+    for bar in _open_progress:
+        bar.end_line()  # the summary starts on a line of its own
+    manifest = summary.manifest
+    if summary.nothing_new is not None:
+        _print_nothing_new(summary, getattr(args, "json", False))
         return _failure_verdict(manifest, config)
-    return 2
+    if getattr(args, "json", False):
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+    else:
+        _print_summary(manifest, sys.stdout)
+        print(f"output: {summary.output}", file=sys.stdout)
+    if manifest["status"] != "complete":
+        return 1
+    return _failure_verdict(manifest, config)
+
+
+def _run_with_progress(config: RunConfig):
+    """The run, with its phases and then a progress bar on stderr (stdout is for the summary)."""
+    from ..run.pipeline import run
+
+    progress: dict = {}
+
+    def on_start(actors: int, done_shards: int, done_images: int, without_ray: bool = False,
+                 threads: int = 1) -> None:
+        resumed = f" ({done_shards} shards already committed, resuming)" if done_shards else ""
+        workers = f"{actors} worker processes" if without_ray else f"{actors} actors"
+        if threads > 1:
+            workers += f" of {threads} interpreter threads each"
+        print(f"running on {workers}{resumed}; the input is listed as the run goes", file=sys.stderr)
+        progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
+        _open_progress[:] = [progress["bar"]]
+
+    return run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
+               on_listed=lambda images, shards: progress["bar"].listed(images, shards),
+               on_phase=lambda text: print(f"{text} ...", file=sys.stderr, flush=True))
+
+
+def _print_nothing_new(summary, as_json: bool) -> None:
+    """A re-run that found nothing to process: why, and that nothing was written."""
+    n = summary.nothing_new
+    if as_json:
+        print(json.dumps({"status": "nothing_new", **n}, indent=2, sort_keys=True))
+    elif n.get("complete"):
+        print(f"already complete: {n['unchanged'] + n['changed']} planned images in {summary.output}, and the "
+              f"input still lists exactly them; nothing to do ({n['total_s']:.1f}s)")
+        if n["changed"]:
+            from ..inputs.history import changed_since_planned
+
+            print(f"batch-detect: warning: {changed_since_planned(n['changed'])}", file=sys.stderr)
+    else:
+        print(f"nothing new: {n['unchanged']} objects listed, all processed by the {n['runs']} runs in "
+              f"{summary.output}; nothing was written ({n['total_s']:.1f}s)")
+
+
+_COMMANDS = {"run": _run_command, "inspect": _inspect, "compare": _compare, "quantize": _quantize,
+             "report": _report, "status": _status, "verify": _verify}
 
 
 def _failure_verdict(manifest: dict, config: RunConfig) -> int:

@@ -11,7 +11,8 @@ import time
 from ..config import RunConfig
 from ..model.detector import Detector
 from ..run.local import worker_count
-from ..run.pipeline import executor, memory_per_worker, prepare, ray_address, start_ray, without_ray
+from ..run.executors import described, memory_per_worker, ray_address, shut_down_ray, start_ray, without_ray
+from ..run.prepare import prepare
 from ..inputs.reading import Reader
 from ..run.worker import shard_items
 
@@ -45,18 +46,15 @@ def _quotas(sizes: list[int], k: int) -> list[int]:
 
 def dry_run(config: RunConfig) -> str:
     ready = prepare(config)  # every check a run makes before it starts; leaves nothing written
-    plan, info = ready["plan"], ready["info"]
+    plan, info = ready.plan, ready.info
     # Where the run would go, decided as the run decides it (before the plan is consumed by the sample).
-    workers, counted, _ = without_ray(config, ready, ready["planning"], plan)
+    small = without_ray(config, ready, ready.planning, plan)
     pool = None
-    if not workers and ray_address(config):  # the cluster's pool, sized as the run sizes it
-        pool = start_ray(config, ready, ready["planning"], plan, lambda text: None)
-        if pool["started_ray"]:
-            import ray
-
-            ray.shutdown()
+    if small is None and ray_address(config):  # the cluster's pool, sized as the run sizes it
+        pool = start_ray(config, ready, ready.planning, plan, lambda text: None)
+        shut_down_ray(pool)
     num_shards, num_items, picked = _sample(plan.shards, SAMPLE)
-    detector = Detector(ready["backend"], ready["model_content"], num_threads=config.cpus_per_actor or 1,
+    detector = Detector(ready.backend, ready.model_content, num_threads=config.cpus_per_actor or 1,
                         score_threshold=config.score_threshold, resize=config.resize,
                         normalization=config.pixel_normalization, max_pixels=config.max_pixels,
                         model_url=config.model, output_format=config.output_format)
@@ -76,10 +74,11 @@ def dry_run(config: RunConfig) -> str:
             sampled += 1
     per_image = (time.perf_counter() - t0) / max(sampled, 1)
 
-    where, actors, cpus = executor(config, plan.form, workers, counted), workers, float(os.cpu_count() or 1)
-    if not workers:
+    where, cpus = described(config, plan.form, small), float(os.cpu_count() or 1)
+    actors = small.workers if small else 0
+    if small is None:
         if pool is not None:
-            actors, cpus = pool["num_actors"], pool["cluster_cpus"]
+            actors, cpus = pool.num_actors, pool.cluster_cpus
         else:  # an embedded Ray is not started for this: its one node is this machine, sized by the same rule
             actors = config.num_actors or worker_count(config.cpus_per_actor or 1, max(1, num_shards),
                                                        memory_per_worker(config, ready), config.node_memory_share)
@@ -94,7 +93,7 @@ def dry_run(config: RunConfig) -> str:
         f"input ({plan.form}): {f'{images} images' if images is not None else f'{num_shards} tar shards'} "
         f"found at {config.input} ({plan.stats.skipped} other files skipped)",
         f"plan: {num_shards} shards" + (f" of up to {config.shard_size} images" if images is not None else ""),
-        f"model: {config.model} ({d['family']}, backend {ready['backend'].name} {ready['backend'].version})",
+        f"model: {config.model} ({d['family']}, backend {ready.backend.name} {ready.backend.version})",
         f"  input {i['name']} {i['shape']} {i['dtype']} scale={i['scale']:g} zero_point={i['zero_point']} "
         f"normalization={i['normalization']}",
         *[f"  output {o['name']} {o['shape']} {o['dtype']} -> {o['role']}" for o in d["outputs"]],

@@ -95,15 +95,7 @@ def quantize(source: str, input_url: str, output: str, *, samples: int = 100, io
              compare_sample: int = 200, score_threshold: float = 0.25, labels: list | None = None,
              storage_options: dict | None = None, log=print) -> dict:
     tf = import_tensorflow()  # first: without it nothing else matters
-    if io not in IO_TYPES:
-        raise ConfigError(f"--io must be one of {', '.join(IO_TYPES)}, got {io!r}")
-    if samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {samples}")
-    if not output.endswith(".tflite"):
-        raise ConfigError(f"--output {output!r} must end in .tflite")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"--output folder {out_dir!r} does not exist")
+    _check_arguments(io, samples, output)
     make = _converter_factory(tf, source)
     stem = os.path.abspath(output)[: -len(".tflite")]
     float_path, report_dir = stem + ".float32.tflite", stem + ".compare"
@@ -111,12 +103,7 @@ def quantize(source: str, input_url: str, output: str, *, samples: int = 100, io
     t0 = time.perf_counter()
     float_bytes = _convert(lambda: make().convert(), "float32 TFLite")
     backend = load_backend()
-    try:
-        info = inspect_interpreter(make_interpreter(backend, float_bytes, 1, source), normalization, output_format)
-    except ModelError as exc:
-        raise ModelError(f"{source!r} converts, but not to a detector this tool can run: {exc}") from None
-    if info.input.tensor.dtype != "float32":
-        raise ModelError(f"{source!r} takes {info.input.tensor.dtype} input; quantize needs a float32 model")
+    info = _float_detector(backend, float_bytes, source, normalization, output_format)
     with open(float_path, "wb") as fh:
         fh.write(float_bytes)
     log(f"float reference: {float_path} ({info.layout.family}, input {list(info.input.tensor.shape)}, "
@@ -127,27 +114,11 @@ def quantize(source: str, input_url: str, output: str, *, samples: int = 100, io
     log(f"calibration: {len(tensors)} images of {listed} at {input_url}"
         + (f" ({len(skipped)} could not be decoded and were left out)" if skipped else ""))
 
-    def convert_int8() -> bytes:
-        converter = make()
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([t] for t in tensors)
-        if io != "float32":
-            converter.inference_input_type = getattr(tf, io)
-            if info.layout.family != "ssd_postprocess":  # the SSD op's outputs are float by definition
-                converter.inference_output_type = getattr(tf, io)
-        return converter.convert()
-
     t1 = time.perf_counter()
-    int8_bytes = _convert(convert_int8, f"int8 with {io} I/O")
-    quant_info = inspect_interpreter(make_interpreter(backend, int8_bytes, 1, output), "auto", output_format)
-    inputs, _ = tensor_specs(make_interpreter(backend, int8_bytes, 1, output))
-    if inputs[0].dtype != io:
-        raise ModelError(f"the converter produced a {inputs[0].dtype} input, not the {io} asked for")
-    tmp = output + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(int8_bytes)
-    os.replace(tmp, output)
-    log(f"quantized: {output} ({len(int8_bytes)} bytes, {len(float_bytes)} float; {quant_info.layout.family}, "
+    int8_bytes = _convert(lambda: _int8_converter(tf, make, tensors, io, info.layout.family).convert(),
+                          f"int8 with {io} I/O")
+    quant_family = _write_int8(backend, int8_bytes, io, output, output_format)
+    log(f"quantized: {output} ({len(int8_bytes)} bytes, {len(float_bytes)} float; {quant_family}, "
         f"{io} I/O; {time.perf_counter() - t1:.1f}s)")
 
     result = compare(output, float_path, input_url, sample=compare_sample, score_threshold=score_threshold,
@@ -160,3 +131,52 @@ def quantize(source: str, input_url: str, output: str, *, samples: int = 100, io
             "io": io, "calibration_images": len(tensors), "calibration_skipped": skipped,
             "size_bytes": len(int8_bytes), "float_size_bytes": len(float_bytes),
             "compare": {k: result[k] for k in ("images", "matched_boxes", "recall", "precision", "mean_abs_dscore")}}
+
+
+def _check_arguments(io: str, samples: int, output: str) -> None:
+    # before any conversion: those take seconds to minutes
+    if io not in IO_TYPES:
+        raise ConfigError(f"--io must be one of {', '.join(IO_TYPES)}, got {io!r}")
+    if samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {samples}")
+    if not output.endswith(".tflite"):
+        raise ConfigError(f"--output {output!r} must end in .tflite")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"--output folder {out_dir!r} does not exist")
+
+
+def _float_detector(backend, float_bytes: bytes, source: str, normalization: str, output_format: str):
+    """The float model as this tool's detector sees it: it must be one it can run, taking float32 input."""
+    try:
+        info = inspect_interpreter(make_interpreter(backend, float_bytes, 1, source), normalization, output_format)
+    except ModelError as exc:
+        raise ModelError(f"{source!r} converts, but not to a detector this tool can run: {exc}") from None
+    if info.input.tensor.dtype != "float32":
+        raise ModelError(f"{source!r} takes {info.input.tensor.dtype} input; quantize needs a float32 model")
+    return info
+
+
+def _int8_converter(tf, make, tensors: list, io: str, family: str):
+    """A converter set to quantize to int8, calibrated on `tensors`, with `io` as its input (and output) type."""
+    converter = make()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([t] for t in tensors)
+    if io != "float32":
+        converter.inference_input_type = getattr(tf, io)
+        if family != "ssd_postprocess":  # the SSD op's outputs are float by definition
+            converter.inference_output_type = getattr(tf, io)
+    return converter
+
+
+def _write_int8(backend, int8_bytes: bytes, io: str, output: str, output_format: str) -> str:
+    """Check the quantized model (a detector, with the input type asked for), then write it whole; its family."""
+    quant_info = inspect_interpreter(make_interpreter(backend, int8_bytes, 1, output), "auto", output_format)
+    inputs, _ = tensor_specs(make_interpreter(backend, int8_bytes, 1, output))
+    if inputs[0].dtype != io:
+        raise ModelError(f"the converter produced a {inputs[0].dtype} input, not the {io} asked for")
+    tmp = output + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(int8_bytes)
+    os.replace(tmp, output)
+    return quant_info.layout.family

@@ -35,6 +35,14 @@ GROWTH_CHECK_S = 2.0  # how often the pool looks for nodes that joined
 ACTOR_START_TIMEOUT_S = 180
 
 
+def disconnect() -> None:
+    ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
 def connect(address: str | None) -> bool:
     """Join `address` (or $RAY_ADDRESS) when given, else start an embedded local Ray. Returns True when
     this call started Ray (so the caller shuts it down)."""

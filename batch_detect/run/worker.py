@@ -296,78 +296,105 @@ def run_shard(
     decodes (`pools.depth` decoded images at most: the memory that counts) and the interpreter on this
     thread. Order is kept: rows come out in the shard's order."""
     rows = ShardRows(shard.shard_id)
-    timings = {"read_decode_s": 0.0, "infer_s": 0.0, "read_s": 0.0, "decode_s": 0.0, "stall_s": 0.0,
-               "read_bytes": 0}
-    sequential = shard.form in ("tar", "parquet")  # bytes arrive from one stream, read on a thread of its own
+    window = _Window.open(shard, detector, reader, pools, read_ahead, extensions, image_column)
+    try:
+        _drain(window, rows, labels)
+    finally:
+        window.close()
+    return rows, window.finish()
 
-    def read(uri: str, get_bytes):
-        t0 = time.perf_counter()
-        try:
-            return get_bytes(), None, time.perf_counter() - t0
-        except Exception as exc:
-            return None, ImageFailure(uri, *failure_fields(exc, "read")), time.perf_counter() - t0
 
-    def decode(uri: str, read_future: Future):
-        # on a decode thread, in shard order; exceptions travel back as values
-        data, failure, read_s = read_future.result()
-        if failure is not None:
-            return None, failure, read_s, 0.0, 0
-        t0 = time.perf_counter()
-        try:
-            return detector.prepare(data), None, read_s, time.perf_counter() - t0, len(data)
-        except Exception as exc:
-            return None, ImageFailure(uri, *failure_fields(exc, "decode")), read_s, time.perf_counter() - t0, len(data)
+def _read(uri: str, get_bytes):
+    # on a read thread (or a stream's); exceptions travel back as values
+    t0 = time.perf_counter()
+    try:
+        return get_bytes(), None, time.perf_counter() - t0
+    except Exception as exc:
+        return None, ImageFailure(uri, *failure_fields(exc, "read")), time.perf_counter() - t0
 
-    depth = pools.depth
-    items = shard_items(shard, reader, extensions, image_column, timings)
-    if sequential:
-        items = StreamAhead(items, read, depth, pools.read)
-    reads: deque = deque()
-    decodes: deque = deque()
-    exhausted = False
 
-    def ahead() -> int:
-        return depth if sequential else max(depth, read_ahead.reads)
+def _decode(detector: Detector, uri: str, read_future: Future):
+    # on a decode thread, in shard order; exceptions travel back as values
+    data, failure, read_s = read_future.result()
+    if failure is not None:
+        return None, failure, read_s, 0.0, 0
+    t0 = time.perf_counter()
+    try:
+        return detector.prepare(data), None, read_s, time.perf_counter() - t0, len(data)
+    except Exception as exc:
+        return None, ImageFailure(uri, *failure_fields(exc, "decode")), read_s, time.perf_counter() - t0, len(data)
 
-    def refill() -> None:
+
+@dataclass(slots=True)
+class _Window:
+    """A shard's images ahead of the interpreter, in shard order: being read (`reads`: uri, read future)
+    and decoded or decoding (`decodes`: uri, decode future), with the shard's timings."""
+
+    items: Iterator[Item]  # a StreamAhead where `sequential`
+    sequential: bool  # bytes arrive from one stream (tar, Parquet), read on a thread of its own
+    detector: Detector
+    pools: "Pools"
+    read_ahead: ReadAhead
+    timings: dict
+    reads: deque = field(default_factory=deque)
+    decodes: deque = field(default_factory=deque)
+    exhausted: bool = False
+
+    @classmethod
+    def open(cls, shard: Shard, detector: Detector, reader: Reader, pools: "Pools", read_ahead: ReadAhead,
+             extensions: tuple[str, ...], image_column: str | None) -> "_Window":
+        timings = {"read_decode_s": 0.0, "infer_s": 0.0, "read_s": 0.0, "decode_s": 0.0, "stall_s": 0.0,
+                   "read_bytes": 0}
+        sequential = shard.form in ("tar", "parquet")
+        items = shard_items(shard, reader, extensions, image_column, timings)
+        if sequential:
+            items = StreamAhead(items, _read, pools.depth, pools.read)
+        return cls(items, sequential, detector, pools, read_ahead, timings)
+
+    def ahead(self) -> int:
+        return self.pools.depth if self.sequential else max(self.pools.depth, self.read_ahead.reads)
+
+    def refill(self) -> None:
         # Images ahead of the interpreter: `depth` decoded (or decoding), and as many more being read as
         # the store's latency needs (read_ahead.reads counts both: Little's law over the whole window).
-        nonlocal exhausted
-        target = ahead()
-        while not exhausted and len(reads) + len(decodes) < target:
+        reads, decodes, depth, sequential = self.reads, self.decodes, self.pools.depth, self.sequential
+        target = self.ahead()
+        while not self.exhausted and len(reads) + len(decodes) < target:
             t0 = time.perf_counter()
-            nxt = next(items, None)
+            nxt = next(self.items, None)
             if sequential:  # waiting for the stream's thread: the interpreter stalls on the store
-                timings["stall_s"] += time.perf_counter() - t0
+                self.timings["stall_s"] += time.perf_counter() - t0
             if nxt is None:
-                exhausted = True
+                self.exhausted = True
                 break
             if sequential:
                 done: Future = Future()
                 done.set_result(nxt[1])  # read on the stream's thread
                 reads.append((nxt[0], done))
             else:
-                reads.append((nxt[0], pools.read.submit(read, *nxt)))
+                reads.append((nxt[0], self.pools.read.submit(_read, *nxt)))
         while reads and len(decodes) < depth:
             uri, read_future = reads.popleft()
-            decodes.append((uri, pools.decode.submit(decode, uri, read_future)))
+            decodes.append((uri, self.pools.decode.submit(_decode, self.detector, uri, read_future)))
 
-    try:
-        _drain(decodes, refill, rows, timings, detector, labels, read_ahead, sequential, pools.inline)
-    finally:
+    def close(self) -> None:
         # A shard that raised leaves nothing queued for the next one (started work just finishes).
-        for _, future in (*reads, *decodes):
+        for _, future in (*self.reads, *self.decodes):
             future.cancel()
-        if sequential:
-            items.close()
-    timings["images_ahead"] = ahead()
-    timings["decode_depth"] = depth
-    return rows, timings
+        if self.sequential:
+            self.items.close()
+
+    def finish(self) -> dict:
+        """The shard's timings, with the window it ran with."""
+        self.timings["images_ahead"] = self.ahead()
+        self.timings["decode_depth"] = self.pools.depth
+        return self.timings
 
 
-def _drain(decodes: deque, refill, rows: "ShardRows", timings: dict, detector: Detector, labels, read_ahead: ReadAhead,
-           sequential: bool, inline: bool = False) -> None:
+def _drain(window: _Window, rows: "ShardRows", labels: list[str] | None) -> None:
     """The interpreter's loop: take decoded images in order, a batch at a time, and keep the stages fed."""
+    decodes, refill, timings, sequential = window.decodes, window.refill, window.timings, window.sequential
+    detector, read_ahead, inline = window.detector, window.read_ahead, window.pools.inline
     refill()
     while decodes:
         batch = []
