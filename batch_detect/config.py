@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from .config_types import check_type
+from .model.anchors import load_anchors
 from .model.decoding import OUTPUT_FORMATS
 from .errors import ConfigError
 from .model.geometry import RESIZE_CHOICES
@@ -41,12 +42,14 @@ class RunConfig:
     input_mean: list[float] | None = None  # float inputs: (pixel - mean) / std, in pixel units (0..255)
     input_std: list[float] | None = None
     output_format: str = "auto"  # force the decoder family: auto, ssd, yolov8, yolov5
+    anchors: str | None = None  # raw per-anchor detectors: N x 4 cy, cx, h, w (.npy/.csv) instead of a known layout
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_draft: bool = True  # decode large JPEGs at reduced scale (never below the model input)
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # () means every file (or every tar member)
     input_format: str = "auto"  # files | tar | parquet; auto: parquet with image_column, tar for .tar inputs
     image_column: str | None = None  # Parquet input: the column holding encoded image bytes
     id_column: str | None = None  # Parquet input: the column whose value names each image in the output
+    inventory_prefix: str | None = None  # S3 Inventory input: plan only the keys under this prefix
     batch_size: int = 1  # images per invoke when the model's batch dimension is dynamic; else 1
     address: str | None = None
     # Embedded runs (no address) planning fewer images than this go to worker processes without Ray,
@@ -136,6 +139,13 @@ def _check_required(config: RunConfig) -> None:
                           "(`batch-detect run --help` lists every option)")
 
 
+def _check_anchors(config: RunConfig) -> None:
+    """--anchors: a local file every worker reads, so an unreadable one stops the run before it starts."""
+    if config.anchors:
+        config.anchors = os.path.abspath(config.anchors)
+        load_anchors(config.anchors)
+
+
 def _check_pixel_scaling(config: RunConfig) -> None:
     """--input-mean/--input-std: parsed to numbers, given together, and instead of --normalization."""
     config.input_mean, config.input_std = (_floats(v, f"--input-{n}") for v, n in
@@ -178,7 +188,7 @@ def _check_run_mode(config: RunConfig) -> None:
 _DETECTION_CHECKS = (
     _fraction("score_threshold"), _at_least("shard_size", 1), _one_of("resize", RESIZE_CHOICES),
     _one_of("normalization", NORMALIZATIONS), _at_least("batch_size", 1), _check_pixel_scaling,
-    _one_of("output_format", OUTPUT_FORMATS), _at_least("max_pixels", 1, "positive"),
+    _one_of("output_format", OUTPUT_FORMATS), _at_least("max_pixels", 1, "positive"), _check_anchors,
 )
 # The workers: how many, and what each holds (threads, images ahead, memory).
 _WORKER_CHECKS = (

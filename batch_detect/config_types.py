@@ -32,6 +32,7 @@ EXPECTED = {
     "max_shards_in_flight": INT, "part_rows": INT, "memory_per_actor_mb": INT,
     "jpeg_draft": BOOL, "overwrite": BOOL, "resume": BOOL, "allow_nonempty_output": BOOL, "incremental": BOOL,
     "input_mean": NUMBERS, "input_std": NUMBERS, "extensions": WORDS, "storage_options": TABLE,
+    "inventory_prefix": TEXT,
 }  # every other setting is TEXT, or BOOL where its default is a bool
 _EXAMPLES = {NUMBER: 0.5, INT: 64, BOOL: "true", TEXT: '"..."'}
 

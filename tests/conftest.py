@@ -50,3 +50,15 @@ def s3_server():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture
+def empty_bucket(s3_server, tmp_path):
+    """A new bucket on the loopback server, named after the test: (name, storage options, s3fs)."""
+    import s3fs
+
+    options = {"key": "testing-key-id", "secret": "testing-secret", "endpoint_url": s3_server}
+    fs = s3fs.S3FileSystem(**options)
+    name = f"bd-{os.getpid()}-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    fs.mkdir(name)
+    return name, options, fs

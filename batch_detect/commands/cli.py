@@ -86,11 +86,13 @@ _REQUIRED = "required (here or in --config)"
 
 def _input_options(g) -> None:
     _option(g, "--input", f"{_REQUIRED}: {REQUIRED['input']}; a manifest is a .txt, "
-            "or a .csv or .parquet with a uri column")
+            "or a .csv or .parquet with a uri column, or an S3 Inventory report's manifest.json")
     _option(g, "--input-format", "files (images), tar (WebDataset-style, one shard per tar) or parquet "
             "(rows with an image-bytes column); auto: parquet with --image-column, tar for .tar inputs",
             choices=INPUT_FORMATS)
     _option(g, "--extensions", "comma-separated file extensions to process; '*' for every file")
+    _option(g, "--inventory-prefix", "S3 Inventory input (--input its manifest.json): only the keys under "
+            "this prefix", metavar="PREFIX")
     _option(g, "--image-column", "Parquet input: the column holding encoded image bytes")
     _option(g, "--id-column", "Parquet input: the column that names each image in the output",
             default="<file>#<row>")
@@ -104,6 +106,9 @@ def _model_options(g) -> None:
             default="the labels file in the model's metadata, if any")
     _option(g, "--output-format", "decode the outputs as this family instead of detecting it from "
             "their shapes", choices=OUTPUT_FORMATS)
+    _option(g, "--anchors", "raw per-anchor detectors (SSD without its post-processing op, MediaPipe): "
+            "their anchors, N rows cy, cx, h, w normalised (.npy or .csv), where no known layout fits",
+            metavar="FILE", default="recognised from the input size and N")
     _option(g, "--score-threshold", "detections below it are not written", type=float,
             metavar="S")
     _option(g, "--resize", "how images are fitted to the model input; auto: letterbox for YOLO, "
@@ -208,6 +213,7 @@ def _inspect_parser(sub) -> None:
     ins.add_argument("model", help="path or URL of a .tflite file")
     ins.add_argument("--normalization", choices=NORMALIZATIONS, default="auto")
     ins.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
+    ins.add_argument("--anchors", metavar="FILE", help="a raw per-anchor detector's anchors (N x 4 cy, cx, h, w)")
     _storage_flag(ins)
     _json_flag(ins, "report")
 
@@ -388,11 +394,24 @@ def _error(problem, prefix: str = "batch-detect: error: ") -> None:
     sys.stderr.flush()
 
 
+def _negative_values(argv: list[str]) -> list[str]:
+    """`--normalization -1,1` as people type it: argparse takes a value starting with '-' for a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--normalization" and i + 1 < len(argv) and argv[i + 1] in NORMALIZATIONS:
+            out.append(f"--normalization={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """argparse, plus the closest known flag for each unrecognised one (argparse names none, while an
     unknown key in a TOML file gets one: a flag deserves the same)."""
     parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
+    args, extras = parser.parse_known_args(_negative_values(sys.argv[1:] if argv is None else argv))
     if not extras:
         return args
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -444,7 +463,8 @@ def _labels(args: argparse.Namespace, storage_options: dict):
 def _inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_model, render
 
-    report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format)
+    report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format,
+                           args.anchors)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if report["family"] else 1
 

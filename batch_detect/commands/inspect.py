@@ -23,7 +23,7 @@ def _ops(interp) -> list[str]:
 
 
 def inspect_model(url: str, normalization: str = "auto", storage_options: dict | None = None,
-                  output_format: str = "auto") -> dict:
+                  output_format: str = "auto", anchors: str | None = None) -> dict:
     backend = load_backend()
     content = read_model(url, storage_options)
     # XNNPACK replaces what it can with DELEGATE nodes; a plain resolver shows the model's own ops.
@@ -65,7 +65,7 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
     if {"float32"} < dtypes and any(t.dtype in ("uint8", "int8") for t in outputs):
         warn.append("quantized outputs: they are dequantized with each tensor's scale and zero point")
     try:
-        info = inspect_interpreter(interp, normalization, output_format)
+        info = inspect_interpreter(interp, normalization, output_format, anchors, content)
         report["family"] = info.layout.family
         report["decoding"] = info.describe()
         classes = model_classes(content, info.layout)
@@ -119,7 +119,11 @@ def render(report: dict) -> str:
     if report["family"]:
         dec = report["decoding"]
         roles = ", ".join(f"{o['role']}={o['name']}" for o in dec["outputs"])
-        lines.append(f"family: {report['family']} ({roles}); input normalization {dec['input']['normalization']}")
+        lines.append(f"family: {report['family']} ({roles}); input normalization {dec['input']['normalization']} "
+                     f"(from {dec['input']['normalization_from']})")
+        if dec.get("anchors"):
+            extra = "".join(f"; {k} {dec[k]}" for k in ("score", "box_scales", "nms", "keypoints") if k in dec)
+            lines.append(f"anchors: {dec['anchors']}{extra}")
     else:
         lines.append(f"family: none: {report['why_not']}")
     if report["classes"]:

@@ -231,7 +231,8 @@ def _check_input(store: OutputStore, state, manifest: dict, input_url: str, stor
     form = manifest.get("plan", {}).get("form") or "files"
     again = plan_input(input_url, form=form, extensions=tuple(cfg.get("extensions", ())),
                        shard_size=cfg.get("shard_size", 64), image_column=cfg.get("image_column"),
-                       id_column=cfg.get("id_column"), storage_options=storage_options)
+                       id_column=cfg.get("id_column"), storage_options=storage_options,
+                       inventory_prefix=cfg.get("inventory_prefix"))
     new, gone, changed = _Examples(), _Examples(), _Examples()
     listed = 0
     if form == "parquet":  # ids follow row order, not sorted order: compared position by position

@@ -25,6 +25,7 @@ from fsspec.core import url_to_fs
 
 from ..errors import InputError
 from .extsort import SpillError, sorted_unique
+from .inventory import inventory_listing, read_report
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ListingStats:
     skipped_examples: list[str] = field(default_factory=list)
     duplicates: int = 0  # URIs a manifest listed more than once (each is planned once)
     sorted_on_disk: bool = False  # a large manifest out of order, sorted by extsort before planning
+    old_versions: int = 0  # S3 Inventory rows of delete markers and superseded versions, not planned
 
     def duplicate(self, uri: str | None = None) -> None:
         self.duplicates += 1
@@ -86,15 +88,24 @@ def iter_input(url: str, extensions: tuple[str, ...], storage_options: dict | No
 
 
 def iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | None = None, *,
-                manifests: bool = True, stats: ListingStats | None = None) -> Iterator[tuple[str, str | None]]:
+                manifests: bool = True, stats: ListingStats | None = None,
+                inventory_prefix: str | None = None) -> Iterator[tuple[str, str | None]]:
     """`iter_input` with each URI's version (`walk.version_of`) where the listing itself says it: for
-    folders, prefixes and globs; None for a manifest's URIs (stating each would cost a request)."""
+    folders, prefixes, globs and S3 Inventory reports (`inventory.py`, keys under `inventory_prefix`);
+    None for a manifest's URIs (stating each would cost a request)."""
     stats = stats if stats is not None else ListingStats()
     try:
         fs, path = url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as exc:
         raise InputError(f"cannot open input {url!r}: {exc}") from None
     glob = any(ch in path for ch in _GLOB_CHARS)
+    report = read_report(fs, path, url) if manifests and not glob and path.lower().endswith(".json") else None
+    if report is not None:
+        yield from inventory_listing(fs, report, extensions, inventory_prefix, stats)
+        return
+    if inventory_prefix:
+        raise InputError(f"--inventory-prefix filters the keys of an S3 Inventory report; input {url!r} is not "
+                         "one (give its manifest.json, or leave --inventory-prefix out)")
     if manifests and not glob and posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES:
         try:
             is_file = fs.isfile(path)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import ModelError, PostprocessError
 from .interpreter import TensorSpec
+from .per_anchor import MediapipeLayout, RawSsdLayout, decode_mediapipe, decode_raw_ssd, identify_per_anchor
 
 _SUFFIX = re.compile(r":(\d+)$")
 # TFLite_Detection_PostProcess emits boxes, classes, scores, count as its outputs 0..3. Exporters name
@@ -143,11 +144,17 @@ NMS_IOU = 0.45
 OUTPUT_FORMATS = ("auto", "ssd", "yolov8", "yolov5")
 
 
-def identify_outputs(outputs: list[TensorSpec], output_format: str = "auto") -> SsdLayout | YoloLayout:
+def identify_outputs(outputs: list[TensorSpec], output_format: str = "auto", input_hw: tuple[int, int] | None = None,
+                     anchors_file: str | np.ndarray | None = None
+                     ) -> SsdLayout | YoloLayout | RawSsdLayout | MediapipeLayout:
     """The detector family, from the outputs' number, shapes and names, or the one forced by
-    `output_format` (refused when the outputs cannot be read that way)."""
+    `output_format` (refused when the outputs cannot be read that way). Raw per-anchor families need the
+    input size (`input_hw`) to recognise their anchors."""
     if output_format != "auto":
         return _forced(outputs, output_format)
+    per_anchor = identify_per_anchor(outputs, input_hw, anchors_file) if input_hw else None
+    if per_anchor is not None:
+        return per_anchor
     if len(outputs) == 1 and len(outputs[0].shape) == 3 and outputs[0].shape[0] == 1:
         o = outputs[0]
         _, a, b = o.shape
@@ -245,4 +252,8 @@ def decode_yolo(arrays: dict[int, np.ndarray], layout: YoloLayout, score_thresho
 def decode_outputs(arrays, layout, score_threshold: float, input_hw: tuple[int, int]) -> Detections:
     if isinstance(layout, YoloLayout):
         return decode_yolo(arrays, layout, score_threshold, input_hw)
+    if isinstance(layout, RawSsdLayout):
+        return Detections(*decode_raw_ssd(arrays, layout, score_threshold, nms, NMS_IOU))
+    if isinstance(layout, MediapipeLayout):
+        return Detections(*decode_mediapipe(arrays, layout, score_threshold, input_hw, nms))
     return decode_ssd(arrays, layout, score_threshold)

@@ -9,20 +9,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dataclasses import replace
+
 from .decoding import (Detections, SsdLayout, YoloLayout, confirm_by_values, decode_outputs,
                        identify_outputs)
+from .per_anchor import MediapipeLayout, RawSsdLayout
 from ..errors import InferenceError, ModelError, failure_fields
 from .geometry import RESIZE_CHOICES
 from .interpreter import Backend, TensorSpec, make_interpreter, tensor_specs
-from .preprocess import InputSpec, PixelMapping, build_input, decode_image, pixel_mapping
+from .modelfile import metadata_normalization
+from .preprocess import InputSpec, PixelMapping, build_input, decode_image, mean_std_spec, pixel_mapping
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     input: InputSpec
     outputs: tuple[TensorSpec, ...]
-    layout: SsdLayout | YoloLayout
+    layout: SsdLayout | YoloLayout | RawSsdLayout | MediapipeLayout
     mapping: PixelMapping
+    normalization_from: str = "the family's default"
 
     def describe(self) -> dict:
         t = self.input.tensor
@@ -35,6 +40,7 @@ class ModelInfo:
                 "scale": t.scale,
                 "zero_point": t.zero_point,
                 "normalization": self.mapping.normalization,
+                "normalization_from": self.normalization_from,
             },
             "outputs": [
                 {"name": o.name, "shape": list(o.shape), "dtype": o.dtype, "role": role}
@@ -43,6 +49,7 @@ class ModelInfo:
             ],
             "max_detections": self.layout.max_detections,
             "default_resize": self.default_resize,
+            **_per_anchor_settings(self.layout),
         }
 
     @property
@@ -52,30 +59,74 @@ class ModelInfo:
         return "letterbox" if isinstance(self.layout, YoloLayout) else "stretch"
 
 
+def _per_anchor_settings(layout) -> dict:
+    """The decode settings of a raw per-anchor family, for `inspect`: its anchors and how it scores."""
+    if isinstance(layout, RawSsdLayout):
+        return {"anchors": layout.anchors.describe(), "score": layout.score, "box_scales": [10, 10, 5, 5]}
+    if isinstance(layout, MediapipeLayout):
+        return {"anchors": layout.anchors.describe(), "score": "sigmoid (logits clipped to ±100)",
+                "nms": "plain (MediaPipe's is weighted), IoU 0.3",
+                "keypoints": (layout.regressors.shape[2] - 4) // 2}
+    return {}
+
+
+_ROLES = {YoloLayout: {"output": "predictions"}, RawSsdLayout: {"boxes": "box_encodings", "classes": "class_logits"},
+          MediapipeLayout: {"regressors": "regressors", "classificators": "scores"},
+          SsdLayout: {r: r for r in ("boxes", "classes", "scores", "count")}}
+
+
 def _role_of(layout, spec: TensorSpec) -> str:
-    if isinstance(layout, YoloLayout):
-        return "predictions" if spec.index == layout.output.index else "unused"
-    for role in ("boxes", "classes", "scores", "count"):
-        if getattr(layout, role).index == spec.index:
+    for attr, role in _ROLES[type(layout)].items():
+        if getattr(layout, attr).index == spec.index:
             return role
     return "unused"
 
 
-def inspect_interpreter(interp, normalization: str, output_format: str = "auto") -> ModelInfo:
+def _score_converter(interp, layout):
+    """A raw SSD whose graph already ends in a sigmoid or softmax gives scores, not logits."""
+    if not isinstance(layout, RawSsdLayout):
+        return layout
+    try:
+        ops = {int(o): d["op_name"] for d in interp._get_ops_details() for o in d["outputs"]}
+    except Exception:  # a private API: without it the published setting (sigmoid) stands
+        return layout
+    last = ops.get(layout.classes.index)
+    if last in ("LOGISTIC", "SOFTMAX"):
+        return replace(layout, score="none")
+    return layout
+
+
+def _normalization(spec: InputSpec, normalization: str, model_content: bytes | None) -> tuple[str, str]:
+    """The pixel normalization to use and where it came from: a flag, the model's own TFLite metadata
+    (float inputs; an integer input's quantization decides), or the family's default."""
+    if normalization != "auto":
+        return normalization, "given"
+    if spec.tensor.dtype != "float32":
+        return normalization, "the input's quantization"
+    said = metadata_normalization(model_content) if model_content else None
+    if said is None:
+        return normalization, "the family's default"
+    return mean_std_spec(*said), "the model's TFLite metadata (NormalizationOptions)"
+
+
+def inspect_interpreter(interp, normalization: str, output_format: str = "auto",
+                        anchors: str | np.ndarray | None = None, model_content: bytes | None = None) -> ModelInfo:
     inputs, outputs = tensor_specs(interp)
     if len(inputs) != 1:
         raise ModelError(
             f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a detector takes one image"
         )
     spec = InputSpec.from_tensor(inputs[0])
-    layout = identify_outputs(outputs, output_format)
+    layout = _score_converter(interp, identify_outputs(outputs, output_format, (spec.height, spec.width), anchors))
     # SSD exports (TF Object Detection API, Model Maker) expect float input in [-1, 1]; YOLO in [0, 1].
     default = "0,1" if isinstance(layout, YoloLayout) else "-1,1"
+    normalization, normalization_from = _normalization(spec, normalization, model_content)
     mapping = pixel_mapping(spec, normalization, default_normalization=default)
     probe = _probe(interp, spec, mapping, outputs)
     if isinstance(layout, SsdLayout):
         layout = confirm_by_values(layout, probe)
-    return ModelInfo(input=spec, outputs=tuple(outputs), layout=layout, mapping=mapping)
+    return ModelInfo(input=spec, outputs=tuple(outputs), layout=layout, mapping=mapping,
+                     normalization_from=normalization_from)
 
 
 def _probe(interp, spec: InputSpec, mapping: PixelMapping, outputs: list[TensorSpec]) -> dict[int, np.ndarray]:
@@ -121,11 +172,12 @@ class Detector:
         model_url: str = "model",
         jpeg_draft: bool = True,
         output_format: str = "auto",
+        anchors: str | np.ndarray | None = None,
     ):
         if resize not in RESIZE_CHOICES:  # the CLI and config check it too; a library caller gets it here, once
             raise ValueError(f"resize must be one of {RESIZE_CHOICES}, got {resize!r}")
         self.interpreter = make_interpreter(backend, model_content, num_threads, model_url)
-        self.info = inspect_interpreter(self.interpreter, normalization, output_format)
+        self.info = inspect_interpreter(self.interpreter, normalization, output_format, anchors, model_content)
         self.score_threshold = score_threshold
         self.resize = self.info.default_resize if resize == "auto" else resize
         self.max_pixels = max_pixels

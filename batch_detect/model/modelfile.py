@@ -21,7 +21,10 @@ _METADATA_NAME, _METADATA_BUFFER = 4, 6
 # metadata_schema.fbs (file identifier M001)
 _MM_SUBGRAPHS, _MM_FILES = 10, 16
 _SGM_INPUTS, _SGM_OUTPUTS, _SGM_FILES = 8, 10, 12
-_TM_NAME, _TM_FILES = 4, 16
+_TM_NAME, _TM_PROCESS_UNITS, _TM_FILES = 4, 12, 16
+_PU_OPTIONS_TYPE, _PU_OPTIONS = 4, 6
+_NORMALIZATION_OPTIONS = 1  # ProcessUnitOptions union tag
+_NO_MEAN, _NO_STD = 4, 6
 _FILE_NAME, _FILE_TYPE, _FILE_LOCALE = 4, 8, 10
 LABEL_FILE_TYPES = {2: "TENSOR_AXIS_LABELS", 3: "TENSOR_VALUE_LABELS"}
 
@@ -64,6 +67,14 @@ class _Table:
     def string(self, slot: int) -> str | None:
         raw = self.bytes(slot)
         return None if raw is None else raw.decode("utf-8")
+
+    def floats(self, slot: int) -> list[float] | None:
+        vec = self._vector(slot)
+        return None if vec is None else list(struct.unpack_from(f"<{vec[1]}f", self.buf, vec[0]))
+
+    def table(self, slot: int) -> "_Table | None":
+        off = self._field(slot)
+        return _Table(self.buf, self._indirect(self.pos + off)) if off else None
 
     def tables(self, slot: int) -> list["_Table"]:
         vec = self._vector(slot)
@@ -147,3 +158,23 @@ def custom_op_options(content: bytes, op_name: str) -> list[dict]:
         return out
     except _BAD:
         return []
+
+
+def metadata_normalization(content: bytes) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of the first input's NormalizationOptions in the model's TFLite metadata, in the units the
+    metadata gives (pixels 0..255 for image inputs); None when it says nothing."""
+    try:
+        data = _metadata_buffer(content, "TFLITE_METADATA")
+        if not data or data[4:8] != b"M001":
+            return None
+        for sub in _root(data).tables(_MM_SUBGRAPHS):
+            for tensor in sub.tables(_SGM_INPUTS)[:1]:
+                for unit in tensor.tables(_TM_PROCESS_UNITS):
+                    options = unit.table(_PU_OPTIONS)
+                    if unit.scalar(_PU_OPTIONS_TYPE, "B") == _NORMALIZATION_OPTIONS and options is not None:
+                        mean, std = options.floats(_NO_MEAN), options.floats(_NO_STD)
+                        if mean and std and all(s > 0 for s in std):
+                            return mean, std
+    except _BAD:
+        return None
+    return None

@@ -14,6 +14,7 @@ from typing import Iterator
 from ..config import RunConfig
 from ..errors import FailureRateExceeded, LeaseLost, count
 from ..inputs.plan import Shard
+from ..model.anchors import load_anchors
 from ..output.commitlog import CommitLog
 from ..output.lease import Lease
 from ..output.sink import MANIFEST
@@ -109,7 +110,7 @@ class Dispatch:
             num_threads=ray_facts.cpus_per_actor if ray_facts else local_threads(config, self.small.workers),
             score_threshold=config.score_threshold, resize=config.resize,
             normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
-            output_format=config.output_format,
+            output_format=config.output_format, anchors=load_anchors(config.anchors) if config.anchors else None,
             labels=ready.labels, extensions=config.extensions, image_column=config.image_column,
             batch_size=config.batch_size, read_ahead=config.read_ahead, decode_threads=config.decode_threads,
             output_url=config.output, storage_options=config.storage_options,

@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 # Settings that change what a shard's rows contain: a resumed run must agree on every one.
 IDENTITY_SETTINGS = ("shard_size", "score_threshold", "resize", "normalization", "max_pixels", "jpeg_draft",
-                     "image_column", "input_mean", "input_std", "output_format")
+                     "image_column", "input_mean", "input_std", "output_format", "anchors")
 # Identity keys added later: a manifest without one was made with its default (so it still resumes).
-_IDENTITY_DEFAULTS = {"input_mean": None, "input_std": None, "output_format": "auto", "image_column": None}
+_IDENTITY_DEFAULTS = {"input_mean": None, "input_std": None, "output_format": "auto", "image_column": None,
+                      "anchors": None}
 
 
 @dataclass
@@ -84,13 +85,16 @@ def prepare(config: RunConfig, store: OutputStore | None = None) -> Prepared:
     t_model = time.perf_counter() - t0
     identity = {"model_sha256": sha256(model_content), "labels": labels,
                 **{k: getattr(config, k) for k in IDENTITY_SETTINGS}}
+    if config.anchors:  # the file's content changes rows, not where it lies
+        with open(config.anchors, "rb") as f:
+            identity["anchors"] = "sha256:" + sha256(f.read())
     previous = _previous_run(store, config, identity)
     commit_log = CommitLog.open(store) if previous else None
     planning = planning_for(config, store, previous, commit_log.state if commit_log else None)
     plan = plan_input(config.input, form=config.input_format, extensions=config.extensions,
                       shard_size=config.shard_size, image_column=config.image_column, id_column=config.id_column,
                       storage_options=so, select=planning.select, first_shard=planning.first_shard,
-                      run=planning.run)
+                      run=planning.run, inventory_prefix=config.inventory_prefix)
     if previous and plan.form != previous.get("plan", {}).get("form", plan.form):
         raise OutputError(f"output {config.output!r} holds {previous['plan']['form']} input and the input is now "
                           f"{plan.form}: choose a new --output, or pass --overwrite to replace it")
@@ -105,7 +109,7 @@ def prepare(config: RunConfig, store: OutputStore | None = None) -> Prepared:
 def _inspect(config: RunConfig, backend: Backend, model_content: bytes) -> ModelInfo:
     try:
         return inspect_interpreter(make_interpreter(backend, model_content, 1, config.model),
-                                   config.pixel_normalization, config.output_format)
+                                   config.pixel_normalization, config.output_format, config.anchors, model_content)
     except ModelError as exc:
         if config.model in str(exc):
             raise

@@ -56,6 +56,7 @@ class WorkerSettings:
     batch_size: int = 1  # images per invoke, where the model's batch dimension is dynamic
     prefetch: int = PREFETCH
     output_format: str = "auto"
+    anchors: np.ndarray | None = None  # --anchors as the driver read it: workers need not see the file
     read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency
     decode_threads: int | None = None  # None: decode_threads(num_threads, depth); 0: on the interpreter's thread
 
@@ -81,6 +82,7 @@ class ShardProcessor:
             model_url=settings.model_url,
             jpeg_draft=settings.jpeg_draft,
             output_format=settings.output_format,
+            anchors=settings.anchors,
         )
         self.detector.set_batch(settings.batch_size)
         self.settings = settings

@@ -1,0 +1,236 @@
+"""Real raw per-anchor detectors as people ship them (../shared/realworld): an SSD-MobileNetV2 exported without
+its post-processing op and MediaPipe's BlazeFace. The job's rows are checked against an independent decode
+written here (anchors rebuilt from the published settings, numpy only, the interpreter called directly) and
+against the shared README's best detections; both models stay at one image per invoke."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import duckdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_detect.config import RunConfig
+from batch_detect.errors import ModelError
+from batch_detect.model.anchors import mediapipe_anchors, recognise_anchors
+from batch_detect.model.detector import Detector
+from batch_detect.model.interpreter import load_backend, read_model
+from batch_detect.pipeline import run
+
+SSD = "ssd_mobilenetv2_oidv4_fp16.tflite"
+FACE = "blazeface_short_range.tflite"
+PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png")
+# The shared README's best detection per photo (None: nothing at 0.5; the test runs at 0.3 to see chelsea's).
+README_BEST = {
+    SSD: {"astronaut.png": ("Person", 0.59), "camera.png": ("Person", 0.47), "chelsea.png": ("Cat", 0.85),
+          "coffee.png": ("Coffee cup", 0.56)},
+    FACE: {"astronaut.png": (None, 0.92), "camera.png": (None, 0.78), "chelsea.png": (None, 0.37),
+           "coffee.png": None},
+}
+
+
+def _interpreter(path):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        from tflite_runtime.interpreter import Interpreter
+    interp = Interpreter(model_path=path)
+    interp.allocate_tensors()
+    return interp
+
+
+def _pixels(path, size):
+    rgb = Image.open(path).convert("RGB").resize(size, Image.BILINEAR)
+    return (np.asarray(rgb, np.float32) / 127.5 - 1.0)[None]
+
+
+def _ref_ssd_anchors():
+    """multiple_grid_anchor_generator.create_ssd_anchors as ssd_mobilenet_v2's pipeline.config sets it."""
+    grids, scales = (19, 10, 5, 3, 2, 1), [0.2 + 0.75 * i / 5 for i in range(6)] + [1.0]
+    rows = []
+    for layer, g in enumerate(grids):
+        if layer == 0:
+            specs = [(0.1, 1.0), (scales[0], 2.0), (scales[0], 0.5)]
+        else:
+            specs = [(scales[layer], a) for a in (1.0, 2.0, 0.5, 3.0, 0.3333)]
+            specs.append((math.sqrt(scales[layer] * scales[layer + 1]), 1.0))
+        for y in range(g):
+            for x in range(g):
+                rows += [((y + 0.5) / g, (x + 0.5) / g, s / math.sqrt(a), s * math.sqrt(a)) for s, a in specs]
+    return np.array(rows)
+
+
+def _ref_ssd(path, photo):
+    interp = _interpreter(path)
+    interp.set_tensor(interp.get_input_details()[0]["index"], _pixels(photo, (300, 300)))
+    interp.invoke()
+    out = {d["name"]: interp.get_tensor(d["index"])[0] for d in interp.get_output_details()}
+    enc, logits = out["raw_outputs/box_encodings"], out["raw_outputs/class_predictions"]
+    scores = 1 / (1 + np.exp(-logits[:, 1:]))
+    i, c = np.unravel_index(np.argmax(scores), scores.shape)
+    a, e = _ref_ssd_anchors()[i], enc[i] / [10, 10, 5, 5]
+    cy, cx, h, w = e[0] * a[2] + a[0], e[1] * a[3] + a[1], math.exp(e[2]) * a[2], math.exp(e[3]) * a[3]
+    return c + 1, float(scores[i, c]), [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
+def _ref_face(path, photo):
+    interp = _interpreter(path)
+    interp.set_tensor(interp.get_input_details()[0]["index"], _pixels(photo, (128, 128)))
+    interp.invoke()
+    out = {d["name"]: interp.get_tensor(d["index"])[0] for d in interp.get_output_details()}
+    # strides 8, 16, 16, 16: a 16x16 grid with 2 anchors per cell, then an 8x8 one with 6
+    centres = [((y + 0.5) / g, (x + 0.5) / g) for g, k in ((16, 2), (8, 6)) for y in range(g) for x in range(g)
+               for _ in range(k)]
+    scores = 1 / (1 + np.exp(-np.clip(out["classificators"][:, 0].astype(np.float64), -100, 100)))
+    i = int(np.argmax(scores))
+    r, (ay, ax) = out["regressors"][i], centres[i]
+    cx, cy, w, h = r[0] / 128 + ax, r[1] / 128 + ay, r[2] / 128, r[3] / 128
+    return 0, float(scores[i]), [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
+def _iou(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.mark.parametrize("model", [SSD, FACE])
+def test_the_job_matches_an_independent_decode(realworld, tmp_path, model):
+    out = str(tmp_path / "out")
+    labels = os.path.join(realworld, "oidv4_labelmap.txt") if model == SSD else None
+    manifest = run(RunConfig(model=os.path.join(realworld, model), labels=labels, normalization="-1,1",
+                             input=os.path.join(realworld, "images"), output=out, score_threshold=0.3,
+                             resize="stretch")).manifest
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == 4
+    assert manifest["model"]["family"] == ("ssd_raw" if model == SSD else "mediapipe")
+    rows = duckdb.execute(f"""SELECT regexp_extract(uri, '[^/]+$'), class_id, label, score, xmin, ymin, xmax, ymax
+                              FROM read_parquet('{out}/detections/*.parquet') ORDER BY score DESC""").fetchall()
+    reference = _ref_ssd if model == SSD else _ref_face
+    for photo in PHOTOS:
+        best = next((r for r in rows if r[0] == photo), None)
+        expected = README_BEST[model][photo]
+        if expected is None:
+            assert best is None, (photo, best)
+            continue
+        assert best is not None, photo
+        ref_class, ref_score, ref_box = reference(os.path.join(realworld, model), os.path.join(realworld, "images",
+                                                                                            photo))
+        assert best[1] == ref_class and best[2] == expected[0], (photo, best)
+        assert best[3] == pytest.approx(ref_score, abs=0.02) and best[3] == pytest.approx(expected[1], abs=0.02)
+        assert _iou(list(best[4:]), ref_box) >= 0.9, (photo, best, ref_box)
+
+
+def _detector(realworld, model, **kw) -> Detector:
+    return Detector(load_backend(), read_model(os.path.join(realworld, model)), num_threads=1, score_threshold=0.5,
+                    resize="auto", normalization="auto", max_pixels=10**8, **kw)
+
+
+@pytest.mark.parametrize("model", [SSD, FACE])
+def test_fixed_batch_models_are_never_batched_by_resizing(realworld, model):
+    """BlazeFace resized to batch 2 folds the batch into its anchor axis ([1,1792,16]): the batch stays 1."""
+    det = _detector(realworld, model)
+    assert det.set_batch(2) == 1 and det.batch == 1
+    photo = open(os.path.join(realworld, "images", "astronaut.png"), "rb").read()
+    assert len(det.process("astronaut.png", photo).detections.scores) >= 1
+
+
+def test_the_layouts_and_the_anchors_file(realworld, tmp_path):
+    det = _detector(realworld, FACE)
+    assert det.info.describe()["anchors"] == "mediapipe face short range (896 anchors)"
+    # MediaPipe's other published face layouts are recognised from input size and N alone
+    assert len(recognise_anchors("mediapipe", (192, 192), 2304).anchors) == 2304
+    assert len(recognise_anchors("mediapipe", (256, 256), 896).anchors) == 896
+    with pytest.raises(ModelError, match="--anchors FILE") as exc:
+        recognise_anchors("mediapipe", (160, 160), 1000)
+    assert "mediapipe face short range" in str(exc.value)
+    # A file of the same anchors gives the same rows
+    anchors = mediapipe_anchors((128, 128), (8, 16, 16, 16))
+    path = tmp_path / "anchors.csv"
+    np.savetxt(path, anchors, delimiter=",")
+    given = _detector(realworld, FACE, anchors=str(path))
+    assert given.info.describe()["anchors"].startswith("file anchors.csv")
+    photo = open(os.path.join(realworld, "images", "astronaut.png"), "rb").read()
+    a, b = det.process("a", photo).detections, given.process("a", photo).detections
+    assert np.allclose(a.boxes, b.boxes, atol=1e-5) and np.allclose(a.scores, b.scores)
+    np.save(tmp_path / "short.npy", anchors[:10])
+    with pytest.raises(ModelError, match="holds 10 anchors"):
+        _detector(realworld, FACE, anchors=str(tmp_path / "short.npy"))
+
+
+def test_inspect_names_the_family_the_layout_and_where_normalization_came_from(realworld):
+    from batch_detect.commands.inspect import inspect_model, render
+
+    face = inspect_model(os.path.join(realworld, FACE))
+    assert face["family"] == "mediapipe" and face["decoding"]["anchors"].startswith("mediapipe face short range")
+    assert face["decoding"]["input"]["normalization"] == "mean=127.5;std=127.5"
+    assert "TFLite metadata" in face["decoding"]["input"]["normalization_from"]
+    assert "anchors: mediapipe face short range (896 anchors)" in render(face)
+    ssd = inspect_model(os.path.join(realworld, SSD))
+    assert ssd["family"] == "ssd_raw" and ssd["classes"]["count"] == 24
+    assert ssd["decoding"]["anchors"].startswith("tf-od-api ssd 300x300 (grids 19,10,5,3,2,1)")
+    assert ssd["decoding"]["input"]["normalization"] == "-1,1"
+
+
+def test_an_anchors_file_runs_through_the_job_and_is_part_of_its_identity(realworld, tmp_path):
+    from batch_detect.errors import ConfigError, OutputError
+
+    path = tmp_path / "face.npy"
+    np.save(path, mediapipe_anchors((128, 128), (8, 16, 16, 16)))
+    out = str(tmp_path / "out")
+
+    def job(anchors):
+        return run(RunConfig(model=os.path.join(realworld, FACE), input=os.path.join(realworld, "images"),
+                             output=out, score_threshold=0.5, anchors=anchors))
+
+    assert job(str(path)).manifest["counts"]["images"] == 4
+    best = duckdb.execute(f"SELECT max(score) FROM read_parquet('{out}/detections/*.parquet')").fetchone()[0]
+    assert best == pytest.approx(0.92, abs=0.02)
+    np.save(path, mediapipe_anchors((128, 128), (8, 16, 16, 16)) + 0.01)  # same path, other anchors
+    with pytest.raises(OutputError, match="different anchors"):
+        job(str(path))
+    with pytest.raises(ConfigError, match="want N rows of 4"):
+        RunConfig(model="m.tflite", input="i", output="o", anchors=str(_csv(tmp_path, "1,2,3\n"))).validate()
+
+
+def _csv(folder, text):
+    path = folder / "bad.csv"
+    path.write_text(text)
+    return path
+
+
+def _spec(index, name, shape):
+    from batch_detect.model.interpreter import TensorSpec
+
+    return TensorSpec(index, name, shape, shape, "float32", 0.0, 0)
+
+
+def test_the_family_comes_from_shapes_and_names_never_position():
+    from batch_detect.model.decoding import identify_outputs
+
+    ssd = [_spec(0, "raw_outputs/box_encodings", (1, 1917, 4)),
+           _spec(1, "raw_outputs/class_predictions", (1, 1917, 91))]
+    face = [_spec(0, "regressors", (1, 896, 16)), _spec(1, "classificators", (1, 896, 1))]
+    for outputs, family, hw in ((ssd, "ssd_raw", (300, 300)), (face, "mediapipe", (128, 128))):
+        for order in (outputs, outputs[::-1]):
+            layout = identify_outputs(order, "auto", hw)
+            assert layout.family == family and layout.output.index == 1
+    assert len(identify_outputs(ssd, "auto", (300, 300)).anchors.anchors) == 1917
+    # 320x320 SSD-MobileNet: grids 20,10,5,3,2,1 (2034 anchors), recognised the same way
+    ssd320 = [_spec(0, "box_encodings", (1, 2034, 4)), _spec(1, "class_predictions", (1, 2034, 91))]
+    assert "grids 20,10,5,3,2,1" in identify_outputs(ssd320, "auto", (320, 320)).anchors.name
+    with pytest.raises(ModelError, match="no known ssd anchor layout gives 1000 anchors.*--anchors FILE"):
+        identify_outputs([_spec(0, "box_encodings", (1, 1000, 4)), _spec(1, "scores", (1, 1000, 5))], "auto",
+                         (300, 300))
+
+
+def test_normalization_minus_one_one_is_taken_as_typed():
+    from batch_detect.commands.cli import parse_args
+
+    args = parse_args(["run", "--model", "m.tflite", "--input", "i", "--output", "o", "--normalization", "-1,1",
+                       "--anchors", "a.npy"])
+    assert args.normalization == "-1,1" and args.anchors == "a.npy"
+    assert parse_args(["inspect", "m.tflite", "--normalization", "-1,1"]).normalization == "-1,1"
