@@ -73,6 +73,8 @@ class RunConfig:
     allow_nonempty_output: bool = False  # write into the input, or beside files that are not a previous run
     resume: bool = False  # re-running the same job into the same output resumes it anyway; this insists
     max_failure_rate: float | None = None  # exit non-zero (after committing) when failures exceed it
+    # Seconds a store may stay unavailable (throttling, unreachable) while the run waits it out (outage.py)
+    store_timeout: float = 600.0
     storage_options: dict = field(default_factory=dict)
 
     def validate(self) -> "RunConfig":
@@ -201,6 +203,7 @@ _INPUT_CHECKS = (_one_of("input_format", INPUT_FORMATS), _check_input_columns)
 # The run and its output: what an existing output becomes, when the run fails, parts and dispatch.
 _RUN_CHECKS = (
     _check_run_mode, _fraction("max_failure_rate"), _at_least("part_rows", 1), _at_least("max_shards_in_flight", 1),
+    _at_least("store_timeout", 1, "1 second or more"),
 )
 _CHECKS: tuple[Callable[[RunConfig], None], ...] = (
     _check_required, *_DETECTION_CHECKS, *_WORKER_CHECKS, *_INPUT_CHECKS, *_RUN_CHECKS,

@@ -26,7 +26,7 @@ WORDS = ("a comma-separated string or a list of strings",
 TABLE = ("a table ([storage_options] with key = value lines)", lambda v: isinstance(v, dict))
 
 EXPECTED = {
-    "score_threshold": NUMBER, "node_memory_share": NUMBER, "max_failure_rate": NUMBER,
+    "score_threshold": NUMBER, "node_memory_share": NUMBER, "max_failure_rate": NUMBER, "store_timeout": NUMBER,
     "shard_size": INT, "max_pixels": INT, "batch_size": INT, "num_actors": INT, "ray_min_images": INT, "read_ahead": INT, "cpus_per_actor": INT,
     "decode_threads": INT,
     "max_shards_in_flight": INT, "part_rows": INT, "memory_per_actor_mb": INT,

@@ -64,6 +64,11 @@ class FailureRateExceeded(BatchDetectError):
     """More than --max-failure-rate of the images failed once enough had been processed to judge."""
 
 
+class StoreUnavailable(BatchDetectError):
+    """An object store kept failing with transient errors (throttling, unreachable) for longer than
+    --store-timeout: the run stops, what it committed stays, and the same command resumes."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (Kubernetes, `ray job stop`): stops the run as Ctrl-C does."""
 

@@ -62,3 +62,14 @@ def empty_bucket(s3_server, tmp_path):
     name = f"bd-{os.getpid()}-{tmp_path.name[-12:].lower().replace('_', '-')}"
     fs.mkdir(name)
     return name, options, fs
+
+
+@pytest.fixture(autouse=True)
+def _store_outage_forgotten():
+    """The process's store-outage tracker (batch_detect.outage) starts each test answering, with the default
+    budget: an outage one test provoked must not shorten the next test's waits."""
+    from batch_detect.outage import OUTAGE
+
+    OUTAGE.reset()
+    yield
+    OUTAGE.reset()

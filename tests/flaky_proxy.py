@@ -1,6 +1,10 @@
 """A loopback HTTP proxy in front of the S3 server that fails a seeded fraction of object GETs with a
 transient 503 SlowDown, as a throttled or overloaded store does, and can add a fixed latency to every
-answer, as a store across a network does (each request waits on its own: concurrency still helps)."""
+answer, as a store across a network does (each request waits on its own: concurrency still helps).
+
+For outages: `storm = True` answers every request, of any kind, 503 SlowDown until it is set back (a hot
+prefix, a restarting server); `reset_fraction` drops that share of object GETs without an answer (a
+connection reset)."""
 
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ class FlakyProxy:
         self.in_flight = 0  # object GETs being answered now, and the most at once
         self.max_in_flight = 0
         self.requests: list[tuple[str, str]] = []  # (method, path with query) of every request, in order
+        self.storm = False
+        self.storm_answers = 0  # requests answered 503 by a storm
+        self.reset_fraction = 0.0
+        self.resets = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,22 +60,37 @@ class FlakyProxy:
                         with proxy.lock:
                             proxy.in_flight -= 1
 
+            def _slow_down(self):
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                self.end_headers()
+                if self.command != "HEAD":  # a HEAD's answer has no body: one here would corrupt the next
+                    self.wfile.write(SLOW_DOWN)
+
             def _answer(self, path: str, is_object_get: bool):
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.storm:
+                    with proxy.lock:
+                        proxy.storm_answers += 1
+                    self._slow_down()
+                    return
                 if is_object_get:
                     with proxy.lock:
                         proxy.object_gets += 1
                         fail = proxy.rng.random() < proxy.fail_fraction
                         proxy.injected += fail
+                        reset = not fail and proxy.rng.random() < proxy.reset_fraction
+                        proxy.resets += reset
+                    if reset:
+                        self.close_connection = True
+                        self.connection.shutdown(2)  # no answer at all: the client sees its connection reset
+                        return
                     if fail:
-                        self.send_response(503)
-                        self.send_header("Content-Type", "application/xml")
-                        self.send_header("Content-Length", str(len(SLOW_DOWN)))
-                        self.end_headers()
-                        self.wfile.write(SLOW_DOWN)
+                        self._slow_down()
                         return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}

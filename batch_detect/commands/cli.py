@@ -14,7 +14,7 @@ from .. import __version__
 from ..config import (_SECRET_KEY, INPUT_FORMATS, NORMALIZATIONS, PATH_KEYS, REQUIRED, RunConfig, config_from_values,
                      load_config_file)
 from ..model.decoding import OUTPUT_FORMATS
-from ..errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, Terminated, count
+from ..errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, StoreUnavailable, Terminated, count
 from ..model.geometry import RESIZE_CHOICES
 from .progress import Progress
 from .rayjob import job_paths
@@ -169,6 +169,9 @@ def _operating_options(g) -> None:
             action="append", type=_storage_option, dest="storage_options", metavar="KEY=VALUE")
     _option(g, "--max-failure-rate", "exit 1 (after committing everything) when more than this "
             "fraction of images failed", type=float, metavar="R", default="no limit")
+    _option(g, "--store-timeout", "seconds an object store may stay unavailable (throttling, unreachable) "
+            "while the run pauses and retries; past it, exit 1 and the same command resumes", type=float,
+            metavar="S")
     _option(g, "--dry-run", "list, plan, load the model and time it on a sample; print the plan, "
             "write nothing", action="store_true")
     _option(g, "--json", "print the final manifest as JSON", action="store_true")
@@ -515,8 +518,9 @@ def _run_command(args: argparse.Namespace) -> int:
             print(dry_run(config))
             return 0
         summary = _run_with_progress(config)
-    except FailureRateExceeded as exc:
-        _error(exc, prefix="batch-detect: ")
+    except (FailureRateExceeded, StoreUnavailable) as exc:
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        _error(f"{exc}{notes}", prefix="batch-detect: ")
         return 1
     except HeadUnreachable as exc:
         _error(exc)

@@ -6,7 +6,8 @@ import inspect
 
 from fsspec.core import url_to_fs
 
-from ..errors import ReadError
+from ..errors import ReadError, StoreUnavailable
+from ..outage import RetryingFS
 
 
 def one_request(fs) -> dict:
@@ -24,7 +25,9 @@ class Reader:
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
         if protocol not in self._fs:
             fs = url_to_fs(uri, **self._options)[0]
-            self._fs[protocol] = fs, one_request(fs)
+            # A throttled or unreachable store is waited out (outage.py), never a failure record.
+            name = "the file system" if protocol == "file" else f"{protocol}://{uri.split('://', 1)[1].split('/', 1)[0]}"
+            self._fs[protocol] = RetryingFS(fs, name), one_request(fs)
         return self._fs[protocol]
 
     def filesystem(self, uri: str):
@@ -38,5 +41,7 @@ class Reader:
             raise ReadError("file not found (deleted after listing?)", error_type="not_found") from None
         except PermissionError:
             raise ReadError("permission denied", error_type="permission_denied") from None
+        except StoreUnavailable:
+            raise  # not this image's fault: the run stops, and the image is read again when it resumes
         except Exception as exc:
             raise ReadError(f"{type(exc).__name__}: {exc}") from None

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from fsspec.core import url_to_fs
 
-from ..errors import ModelError
+from ..errors import ModelError, StoreUnavailable
+from ..outage import OUTAGE
 
 # (import path, distribution name). LiteRT is the maintained successor of tflite-runtime.
 _BACKENDS = {
@@ -63,11 +64,17 @@ def load_backend(preferred: str | None = None) -> Backend:
     )
 
 
+def _read_whole(fs, path: str) -> bytes:
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
 def read_model(url: str, storage_options: dict | None = None) -> bytes:
     try:
         fs, path = url_to_fs(url, **(storage_options or {}))
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
+        data = OUTAGE.call(_read_whole, fs, path, what="the model", store=url)  # a worker restarting mid-outage
+    except StoreUnavailable:
+        raise
     except FileNotFoundError:
         raise ModelError(f"model {url!r} not found: check the --model path or URL") from None
     except IsADirectoryError:

@@ -18,8 +18,14 @@ Renewal runs on a thread of its own from the moment the lease is taken, so that 
 for (Ray's start, a slow listing, a slow store) lets the lease go stale, and a failed renewal is retried
 rather than ending the run. Once a renewal finds the lease taken, every write of the driver's store
 raises (`fence`), and the run checks the lease each time round its dispatch loop (`check`): taken over,
-it stops and writes nothing more (work already handed to workers finishes staging its shard); unrenewable
-for STALL_S, it stops while the lease is still its own.
+it stops and writes nothing more (work already handed to workers finishes staging its shard).
+
+A store that stops answering (outage.py) must not end the run, nor let it write on a lease that may have
+gone to another run meanwhile. Unrenewed for STALL_S, the lease is in doubt: every write of the driver's
+waits in `fence` until a renewal reaches the store again and proves the lease is still this run's. On
+object stores that proof is conditional, not a read then a write: the lock is rewritten with `If-Match` of
+the version this run wrote, which fails if anyone replaced it since. Only a lease really taken over stops
+the run (`LeaseLost`); a store down longer than --store-timeout stops it as `StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import time
 import uuid
 
 from .destination import unwritable
-from ..errors import LeaseLost, OutputError
+from ..errors import LeaseLost, OutputError, StoreUnavailable
+from ..outage import OUTAGE
 from .sink import LOCK
 
 log = logging.getLogger(__name__)
@@ -64,9 +71,10 @@ def _holder_gone(holder: dict, now: float) -> str | None:
     return None
 
 
-def _create(store, path: str, data: bytes) -> None:
+def _create(store, path: str, data: bytes) -> str | None:
     """Create `path` holding `data`, or raise FileExistsError: never a moment with the file empty. Locally,
-    a temp file linked into place (link refuses an existing name); on object stores, a conditional put."""
+    a temp file linked into place (link refuses an existing name); on object stores, a conditional put,
+    whose ETag is returned (None where the store gives none)."""
     if getattr(store.fs, "local_file", False):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as fh:
@@ -75,8 +83,9 @@ def _create(store, path: str, data: bytes) -> None:
             os.link(tmp, path)
         finally:
             os.remove(tmp)
-        return
-    store.fs.pipe_file(path, data, mode="create")
+        return None
+    out = store.unfenced_fs.pipe_file(path, data, mode="create")
+    return out.get("ETag") if isinstance(out, dict) else None
 
 
 def _heartbeat(token: str) -> str:
@@ -103,10 +112,12 @@ def _modified(store, path: str) -> float:
 
 
 class Lease:
-    def __init__(self, store, token: str, holder: dict):
-        self.store, self.token, self.holder = store, token, holder
+    def __init__(self, store, token: str, holder: dict, etag: str | None = None):
+        self.store, self.token, self.holder, self.etag = store, token, holder, etag
         self.renewed = time.monotonic()  # the last renewal that reached the store
         self.lost: LeaseLost | None = None
+        self.in_doubt = False  # unrenewed past STALL_S: writes wait until a renewal proves the lease ours
+        self._proved = threading.Condition()
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -133,14 +144,15 @@ class Lease:
             raise unwritable(store.url, store, exc) from None
         for attempt in range(2):
             try:
-                _create(store, path, json.dumps(holder).encode())
-                return cls(store, token, holder)
+                return cls(store, token, holder, _create(store, path, json.dumps(holder).encode()))
             except FileExistsError:
                 pass
             except OSError as exc:
                 raise unwritable(store.url, store, exc) from None
             try:
                 other = json.loads(store.fs.cat_file(path))
+                if other.get("token") == token:  # a retried create whose first try had landed
+                    return cls(store, token, holder, store.unfenced_fs.info(path).get("ETag"))
                 other["renewed_at"] = _last_renewal(store, other)
             except FileNotFoundError:
                 continue  # released meanwhile: try again
@@ -176,14 +188,55 @@ class Lease:
             raise self.lost
         if self._stop.is_set():
             return  # released meanwhile: a heartbeat now would outlive the lease
+        if self.in_doubt:
+            self._prove(current, renewed_at)
         self.store.put_atomic(_heartbeat(self.token), json.dumps({"token": self.token,
-                                                                   "renewed_at": renewed_at}).encode())
-        self.renewed = started
+                                                                   "renewed_at": renewed_at}).encode(), fenced=False)
+        with self._proved:
+            self.renewed, self.in_doubt = started, False
+            self._proved.notify_all()
+
+    def _prove(self, current: dict, renewed_at: float) -> None:
+        """After a stall, the lock is rewritten only if it is still the version this run wrote: a takeover
+        between the read above and this write makes it fail, where a plain write would overwrite it."""
+        if self.etag is None:
+            return  # a local lock (no versions): the read above is the check, as before
+        data = json.dumps({**current, "renewed_at": renewed_at}).encode()
+        try:
+            out = self.store.unfenced_fs.pipe_file(self.store.path(LOCK), data, IfMatch=self.etag)
+        except OSError as exc:
+            if "PreconditionFailed" not in repr(exc.__cause__) and "412" not in str(exc):
+                raise
+            self.lost = LeaseLost(
+                f"output {self.store.url!r}: this run's lease ({LOCK}) changed while the store was unavailable "
+                "(another run took it over); stopping so that the two do not both write. What was committed "
+                "stays; re-run once the other has ended")
+            with self._proved:
+                self._proved.notify_all()
+            raise self.lost from None
+        self.etag = out.get("ETag") if isinstance(out, dict) else None
 
     def fence(self) -> None:
-        """For every write of the driver's store: none once the lease is known to be another run's."""
+        """For every write of the driver's store: none once the lease is known to be another run's, and none
+        while it is in doubt (unrenewed past STALL_S) until a renewal proves it this run's again."""
+        self._note_stall()
+        with self._proved:
+            while self.in_doubt and self.lost is None:
+                waited = time.monotonic() - self.renewed
+                if waited > max(OUTAGE.budget_s, STALL_S):
+                    raise StoreUnavailable(
+                        f"output {self.store.url!r}: its lease ({LOCK}) could not be renewed for {waited:.0f} s "
+                        f"(last error: {self.last_error}), longer than --store-timeout {OUTAGE.budget_s:.0f} s: "
+                        "stopped. What was committed stays; re-run the same command once the store answers")
+                self._proved.wait(timeout=1.0)
         if self.lost is not None:
             raise self.lost
+
+    def _note_stall(self) -> None:
+        if self._thread is not None and not self.in_doubt and time.monotonic() - self.renewed > STALL_S:
+            self.in_doubt = True
+            log.warning("the lease of output %s has not been renewed for %.0f s: nothing is written there until "
+                        "the store answers and the lease is proved still this run's", self.store.url, STALL_S)
 
     def _renew_loop(self) -> None:
         wait = RENEW_S
@@ -199,16 +252,12 @@ class Lease:
                 wait = min(RENEW_S, 2.0)
 
     def check(self) -> None:
-        """Raise if the run must stop: LeaseLost when another run took the lease, OutputError when it could
-        not be renewed for STALL_S (before anyone may take it over: what is committed can still be logged)."""
+        """Raise LeaseLost when another run took the lease. Unrenewed past STALL_S, the lease is in doubt:
+        the writes wait (`fence`) rather than the run stopping, since a store that throttles for a minute
+        is a normal day."""
         if self.lost is not None:
             raise self.lost
-        stalled = time.monotonic() - self.renewed
-        if self._thread is not None and stalled > STALL_S:
-            raise OutputError(f"output {self.store.url!r}: its lease ({LOCK}) could not be renewed for "
-                              f"{stalled:.0f}s (last error: {self.last_error}); stopping before another run may "
-                              f"take it over ({STALE_S:.0f}s). Check the output store, then re-run: what was "
-                              "committed stays")
+        self._note_stall()
 
     def release(self) -> None:
         self._stop.set()
@@ -219,16 +268,16 @@ class Lease:
         if self.lost is not None:
             return  # another run's now
         try:
-            current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
+            current = json.loads(self.store.unfenced_fs.cat_file(self.store.path(LOCK)))
             if current.get("token") == self.token:
-                self.store.fs.rm(self.store.path(LOCK))
-        except (FileNotFoundError, ValueError, OSError):
-            pass
-        _remove(self.store, _heartbeat(self.token))
+                self.store.unfenced_fs.rm(self.store.path(LOCK))
+            _remove(self.store, _heartbeat(self.token))
+        except (FileNotFoundError, ValueError, OSError, StoreUnavailable):
+            pass  # a store that is down: the lease expires STALE_S after its last renewal
 
 
 def _remove(store, rel: str) -> None:
     try:
-        store.fs.rm(store.path(rel))
+        store.unfenced_fs.rm(store.path(rel))
     except (FileNotFoundError, OSError):
         pass

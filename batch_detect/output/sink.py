@@ -7,6 +7,7 @@ log (`commitlog.py`); the plan is stored in `_plan/`, chunk by chunk.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import posixpath
@@ -19,6 +20,7 @@ from fsspec.core import url_to_fs
 
 from .commitlog import LOG_DIR
 from ..inputs.reading import one_request
+from ..outage import OUTAGE, RetryingFS
 from .schema import PLAN_SCHEMA, TABLES
 
 LAYOUT = 3  # runs (run_id in every row) in one commit log, part files; 2 had no runs, 1 a file set per shard
@@ -51,16 +53,27 @@ def chunk_name(chunk: int) -> str:
 class OutputStore:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/")
-        self.fs, self.root = url_to_fs(self.url, **(storage_options or {}))
+        fs, self.root = url_to_fs(self.url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         # fsspec shares filesystem instances per process: another writer's files must not hide behind a
         # listing cached earlier (the commit log and parts are written by other processes).
-        self.fs.invalidate_cache()
+        fs.invalidate_cache()
+        # Every request waits out a throttled or unreachable store (outage.py); a write tried again after
+        # a wait passes the fence again: the lease may have gone to another run while the store was away.
+        self.fs = RetryingFS(fs, self.url, before_retry=self._check_fence)
+        self.unfenced_fs = RetryingFS(fs, self.url)  # the lease's own requests, which prove it
         self.fence = None  # the driver's: raises before any write once its lease is another run's
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.atomic_put = bool(ATOMIC_PUT_PROTOCOLS.intersection(protocols))
         self.bucket = self.root.split("/", 1)[0] if BUCKET_PROTOCOLS.intersection(protocols) else None
         self._one_request = one_request(self.fs)
+
+    def fenced_copy(self, fence) -> "OutputStore":
+        """This store with a fence of its own, which its retried writes pass too."""
+        other = copy.copy(self)
+        other.fence = fence
+        other.fs = RetryingFS(self.fs.unwrapped, self.url, before_retry=other._check_fence)
+        return other
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -77,31 +90,35 @@ class OutputStore:
         final = self.path(rel)
         return posixpath.join(posixpath.dirname(final), "." + posixpath.basename(final) + ".tmp")
 
-    def put_atomic(self, rel: str, data: bytes) -> None:
-        self.put_all({rel: data})
+    def put_atomic(self, rel: str, data: bytes, fenced: bool = True) -> None:
+        self.put_all({rel: data}, fenced)
 
-    def put_all(self, files: dict[str, bytes]) -> None:
+    def put_all(self, files: dict[str, bytes], fenced: bool = True) -> None:
         """Each file whole or not at all: on object stores one PUT each, all at once; elsewhere a temp name
-        then a move, one after another."""
-        self._check_fence()
+        then a move, one after another. `fenced=False` only for the lease's heartbeat, which is how the
+        fence is lifted."""
+        fs = self.fs if fenced else self.unfenced_fs
+        if fenced:
+            self._check_fence()
         if self.atomic_put:
-            self.fs.pipe({self.path(rel): data for rel, data in files.items()})
+            fs.pipe({self.path(rel): data for rel, data in files.items()})
             return
         for rel, data in files.items():
             final = self.path(rel)
-            self.makedirs(posixpath.dirname(final))
+            fs.makedirs(posixpath.dirname(final), exist_ok=True)
             tmp = self._tmp(rel)
-            self.fs.pipe_file(tmp, data)
-            self._rename(tmp, final)
+            fs.pipe_file(tmp, data)
+            self._rename(tmp, final, fs)
 
-    def _rename(self, tmp: str, final: str) -> None:
+    def _rename(self, tmp: str, final: str, fs=None) -> None:
+        fs = fs or self.fs
         try:
-            self.fs.mv(tmp, final)
+            fs.mv(tmp, final)
         except FileNotFoundError:
             # s3fs trusts a cached listing for "not found": one that another thread of this process (fsspec
             # shares instances: a `status` beside the run) took while `tmp` was being written lacks it.
-            self.fs.invalidate_cache(posixpath.dirname(tmp))
-            self.fs.mv(tmp, final)
+            fs.invalidate_cache(posixpath.dirname(tmp))
+            fs.mv(tmp, final)
 
     def write_json(self, rel: str, obj: dict) -> None:
         self.put_atomic(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -123,9 +140,9 @@ class OutputStore:
 
     def iter_plan(self, chunks: list[dict], batch_size: int = 65536, columns: list[str] | None = None):
         """Record batches (shard_id, uri, version) of the stored plan, in order, one chunk file at a time."""
-        for ev in chunks:
-            with self.fs.open(self.path(PLAN_DIR, chunk_name(ev["chunk"])), "rb") as fh:
-                yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
+        for ev in chunks:  # a chunk is small: fetched whole, as one request that an outage can retry
+            blob = self.fs.cat_file(self.path(PLAN_DIR, chunk_name(ev["chunk"])), **self._one_request)
+            yield from pq.ParquetFile(pa.BufferReader(blob)).iter_batches(batch_size=batch_size, columns=columns)
 
     # --- shards and parts -----------------------------------------------------------------------
 
@@ -145,7 +162,12 @@ class OutputStore:
         between writing it and logging it must not duplicate rows), and staging is deleted only after all
         three parts exist. The three tables are written side by side (on an object store each is a chain of
         round trips), each to a temp name, and named only once all three are written: a failure leaves no
-        table's part visible without the others'."""
+        table's part visible without the others'. A part is streamed to the store, which no single request
+        retries: the whole is tried again when the store drops meanwhile (outage.py)."""
+        return OUTAGE.call(self._compact, part, shard_ids, what=f"part {part}", store=self.url,
+                           before_retry=self._check_fence)
+
+    def _compact(self, part: int, shard_ids: list[str]) -> dict[str, int]:
         with ThreadPoolExecutor(len(TABLES), thread_name_prefix="compact") as pool:
             futures = {name: pool.submit(self._write_part, name, schema, part, shard_ids)
                        for name, schema in TABLES.items()}

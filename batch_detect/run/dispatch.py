@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..config import RunConfig
-from ..errors import FailureRateExceeded, LeaseLost, count
+from ..errors import FailureRateExceeded, LeaseLost, StoreUnavailable, count
 from ..inputs.plan import Shard
 from ..model.anchors import load_anchors
 from ..output.commitlog import CommitLog
+from ..outage import OUTAGE
 from ..output.lease import Lease
 from ..output.sink import MANIFEST
 from . import manifest as facts
@@ -27,6 +28,7 @@ from .prepare import Prepared
 from .worker import WorkerSettings
 
 FAIL_FAST_MIN = 500  # images an invocation processes before --max-failure-rate may stop it early
+LAST_WRITES_S = 60.0  # a run stopped by a store outage: how long its last writes may wait for the store
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Dispatch:
             output_format=config.output_format, anchors=load_anchors(config.anchors) if config.anchors else None,
             labels=ready.labels, extensions=config.extensions, image_column=config.image_column,
             batch_size=config.batch_size, read_ahead=config.read_ahead, decode_threads=config.decode_threads,
+            store_timeout=config.store_timeout,
             output_url=config.output, storage_options=config.storage_options,
         )
 
@@ -217,6 +220,17 @@ class Dispatch:
         self.feed.close()
         if isinstance(exc, LeaseLost) or self.lease.lost is not None:
             return  # the output is another run's now: nothing more is written there, not even the manifest
+        if not isinstance(exc, StoreUnavailable):
+            self._record_stop(exc)
+            return
+        with OUTAGE.grace(LAST_WRITES_S):
+            try:
+                self._record_stop(exc)
+            except (StoreUnavailable, OSError):
+                exc.add_note("the store did not answer for the manifest either: it still says 'running'; the "
+                             "commit log holds what was committed, and re-running resumes from it")
+
+    def _record_stop(self, exc: BaseException) -> None:
         state, store, previous = self.state, self.ready.store, self.ready.previous
         try:
             self.committer.flush()  # what was staged and logged stays committed: a re-run skips it

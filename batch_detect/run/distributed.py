@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
-from ..errors import ClusterError, ConfigError, HeadUnreachable
+from ..errors import ClusterError, ConfigError, HeadUnreachable, StoreUnavailable
+from ..outage import OUTAGE, configure as configure_outage
 from .liveness import DEADLINE_FACTOR, DEADLINE_FLOOR_S, GCS_SILENCE_S, CallClock, NodeWatch
 from .metrics import record_shard
 from ..inputs.plan import Shard
@@ -138,14 +139,26 @@ def crashed_rows(shard_id: str, uris, cause: str) -> ShardRows:
     return rows
 
 
-def _compact(output_url: str | None, storage_options: dict, part: int, shard_ids: list[str]) -> dict:
+def _compact(output_url: str | None, storage_options: dict, part: int, shard_ids: list[str],
+             store_timeout: float | None = None) -> dict:
     if output_url is None:  # the warm-up call: see warm_up_compaction
         return {}
+    if store_timeout is not None:
+        configure_outage(store_timeout)
     return OutputStore(output_url, storage_options).compact(part, shard_ids)
 
 
 # Compaction is I/O: it takes no CPU slot from the detector actors, and a retry is harmless (idempotent).
 _compact_task = ray.remote(num_cpus=0, max_retries=3)(_compact)
+
+
+def _get_part(ref) -> dict:
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, StoreUnavailable):  # one sentence, not Ray's traceback
+            raise StoreUnavailable(str(exc.cause)) from None
+        raise
 
 
 def compact_task(*args):
@@ -326,6 +339,7 @@ class Dispatcher:
         self.was_drained = False
         self.pending: deque[_Work] = deque()
         self.inflight: dict = {}  # ObjectRef -> (actor index, work, weight, sent at)
+        self.outage_seen = False  # the driver found its store unavailable since the last lateness check
         self.clock = CallClock()
         self.isolating: dict[str, _Isolation] = {}
         self.watched: dict = {}  # ObjectRef -> callback(result)
@@ -364,7 +378,7 @@ class Dispatcher:
             done, _ = ray.wait(waitable, num_returns=1, timeout=0.05 if self.starved else 0.5)
             for ref in done:
                 if ref in self.watched:
-                    self.watched.pop(ref)(ray.get(ref))
+                    self.watched.pop(ref)(_get_part(ref))
                 elif ref in self.inflight:
                     self._result(ref)
                 else:
@@ -431,6 +445,8 @@ class Dispatcher:
             self._crashed(work, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return
         except RayTaskError as exc:
+            if isinstance(exc.cause, StoreUnavailable):  # waited out for --store-timeout already: stop
+                raise StoreUnavailable(str(exc.cause)) from None
             # An exception, not a crash: storage or a bug. Retry, then stop the job saying why.
             if work.attempt >= MAX_SHARD_ATTEMPTS:
                 raise RuntimeError(f"shard {work.shard.shard_id} failed {work.attempt} times: {exc}") from None
@@ -456,6 +472,13 @@ class Dispatcher:
         if not self.inflight:
             return
         self._nodes_lost()
+        if OUTAGE.state().unavailable_s is not None:
+            self.outage_seen = True  # a store outage stalls every actor alike: none of them is lost for it
+            return
+        if self.outage_seen:  # the store answers again: every call in flight gets its full time from now
+            self.outage_seen = False
+            now = time.monotonic()
+            self.inflight = {ref: (i, work, weight, now) for ref, (i, work, weight, _) in self.inflight.items()}
         limit = self.clock.deadline_s()
         now = time.monotonic()
         late = {i for i, work, _, sent in self.inflight.values() if now - sent > limit * work.patience}

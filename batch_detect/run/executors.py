@@ -250,7 +250,8 @@ class RayExecutor:
     def compact(self, part: int, shard_ids: list[str], done: Callable[[dict], None]) -> None:
         from .distributed import compact_task
 
-        self.dispatcher.watch(compact_task(self.config.output, self.config.storage_options, part, shard_ids), done)
+        self.dispatcher.watch(compact_task(self.config.output, self.config.storage_options, part, shard_ids,
+                                              self.config.store_timeout), done)
 
     def close(self) -> None:
         self.pool.kill()

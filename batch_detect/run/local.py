@@ -13,7 +13,6 @@ module, which would run an unguarded script calling `pipeline.run` again in ever
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import pickle
@@ -28,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Iterator
 
+from ..errors import StoreUnavailable
 from ..inputs.plan import Shard
 from .sizing import machine_memory, workers_fitting
 from ..output.sink import OutputStore
@@ -113,8 +113,7 @@ class LocalDispatcher:
         # A run that stops on an exception (Ctrl-C, SIGTERM, a lost lease) leaves its parts to the next run
         # (compaction is idempotent): the one being written stops at its next batch, the rest never start.
         self._abandoned = threading.Event()
-        self._compaction_store = copy.copy(store)
-        self._compaction_store.fence = partial(_compaction_fence, store, self._abandoned)
+        self._compaction_store = store.fenced_copy(partial(_compaction_fence, store, self._abandoned))
 
     @property
     def inflight(self) -> list[Shard]:
@@ -171,6 +170,8 @@ class LocalDispatcher:
                 continue
             if kind == "ready":
                 continue
+            if kind == "unavailable":  # the store, not the worker: Ray would find it no better
+                raise StoreUnavailable(payload)
             if kind == "done":
                 worker.inflight.popleft()
                 if not self.stopping:
@@ -247,6 +248,9 @@ def _worker_main(driver_pid: int) -> int:
 
     try:
         processor = ShardProcessor(pickle.load(commands), NODE_ID)
+    except StoreUnavailable as exc:
+        reply("unavailable", str(exc))
+        return 1
     except Exception as exc:  # e.g. the model changed: Ray's path reports it the way it reports it for actors
         reply("error", f"{type(exc).__name__}: {exc}")
         return 1
@@ -262,6 +266,9 @@ def _worker_main(driver_pid: int) -> int:
             os._exit(0)
         try:
             reply("done", processor.process(shard))
+        except StoreUnavailable as exc:
+            reply("unavailable", str(exc))
+            return 1
         except Exception as exc:
             reply("error", f"shard {shard.shard_id}: {type(exc).__name__}: {exc}")
             return 1

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..config import RunConfig
-from ..errors import count
+from ..errors import StoreUnavailable, count
 from ..inputs.history import changed_since_planned
 from ..output.sink import LAYOUT, PLAN_DIR
 from .feed import Planning, first_shard_of
@@ -73,10 +73,12 @@ def start(config: RunConfig, ready: Prepared) -> dict:
 def stopped(manifest: dict, state, config: RunConfig, planning: Planning, done_before: int, labels,
             exc: BaseException) -> None:
     """The manifest of a run that ended early: interrupted (Ctrl-C, SIGTERM) or failed, with what it committed."""
-    interrupted = isinstance(exc, KeyboardInterrupt)
+    # A store outage past --store-timeout interrupts the run as Ctrl-C does: nothing is wrong with the
+    # job, and the same command goes on from what is committed.
+    interrupted = isinstance(exc, (KeyboardInterrupt, StoreUnavailable))
     status = "interrupted" if interrupted else "failed"
     manifest.update(status=status, finished_at=now(),
-                    error=None if interrupted else f"{type(exc).__name__}: {exc}"[:2000],
+                    error=None if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"[:2000],
                     counts=counts(state, done_before, labels))
     manifest["runs"] = manifest["runs"] + [run_entry(manifest, state, planning.run, status, config)]
 

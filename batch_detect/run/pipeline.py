@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..errors import OutputError, Terminated
+from ..outage import configure as configure_outage
 from ..output.commitlog import CommitLog
 from ..output.lease import Lease
 from ..output.sink import MANIFEST, OutputStore
@@ -53,6 +54,7 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phas
     per staged shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
     `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is)."""
     t_start = time.perf_counter()
+    configure_outage(config.store_timeout)
     store = check_before_writing(config)  # before the lease: it is the run's first request to the output
     # An existing output is leased before its log is read: two drivers must never plan on one state.
     lease = Lease.acquire(store) if not config.overwrite and store.exists(MANIFEST) else None

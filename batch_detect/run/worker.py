@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from ..inputs.containers import Item, iter_parquet, iter_tar
 from ..model.detector import Detector, ImageFailure, ImageResult
-from ..errors import ModelError, failure_fields
+from ..errors import ModelError, StoreUnavailable, failure_fields
+from .. import outage
 from ..model.interpreter import load_backend, read_model, sha256
 from ..inputs.plan import Shard
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, ReadAhead
@@ -59,12 +60,14 @@ class WorkerSettings:
     anchors: np.ndarray | None = None  # --anchors as the driver read it: workers need not see the file
     read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency
     decode_threads: int | None = None  # None: decode_threads(num_threads, depth); 0: on the interpreter's thread
+    store_timeout: float = outage.DEFAULT_BUDGET_S  # --store-timeout: how long this process waits out a store
 
 
 class ShardProcessor:
     """Holds one interpreter for its lifetime; processes whole shards and stages their rows itself."""
 
     def __init__(self, settings: WorkerSettings, node_id: str):
+        outage.configure(settings.store_timeout)
         backend = load_backend(settings.backend)
         # Each worker streams the model from its URL (a restart reads it again), and runs only the
         # exact bytes the driver checked.
@@ -311,6 +314,8 @@ def _read(uri: str, get_bytes):
     t0 = time.perf_counter()
     try:
         return get_bytes(), None, time.perf_counter() - t0
+    except StoreUnavailable:
+        raise  # the whole shard stops: no image becomes a failure record for the store's outage
     except Exception as exc:
         return None, ImageFailure(uri, *failure_fields(exc, "read")), time.perf_counter() - t0
 

@@ -1,0 +1,189 @@
+"""Store outages on the real S3 protocol (moto's server behind a fault proxy on 127.0.0.1): a storm of 503
+SlowDown on every request for longer than the storage library's retries, connection resets, requests that
+time out and random 503s are waited out (outage.py): exit 0, no failure record, every image once, `verify`
+OK. A storm longer than --store-timeout stops the run in one sentence, and the same command resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import duckdb
+import pytest
+import s3fs
+
+from batch_detect.commands.verify import verify
+from batch_detect.config import RunConfig
+from batch_detect.errors import StoreUnavailable
+from batch_detect.outage import OUTAGE, is_transient
+from batch_detect.run.pipeline import run
+from batch_detect.synthetic import write_dataset
+from flaky_proxy import FlakyProxy
+from helpers import recall_precision
+
+KEYS = {"key": "testing-key-id", "secret": "testing-secret"}
+# The library's own retries made short (one attempt per botocore call; s3fs still tries a few times within a
+# second or two): a storm of a few seconds already outlasts them, as a minute's storm outlasts the defaults.
+SHORT_LIBRARY_RETRIES = {"retries": {"max_attempts": 1}, "read_timeout": 2, "connect_timeout": 2}
+
+
+@pytest.fixture
+def stormy(s3_server, tmp_path, models_dir):
+    """A bucket holding images, model and labels, and a fault proxy in front of the server."""
+    fs = s3fs.S3FileSystem(**KEYS, endpoint_url=s3_server)
+    name = f"bd-{os.getpid()}-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    fs.mkdir(name)
+    local = tmp_path / "images"
+    truth = write_dataset(str(local), 96, seed=31)
+    fs.put(str(local) + "/", f"{name}/in/", recursive=True)
+    fs.put(os.path.join(models_dir, "shapes_ssd_uint8.tflite"), f"{name}/models/m.tflite")
+    fs.put(os.path.join(models_dir, "shapes_labels.txt"), f"{name}/models/labels.txt")
+    with FlakyProxy(s3_server) as proxy:
+        yield name, fs, truth, proxy
+
+
+def options(proxy: FlakyProxy) -> dict:
+    return {**KEYS, "endpoint_url": proxy.url, "config_kwargs": SHORT_LIBRARY_RETRIES}
+
+
+def config(name: str, proxy: FlakyProxy, out: str = "out", **extra) -> RunConfig:
+    return RunConfig(model=f"s3://{name}/models/m.tflite", labels=f"s3://{name}/models/labels.txt",
+                     input=f"s3://{name}/in/", output=f"s3://{name}/{out}", shard_size=8,
+                     storage_options=options(proxy), **extra)
+
+
+def storm_when(proxy: FlakyProxy, ready, phases: list[tuple[str, float]]) -> threading.Thread:
+    """Once `ready()`, each phase in turn: ("storm", s): every request 503 SlowDown; ("slow", s): every answer
+    later than the client's read timeout."""
+    def go():
+        deadline = time.monotonic() + 120
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for kind, seconds in phases:
+            if kind == "storm":
+                proxy.storm = True
+            else:
+                proxy.latency_s = SHORT_LIBRARY_RETRIES["read_timeout"] + 1.0
+            time.sleep(seconds)
+            proxy.storm, proxy.latency_s = False, 0.0
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def staged(proxy: FlakyProxy) -> bool:
+    return any(method == "PUT" and "/_staging/" in path for method, path in list(proxy.requests))
+
+
+def check_output(name: str, fs, truth: dict, tmp_path, out: str = "out") -> None:
+    """Every image once, none failed, boxes right, and `verify` finds the output whole."""
+    local = tmp_path / f"{out}-copy"
+    fs.get(f"{name}/{out}/", str(local) + "/", recursive=True)
+    rows, distinct = duckdb.execute(
+        f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('{local}/images/*.parquet')").fetchone()
+    assert rows == distinct == len(truth), (rows, distinct, len(truth))
+    failures = duckdb.execute(f"SELECT count(*) FROM read_parquet('{local}/failures/*.parquet')").fetchone()[0]
+    assert failures == 0
+    predicted: dict = {}
+    for uri, *box in duckdb.execute(f"SELECT uri, class_id, xmin, ymin, xmax, ymax FROM "
+                                    f"read_parquet('{local}/detections/*.parquet')").fetchall():
+        predicted.setdefault(os.path.basename(uri), []).append(tuple(box))
+    expected = {k: [(b.class_id, b.xmin, b.ymin, b.xmax, b.ymax) for b in v] for k, v in truth.items()}
+    recall, precision = recall_precision(expected, predicted)
+    assert recall >= 0.9 and precision >= 0.9, (recall, precision)
+    report = verify(str(local))
+    assert report.ok, report.problems
+
+
+def test_transient_and_permanent_errors_as_the_store_gives_them(stormy):
+    name, fs, truth, proxy = stormy
+    client = s3fs.S3FileSystem(**options(proxy), skip_instance_cache=True)
+    proxy.storm = True
+    with pytest.raises(OSError) as throttled:
+        client.cat_file(f"{name}/in/{next(iter(truth))}")
+    proxy.storm = False
+    with pytest.raises(FileNotFoundError) as missing:
+        client.cat_file(f"{name}/in/no-such-image.jpg")
+    proxy.reset_fraction = 1.0
+    with pytest.raises(Exception) as reset:
+        client.cat_file(f"{name}/in/{next(iter(truth))}")
+    proxy.reset_fraction = 0.0
+    assert is_transient(throttled.value), repr(throttled.value)
+    assert is_transient(reset.value), repr(reset.value)
+    assert not is_transient(missing.value)
+
+
+def test_storms_resets_and_timeouts_are_waited_out_by_worker_processes(stormy, tmp_path):
+    """A 503 storm on every request (input, model, output) for far longer than the library's retries, then
+    a spell of requests that time out, with random 503s and resets throughout: nothing fails."""
+    name, fs, truth, proxy = stormy
+    proxy.fail_fraction, proxy.reset_fraction = 0.03, 0.01
+    weather = storm_when(proxy, lambda: staged(proxy), [("storm", 12.0), ("slow", 5.0)])
+    t0 = time.monotonic()
+    manifest = run(config(name, proxy, store_timeout=120)).manifest
+    weather.join(30)
+    assert manifest["status"] == "complete", manifest.get("error")
+    assert manifest["cluster"]["executor"] != "ray" and manifest["cluster"]["without_ray"]["handed_to_ray"] == 0, \
+        manifest["cluster"]  # the workers waited: none failed over to Ray
+    assert manifest["counts"]["failures"] == 0 and manifest["counts"]["images"] == len(truth)
+    assert proxy.storm_answers > 0 and proxy.injected > 0 and proxy.resets > 0, "the weather never reached the store"
+    assert time.monotonic() - t0 > 12, "the run ended before the storm did: it was not waited out"
+    assert OUTAGE.retries > 0  # the driver's own requests waited too (its commit log, the lease)
+    check_output(name, fs, truth, tmp_path)
+
+
+def test_a_storm_is_waited_out_on_ray(local_ray, stormy, tmp_path):
+    name, fs, truth, proxy = stormy
+    proxy.fail_fraction = 0.03
+    weather = storm_when(proxy, lambda: staged(proxy), [("storm", 25.0)])  # past the actors' call deadline (20 s)
+    manifest = run(config(name, proxy, store_timeout=120)).manifest
+    weather.join(40)
+    assert manifest["status"] == "complete" and "without_ray" not in manifest["cluster"], manifest["cluster"]
+    assert manifest["counts"]["failures"] == 0 and manifest["counts"]["images"] == len(truth)
+    assert proxy.storm_answers > 0
+    check_output(name, fs, truth, tmp_path)
+
+
+def test_a_storm_past_store_timeout_stops_in_one_sentence_and_the_same_command_resumes(stormy, tmp_path):
+    name, fs, truth, proxy = stormy
+    proxy.latency_s = 0.01  # a few seconds of run: the storm begins well before its end
+    so = options(proxy)
+    cmd = [sys.executable, "-m", "batch_detect", "run", "--model", f"s3://{name}/models/m.tflite",
+           "--labels", f"s3://{name}/models/labels.txt", "--input", f"s3://{name}/in/",
+           "--output", f"s3://{name}/out", "--shard-size", "8", "--store-timeout", "3",
+           *(a for k, v in so.items() for a in ("--storage-option", f"{k}={json.dumps(v) if isinstance(v, dict) else v}"))]
+    weather = storm_when(proxy, lambda: staged(proxy), [("storm", 15.0)])
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    weather.join(30)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr, first.stderr[-3000:]
+    said = [line for line in first.stderr.splitlines() if line.startswith("batch-detect: ")]
+    assert said and "unavailable for" in said[-1] and "--store-timeout 3 s" in said[-1] \
+        and "re-run the same command" in said[-1], first.stderr[-3000:]
+    assert KEYS["secret"] not in first.stderr + first.stdout
+    manifest = json.loads(fs.cat_file(f"{name}/out/_manifest.json"))
+    assert manifest["status"] == "interrupted" and "StoreUnavailable" in manifest["error"], manifest.get("error")
+    assert manifest["counts"]["failures"] == 0
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    manifest = json.loads(fs.cat_file(f"{name}/out/_manifest.json"))
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == len(truth)
+    check_output(name, fs, truth, tmp_path)
+
+
+def test_permanent_errors_are_not_retried(stormy):
+    """A missing object is a failure record at once, not a wait (a 404 means the same thing next time)."""
+    name, fs, truth, proxy = stormy
+    listed = [f"s3://{name}/in/{k}" for k in sorted(truth)[:8]] + [f"s3://{name}/in/gone.jpg"]
+    fs.pipe(f"{name}/list.txt", "\n".join(listed).encode())
+    manifest = run(RunConfig(model=f"s3://{name}/models/m.tflite", input=f"s3://{name}/list.txt",
+                             output=f"s3://{name}/out-missing", storage_options=options(proxy),
+                             store_timeout=600)).manifest
+    assert manifest["counts"]["failure_types"] == {"read/not_found": 1}
+    assert OUTAGE.retries == 0
