@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .model.geometry import RESIZE_CHOICES
 from .model.preprocess import mean_std_spec
 from .inputs.storage import check_storage_options
+from .output.records import check_retry_kind
 
 NORMALIZATIONS = ("auto", "-1,1", "0,1", "0,255")
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")
@@ -70,6 +71,9 @@ class RunConfig:
     node_memory_share: float = 0.8  # of each node's Ray memory that detector actors may reserve
     overwrite: bool = False
     incremental: bool = False  # add what is new in the input to the output as a new run (see pipeline)
+    # Process again, as the next run, the images whose latest record is a failure of this kind: "all", a
+    # stage ("read") or a stage and type ("read/read_error"); None: off
+    retry_failures: str | None = None
     allow_nonempty_output: bool = False  # write into the input, or beside files that are not a previous run
     resume: bool = False  # re-running the same job into the same output resumes it anyway; this insists
     max_failure_rate: float | None = None  # exit non-zero (after committing) when failures exceed it
@@ -184,6 +188,13 @@ def _check_run_mode(config: RunConfig) -> None:
     if config.overwrite and config.incremental:
         raise ConfigError("--overwrite and --incremental contradict each other: --incremental keeps what the "
                           "output holds and adds what is new; --overwrite replaces it")
+    if config.retry_failures is not None:
+        if config.overwrite or config.incremental:
+            other = "--overwrite" if config.overwrite else "--incremental"
+            raise ConfigError(f"--retry-failures and {other} are different runs: run one, then the other")
+        if config.retry_failures != "all" and (why := check_retry_kind(config.retry_failures)):
+            raise ConfigError(f"--retry-failures {config.retry_failures!r}: {why} (give STAGE or STAGE/TYPE "
+                              "as the failures table has them, e.g. read or read/read_error, or nothing for all)")
 
 
 # How each image is detected: shard and batch sizes, pixels in, detections out.

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET_S = 600.0
 FIRST_WAIT_S = 0.5
 MAX_WAIT_S = 8.0  # between tries at the most: a store back from an outage is found within this
+REPORT_EVERY_S = 30.0  # an ongoing outage is said again this often ("unavailable for 45 s, retrying")
 # S3 error codes and HTTP statuses that a later request may not get (throttling, overload, a restart).
 TRANSIENT_CODES = frozenset({
     "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed", "Throttling",
@@ -87,6 +88,7 @@ class OutageState:
     retries: int
     outages: int
     last_error: str | None
+    longest_s: float  # the longest outage that ended
 
 
 class Outage:
@@ -101,17 +103,21 @@ class Outage:
         self._tries = 0  # failed tries in this outage: the backoff's exponent
         self.retries = 0  # over the process's life, for metrics
         self.outages = 0
+        self.longest_s = 0.0
+        self._said = 0.0  # when an ongoing outage was last reported
         self.last_error: str | None = None
         self.store: str | None = None  # the store that failed last, for messages
 
     def reset(self, budget_s: float = DEFAULT_BUDGET_S) -> None:
         with self._lock:
             self.budget_s, self._since, self._tries, self._resume_at = budget_s, None, 0, 0.0
+            self.retries = self.outages = 0
+            self.longest_s = 0.0
 
     def state(self) -> OutageState:
         since = self._since
         return OutageState(None if since is None else time.monotonic() - since, self.retries, self.outages,
-                           self.last_error)
+                           self.last_error, self.longest_s)
 
     def call(self, fn, *args, what: str = "a request", store: str | None = None, before_retry=None, **kwargs):
         """fn(*args, **kwargs), tried again on transient errors until the store has been unavailable for the
@@ -154,11 +160,15 @@ class Outage:
             detail = f"{type(exc).__name__}: {exc}"[:200]
             self.last_error, self.store = detail, store or self.store
             if self._since is None:
-                self._since, self._tries = now, 0
+                self._since, self._tries, self._said = now, 0, now
                 self.outages += 1
-                log.warning("%s did not answer %s (%s); retrying for up to %.0f s", store or "the store", what,
-                            detail, self.budget_s)
+                log.warning("%s did not answer (%s: %s); pausing and retrying for up to %.0f s (--store-timeout)",
+                            store or "the store", what, detail, self.budget_s)
             down = now - self._since
+            if now - self._said >= REPORT_EVERY_S:
+                self._said = now
+                log.warning("%s unavailable for %.0f s, retrying (last error: %s; stops after %.0f s)",
+                            store or "the store", down, detail, self.budget_s)
             if down > self.budget_s:
                 raise StoreUnavailable(
                     f"{store or 'the object store'} was unavailable for {down:.0f} s (last error: {detail}), longer "
@@ -175,7 +185,9 @@ class Outage:
             return
         with self._lock:
             if self._since is not None:
-                log.warning("%s answers again after %.0f s", self.store or "the store", time.monotonic() - self._since)
+                down = time.monotonic() - self._since
+                self.longest_s = max(self.longest_s, down)
+                log.warning("%s answers again after %.0f s unavailable; going on", self.store or "the store", down)
                 self._since, self._tries, self._resume_at = None, 0, 0.0
 
 

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                 b"<Message>Access Denied</Message></Error>")
 
 
 class FlakyProxy:
@@ -36,6 +38,7 @@ class FlakyProxy:
         self.storm_answers = 0  # requests answered 503 by a storm
         self.reset_fraction = 0.0
         self.resets = 0
+        self.denied: set[str] = set()  # object paths (/bucket/key) answered 403 AccessDenied
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +80,13 @@ class FlakyProxy:
                     with proxy.lock:
                         proxy.storm_answers += 1
                     self._slow_down()
+                    return
+                if is_object_get and path in proxy.denied:
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(ACCESS_DENIED)))
+                    self.end_headers()
+                    self.wfile.write(ACCESS_DENIED)
                     return
                 if is_object_get:
                     with proxy.lock:

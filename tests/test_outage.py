@@ -134,6 +134,8 @@ def test_storms_resets_and_timeouts_are_waited_out_by_worker_processes(stormy, t
     assert proxy.storm_answers > 0 and proxy.injected > 0 and proxy.resets > 0, "the weather never reached the store"
     assert time.monotonic() - t0 > 12, "the run ended before the storm did: it was not waited out"
     assert OUTAGE.retries > 0  # the driver's own requests waited too (its commit log, the lease)
+    store = manifest["store"]
+    assert store["worker_retries"] > 0 and store["driver_retries"] > 0 and store["longest_outage_s"] >= 5, store
     check_output(name, fs, truth, tmp_path)
 
 
@@ -166,6 +168,7 @@ def test_a_storm_past_store_timeout_stops_in_one_sentence_and_the_same_command_r
     assert said and "unavailable for" in said[-1] and "--store-timeout 3 s" in said[-1] \
         and "re-run the same command" in said[-1], first.stderr[-3000:]
     assert KEYS["secret"] not in first.stderr + first.stdout
+    assert "pausing and retrying for up to 3 s (--store-timeout)" in first.stderr, first.stderr[-3000:]
     manifest = json.loads(fs.cat_file(f"{name}/out/_manifest.json"))
     assert manifest["status"] == "interrupted" and "StoreUnavailable" in manifest["error"], manifest.get("error")
     assert manifest["counts"]["failures"] == 0
@@ -187,3 +190,56 @@ def test_permanent_errors_are_not_retried(stormy):
                              store_timeout=600)).manifest
     assert manifest["counts"]["failure_types"] == {"read/not_found": 1}
     assert OUTAGE.retries == 0
+
+
+def test_retry_failures_processes_exactly_those_images_again_as_the_next_run(stormy, tmp_path):
+    """Images whose GET was denied become `read/permission_denied` records, a corrupt one a `decode` record.
+    Once access is back, `--retry-failures read` processes exactly the five denied images as run 2 (the
+    README's current-rows query then shows every image but the corrupt one processed), a second time finds
+    nothing to retry, and `--retry-failures decode` takes only the corrupt image again (which fails again)."""
+    from batch_detect.output.records import retryable_by_type
+    from batch_detect.output.sink import OutputStore
+
+    name, fs, truth, proxy = stormy
+    fs.pipe(f"{name}/in/zz_corrupt.jpg", b"\xff\xd8 not really a jpeg")
+    denied = sorted(truth)[3:8]
+    proxy.denied = {f"/{name}/in/{k}" for k in denied}
+    first = run(config(name, proxy)).manifest
+    types = first["counts"]["failure_types"]
+    assert types.pop("read/permission_denied") == 5 and list(types) == ["decode/unidentified_image"], types
+    proxy.denied = set()
+    store = OutputStore(f"s3://{name}/out", options(proxy))
+    assert retryable_by_type(store) == {"decode/unidentified_image": 1, "read/permission_denied": 5}
+    shown = subprocess.run([sys.executable, "-m", "batch_detect", "status", f"s3://{name}/out",
+                            *(a for k, v in options(proxy).items() for a in
+                              ("--storage-option", f"{k}={json.dumps(v) if isinstance(v, dict) else v}"))],
+                           capture_output=True, text=True, timeout=120)
+    assert "retryable (latest record a failure): decode/unidentified_image 1, read/permission_denied 5" \
+        in shown.stdout, shown.stdout + shown.stderr[-2000:]
+
+    second = run(config(name, proxy, retry_failures="read"))
+    manifest = second.manifest
+    assert second.nothing_new is None and manifest["run_id"] == 2 and manifest["status"] == "complete"
+    entry = manifest["runs"][-1]
+    assert entry["retried"] == 5 and entry["images"] == 5 and entry["failures"] == 0, entry
+    local = tmp_path / "copy"
+    fs.get(f"{name}/out/", str(local) + "/", recursive=True)
+    run2 = {os.path.basename(u) for (u,) in duckdb.execute(
+        f"SELECT uri FROM read_parquet('{local}/images/*.parquet') WHERE run_id = 2").fetchall()}
+    assert run2 == set(denied)
+    current = dict(duckdb.execute(f"""
+        WITH latest AS (
+          SELECT uri, max(run_id) AS run_id FROM (
+            SELECT uri, run_id FROM read_parquet('{local}/images/*.parquet')
+            UNION ALL SELECT uri, run_id FROM read_parquet('{local}/failures/*.parquet'))
+          GROUP BY uri)
+        SELECT regexp_extract(uri, '[^/]+$'), f.stage FROM latest LEFT JOIN read_parquet('{local}/failures/*.parquet') f
+          USING (uri, run_id)""").fetchall())
+    assert len(current) == len(truth) + 1
+    assert {k for k, stage in current.items() if stage is not None} == {"zz_corrupt.jpg"}
+    assert retryable_by_type(store) == {"decode/unidentified_image": 1}
+
+    again = run(config(name, proxy, retry_failures="read"))
+    assert again.nothing_new is not None and again.nothing_new["retried"] == 0
+    third = run(config(name, proxy, retry_failures="decode")).manifest
+    assert third["run_id"] == 3 and third["runs"][-1]["retried"] == 1 and third["runs"][-1]["failures"] == 1

@@ -129,6 +129,9 @@ def _output_options(g) -> None:
     _option(g, "--incremental", "process only what is new or changed in the input since the runs "
             "already in --output, as a new run (rows carry its run_id); nothing new: says so and exits 0",
             action="store_true")
+    _option(g, "--retry-failures", "process again, as a new run, only the images whose latest record is a "
+            "failure: all of them, those of a stage (read) or of a stage and type (read/read_error)",
+            nargs="?", const="all", metavar="STAGE[/TYPE]", default="off")
     _option(g, "--allow-nonempty-output", "write into an --output inside the input, or one holding "
             "files that are not a previous run's", action="store_true")
 
@@ -581,6 +584,9 @@ def _print_nothing_new(summary, as_json: bool) -> None:
             from ..inputs.history import changed_since_planned
 
             print(f"batch-detect: warning: {changed_since_planned(n['changed'])}", file=sys.stderr)
+    elif "retried" in n:
+        print(f"nothing to retry: none of the {n['unchanged']} images listed has such a failure as its latest "
+              f"record in {summary.output}; nothing was written ({n['total_s']:.1f}s)")
     else:
         print(f"nothing new: {n['unchanged']} objects listed, all processed by the {n['runs']} runs in "
               f"{summary.output}; nothing was written ({n['total_s']:.1f}s)")

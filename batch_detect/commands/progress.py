@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 import time
 
+from ..outage import OUTAGE
+
 
 class Progress:
     def __init__(self, total_images: int | None, total_shards: int | None, stream=None, interval_s: float = 60.0,
@@ -53,13 +55,15 @@ class Progress:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             total = self.total
         pct = 100.0 * frac
+        down = OUTAGE.state().unavailable_s
+        paused = f" | store unavailable for {down:.0f} s, retrying" if down is not None else ""
         if self.tty:
             width = 24
             filled = int(width * frac)
             bar = "#" * filled + "-" * (width - filled)
             # counts are of committed shards: a worker logs a failure before its shard commits
             line = (f"\r[{bar}] {self.done}/{total} images committed {pct:5.1f}% | {rate:6.1f} img/s | "
-                    f"{self.failed} failed | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}")
+                    f"{self.failed} failed | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}{paused}")
             self.stream.write(line)
             self.line_open = True
             if self.shards == self.total_shards:
@@ -67,7 +71,7 @@ class Progress:
         else:
             self.stream.write(f"progress: {self.done}/{total} images committed ({pct:.1f}%), {rate:.1f} img/s, "
                               f"{self.failed} failed, shards {self.shards}/{self.total_shards or '?'}, "
-                              f"ETA {_eta(eta)}\n")
+                              f"ETA {_eta(eta)}{paused.replace(' |', ';')}\n")
         self.stream.flush()
 
     def end_line(self) -> None:

@@ -18,6 +18,7 @@ from ..errors import ReadError
 from ..inputs.plan import Shard
 from ..model.preprocess import decode_image
 from ..inputs.reading import Reader
+from ..output.records import retryable_by_type
 from ..output.sink import MANIFEST, OutputStore
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -69,6 +70,7 @@ def summarize(output: str, storage_options: dict | None = None, samples: int = 1
     return {
         "manifest": manifest, "per_class": per_class.most_common(), "score_bins": bins,
         "failure_types": failure_types.most_common(), "failure_rows": failure_rows,
+        "retryable": retryable_by_type(store) if failure_types else {},
         "no_detections": no_detections,
         "best": sorted(best, key=lambda u: (-best[u], u)), "empty": empty,
         "output": output,
@@ -87,6 +89,8 @@ def render_text(summary: dict) -> str:
         "detections per class: " + (", ".join(f"{k} {v}" for k, v in summary["per_class"]) or "none"),
         "scores: " + " ".join(f"{i / 10:.1f}-{(i + 1) / 10:.1f}:{n}" for i, n in enumerate(summary["score_bins"]) if n),
         "failures: " + (", ".join(f"{k} {v}" for k, v in summary["failure_types"]) or "none"),
+        *([f"retryable (latest record a failure; --retry-failures STAGE[/TYPE]): "
+           + ", ".join(f"{k} {v}" for k, v in summary["retryable"].items())] if summary.get("retryable") else []),
         # the run's own warnings: e.g. why classes show as "class 1" (no labels)
         *(f"warning: {w}" for w in m.get("warnings", [])),
     ]

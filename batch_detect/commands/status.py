@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from ..output.commitlog import read_state
+from ..output.records import retryable_by_type
 from ..errors import OutputError, count
 from ..output.sink import MANIFEST, OutputStore
 
@@ -51,6 +52,8 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
         "last_commit_s_ago": None if last_commit is None else round(now - last_commit, 1),
         "nodes": len({r[2] for r in recent}), "actors": len({(r[2], r[3]) for r in recent}),
         "last_error": manifest.get("error"),
+        # Read from the parts once the run ended (while it runs, its newest rows are not in parts yet)
+        "retryable": retryable_by_type(store) if ended and state.totals["failures"] else {},
     }
 
 
@@ -79,6 +82,10 @@ def render(s: dict) -> str:
                      "gone; re-running the same command resumes the run")
     if s["failures_by_type"]:
         lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in sorted(s["failures_by_type"].items())))
+    if s["retryable"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in s["retryable"].items())
+        lines.append(f"retryable (latest record a failure): {kinds}; `batch-detect run ... --retry-failures STAGE[/TYPE]` "
+                     "processes them again as a new run")
     if s["last_error"]:
         lines.append(f"last error: {s['last_error']}")
     return "\n".join(lines)

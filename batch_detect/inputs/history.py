@@ -31,10 +31,12 @@ class Selection:
     changed: int = 0  # planned by an earlier run, with another version
     unchanged: int = 0  # planned by an earlier run with this version (or with none recorded)
     planned_this_run: int = 0  # already in this run's plan (a resumed run)
+    retried: int | None = None  # a --retry-failures run: listed images whose latest record was such a failure
 
     def facts(self) -> dict:
-        return {"new": self.new, "changed": self.changed, "unchanged": self.unchanged,
-                "planned_this_run": self.planned_this_run}
+        out = {"new": self.new, "changed": self.changed, "unchanged": self.unchanged,
+               "planned_this_run": self.planned_this_run}
+        return out if self.retried is None else {**out, "retried": self.retried}
 
 
 def passes(state) -> list[tuple[int, list[dict]]]:
@@ -124,6 +126,22 @@ def select_new(store, state, current_run: int, counts: Selection, window: int = 
                     yield uri, version
                 else:
                     counts.unchanged += 1
+
+    return select
+
+
+def select_failed(failing: dict[str, str], counts: Selection):
+    """A `plan_input` select for --retry-failures: the listed images in `failing` (the rest count as
+    unchanged). An image deleted since is not listed, so not retried."""
+    counts.retried = 0
+
+    def select(listed: Iterator[Listed]) -> Iterator[Listed]:
+        for uri, version in listed:
+            if uri in failing:
+                counts.retried += 1
+                yield uri, version
+            else:
+                counts.unchanged += 1
 
     return select
 

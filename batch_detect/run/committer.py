@@ -40,9 +40,11 @@ class Committer:
             if not p["done"]:
                 self._start(p["part"], p["first"], p["end"])
 
-    def start_run(self, run: int, first_chunk: int, first_shard: int, incremental: bool) -> None:
+    def start_run(self, run: int, first_chunk: int, first_shard: int, incremental: bool,
+                  retry: str | None = None) -> None:
         self.log.append({"ev": "run", "run": run, "first_chunk": first_chunk, "first_shard": first_shard,
-                         "incremental": incremental, "t": round(time.time(), 2)})
+                         "incremental": incremental, **({"retry": retry} if retry else {}),
+                         "t": round(time.time(), 2)})
 
     def relist(self, run: int, first_chunk: int) -> None:
         self.log.append({"ev": "relist", "run": run, "first_chunk": first_chunk, "t": round(time.time(), 2)})

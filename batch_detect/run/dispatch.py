@@ -92,7 +92,8 @@ class Dispatch:
         self.committer = Committer(commit_log, self._compact, part_rows=config.part_rows)
         planning = ready.planning
         if planning.mode in ("fresh", "new-run"):
-            self.committer.start_run(self.run_no, planning.first_chunk, planning.first_shard, config.incremental)
+            self.committer.start_run(self.run_no, planning.first_chunk, planning.first_shard, config.incremental,
+                                     config.retry_failures)
         elif planning.mode == "continue":
             self.committer.relist(self.run_no, planning.first_chunk)
         self.settings = self._settings()

@@ -18,8 +18,9 @@ from typing import Iterator
 from ..output.commitlog import LogState
 from ..config import RunConfig
 from ..errors import OutputError
-from ..inputs.history import Selection, select_new, version_changed, with_versions
+from ..inputs.history import Selection, select_failed, select_new, version_changed, with_versions
 from ..inputs.plan import Chunk, PlanStream, chunked, stored_shards
+from ..output.records import latest_failures
 from ..output.sink import OutputStore
 
 
@@ -52,6 +53,8 @@ def planning_for(config: RunConfig, store: OutputStore, previous: dict | None, s
         return Planning("fresh", 1, select=lambda listed: select_from(with_versions(listed, so)), selection=selection)
     runs = state.runs
     last = runs[-1]["run"] if runs else 1
+    if config.retry_failures is not None:
+        return _retry_planning(config, store, previous, state, last)
     if not config.incremental:
         if len(runs) > 1 or any(len(r.get("passes", ())) > 1 for r in runs):
             raise OutputError(
@@ -68,6 +71,30 @@ def planning_for(config: RunConfig, store: OutputStore, previous: dict | None, s
     return Planning("new-run" if closed else "continue", run, first_shard=state.planned_end,
                     first_chunk=len(state.chunks), select=lambda listed: select_from(with_versions(listed, so)),
                     selection=selection, pending=pending)
+
+
+def _retry_planning(config: RunConfig, store: OutputStore, previous: dict | None, state, last: int) -> Planning:
+    """--retry-failures: the next run, of the listed images whose latest record is a failure of that kind."""
+    if previous is None:
+        raise OutputError(f"--retry-failures: output {config.output!r} holds no run whose failures could be retried")
+    closed = state.finished and previous.get("status") == "complete" and previous.get("run_id") == last
+    if not closed and state.runs[-1].get("retry") is None:
+        raise OutputError(f"--retry-failures: the last run in {config.output!r} is unfinished: finish it first "
+                          "(re-run the command that started it), then retry its failures")
+    run = last + 1 if closed else last
+    failing = latest_failures(store, None if config.retry_failures == "all" else config.retry_failures)
+    pending = []
+    if not closed:  # an interrupted retry run, resumed: its own plan first, then what it had not yet listed
+        mine = [c for c in state.chunks if c["first_shard"] >= first_shard_of(state, run)]
+        planned = {u for batch in store.iter_plan(mine, columns=["uri"]) for u in batch.column(0).to_pylist()}
+        failing = {u: kind for u, kind in failing.items() if u not in planned}
+        pending = [c for c in mine if state.committed[c["first_shard"]:c["first_shard"] + c["shards"]].count(1)
+                   < c["shards"]]
+    selection = Selection()
+    so = config.storage_options
+    return Planning("new-run" if closed else "continue", run, first_shard=state.planned_end,
+                    first_chunk=len(state.chunks), select=lambda listed: with_versions(
+                        select_failed(failing, selection)(listed), so), selection=selection, pending=pending)
 
 
 def first_shard_of(state, run: int) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import RunConfig
 from ..errors import StoreUnavailable, count
+from ..outage import OUTAGE
 from ..inputs.history import changed_since_planned
 from ..output.sink import LAYOUT, PLAN_DIR
 from .feed import Planning, first_shard_of
@@ -19,7 +20,8 @@ from .prepare import Prepared
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, MIB
 from .worker import PREFETCH, decode_threads
 
-_SUMMED = ("images", "failures", "read_decode_s", "infer_s", "read_s", "decode_s", "stall_s", "read_bytes")
+_SUMMED = ("images", "failures", "read_decode_s", "infer_s", "read_s", "decode_s", "stall_s", "read_bytes",
+           "store_retries")
 _MOST = ("images_ahead", "decode_depth", "peak_rss_mb")  # the most any worker had
 
 
@@ -114,6 +116,7 @@ def finish(manifest: dict, state, config: RunConfig, ready: Prepared, *, run_bef
     )
     manifest["runs"] = manifest["runs"] + [run_entry(manifest, state, run_no, manifest["status"], config)]
     manifest["sizing"] = sizing(config, manifest["cluster"], measured.costs, run_s)
+    manifest["store"] = store_facts(config, measured)
     manifest["warnings"] = (ready.label_warnings + warnings(manifest, ready.labels)
                             + ([changed_since_planned(changed)] if changed else []))
 
@@ -166,9 +169,19 @@ def run_entry(manifest: dict, state, run: int, status: str, config: RunConfig) -
             "incremental": config.incremental, "resumes": manifest["resumes"],
             "listed": facts.get("listed"),
             "new": facts.get("new"), "changed": facts.get("changed"), "unchanged": facts.get("unchanged"),
+            **({"retry_failures": config.retry_failures, "retried": facts.get("retried")}
+               if config.retry_failures else {}),
             "shards": [first, nxt], "planned": sum(c["items"] for c in state.chunks if first <= c["first_shard"] < nxt),
             "images": totals.get("images", 0), "failures": totals.get("failures", 0),
             "detections": totals.get("detections", 0)}
+
+
+def store_facts(config: RunConfig, measured: Measured) -> dict:
+    """How the run met its stores' outages (outage.py): requests its workers and its driver tried again."""
+    seen = OUTAGE.state()
+    return {"timeout_s": config.store_timeout, "worker_retries": measured.costs.get("store_retries", 0),
+            "driver_retries": seen.retries, "driver_outages": seen.outages,
+            "longest_outage_s": round(seen.longest_s, 1)}
 
 
 def sizing(config: RunConfig, cluster: dict, costs: dict, run_s: float) -> dict:

@@ -45,6 +45,8 @@ def _metrics():
                                   tag_keys=("output", "actor")),
         "infer_seconds": Counter(PREFIX + "infer_seconds", "Time spent in the interpreter, per actor",
                                  tag_keys=("output", "actor")),
+        "store_retries": Counter(PREFIX + "store_retries", "Store requests tried again after a transient error "
+                                 "(throttling, unreachable), per actor", tag_keys=("output", "actor")),
         "shards_committed": Counter(PREFIX + "shards_committed", "Shards the driver committed",
                                     tag_keys=("output",)),
         "shards_in_flight": Gauge(PREFIX + "shards_in_flight", "Shards sent to actors and not yet back",
@@ -67,7 +69,8 @@ def record_shard(output: str, actor: str, summary: dict, timings: dict) -> None:
         stages[stage] = stages.get(stage, 0) + n
     for stage, n in stages.items():
         m["failures"].inc(n, {**tags, "stage": stage})
-    for key, name in (("read_decode_s", "decode_seconds"), ("infer_s", "infer_seconds")):
+    for key, name in (("read_decode_s", "decode_seconds"), ("infer_s", "infer_seconds"),
+                      ("store_retries", "store_retries")):
         if timings.get(key):
             m[name].inc(timings[key], {**tags, "actor": actor})
 

@@ -107,9 +107,10 @@ class ShardProcessor:
         return {"images": rows.images, "detections": rows.detections, "failures": rows.failures}
 
     def process_timed(self, shard: Shard) -> tuple[dict, dict]:
-        t0 = time.perf_counter()
+        t0, retries = time.perf_counter(), outage.OUTAGE.retries
         rows, timings = self._run(shard)
         self.store.write_shard(shard.shard_id, rows.columns, shard.run)
+        timings["store_retries"] = outage.OUTAGE.retries - retries  # this process's, while the shard ran
         return summarize_shard(rows, timings, time.perf_counter() - t0, self.node_id), timings
 
     def process(self, shard: Shard) -> dict:
