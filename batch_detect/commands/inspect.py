@@ -23,7 +23,7 @@ def _ops(interp) -> list[str]:
 
 
 def inspect_model(url: str, normalization: str = "auto", storage_options: dict | None = None,
-                  output_format: str = "auto", anchors: str | None = None) -> dict:
+                  output_format: str = "auto", anchors: str | None = None, nms: str = "auto") -> dict:
     backend = load_backend()
     content = read_model(url, storage_options)
     # XNNPACK replaces what it can with DELEGATE nodes; a plain resolver shows the model's own ops.
@@ -65,7 +65,7 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
     if {"float32"} < dtypes and any(t.dtype in ("uint8", "int8") for t in outputs):
         warn.append("quantized outputs: they are dequantized with each tensor's scale and zero point")
     try:
-        info = inspect_interpreter(interp, normalization, output_format, anchors, content)
+        info = inspect_interpreter(interp, normalization, output_format, anchors, content, nms)
         report["family"] = info.layout.family
         report["decoding"] = info.describe()
         classes = model_classes(content, info.layout)
