@@ -370,3 +370,93 @@ def test_an_output_written_before_keypoints_is_not_resumed_into_mixed_schemas(re
     manifest.write_text(json.dumps({**written, "layout": 3}))  # as the version before keypoints left it
     with pytest.raises(OutputError, match="output layout 3, this one writes 4: its tables' columns differ"):
         _face_job(realworld, tmp_path / "out", resume=True)
+
+
+def _calc_scale(min_scale, max_scale, index, count):
+    return (min_scale + max_scale) / 2 if count == 1 else min_scale + (max_scale - min_scale) * index / (count - 1)
+
+
+def _ref_ssd_anchors_calculator(h, w, strides, interpolated=1.0, min_scale=0.1484375, max_scale=0.75):
+    """mediapipe/calculators/tflite/ssd_anchors_calculator.cc as its face, palm and pose graphs set it
+    (aspect ratio 1, offset 0.5, fixed_anchor_size), written out loop for loop: (cx, cy) per anchor."""
+    centres, layer = [], 0
+    while layer < len(strides):
+        scales, last = [], layer
+        while last < len(strides) and strides[last] == strides[layer]:
+            scales.append(_calc_scale(min_scale, max_scale, last, len(strides)))
+            if interpolated > 0.0:
+                after = 1.0 if last == len(strides) - 1 else _calc_scale(min_scale, max_scale, last + 1, len(strides))
+                scales.append(math.sqrt(scales[-1] * after))
+            last += 1
+        fm_h, fm_w = math.ceil(h / strides[layer]), math.ceil(w / strides[layer])
+        for y in range(fm_h):
+            for x in range(fm_w):
+                centres += [((x + 0.5) / fm_w, (y + 0.5) / fm_h)] * len(scales)
+        layer = last
+    return np.array(centres)
+
+
+# MediaPipe's published detector graphs: (input, strides, interpolated_scale_aspect_ratio, N)
+PUBLISHED = {"mediapipe face short range": ((128, 128), (8, 16, 16, 16), 1.0, 896),
+             "mediapipe face full range": ((192, 192), (4,), 0.0, 2304),
+             "mediapipe face back camera": ((256, 256), (16, 32, 32, 32), 1.0, 896),
+             "mediapipe palm": ((192, 192), (8, 16, 16, 16), 1.0, 2016),
+             "mediapipe pose": ((224, 224), (8, 16, 32, 32, 32), 1.0, 2254)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_each_published_layout_is_mediapipes_ssd_anchors_calculator(name):
+    (h, w), strides, interpolated, n = PUBLISHED[name]
+    ref = _ref_ssd_anchors_calculator(h, w, strides, interpolated)
+    layout = recognise_anchors("mediapipe", (h, w), n)
+    assert layout.name == name and len(ref) == n == len(layout.anchors)
+    assert np.allclose(layout.anchors[:, [1, 0]], ref, atol=1e-6)  # every centre, in order
+    assert np.all(layout.anchors[:, 2:] == 1.0)  # fixed_anchor_size
+
+
+def _fixture_specs():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "make_mediapipe_models.py")
+    spec = importlib.util.spec_from_file_location("make_mediapipe_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # TensorFlow is imported only to make them, not to read SPECS
+    return module.SPECS
+
+
+FIXTURE_LAYOUTS = {"mediapipe_face_full_range": "mediapipe face full range",
+                   "mediapipe_face_back_camera": "mediapipe face back camera",
+                   "mediapipe_palm": "mediapipe palm", "mediapipe_pose": "mediapipe pose"}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_LAYOUTS))
+def test_other_mediapipe_detectors_run_without_a_code_change(models_dir, tmp_path, name):
+    """Models with MediaPipe's face full range, back camera, palm and pose inputs and outputs (made by
+    tools/make_mediapipe_models.py: one known anchor lights up on a bright image) through `batch-detect run`:
+    the box and keypoints are where that anchor, found by the reference anchors calculator, puts them."""
+    import subprocess
+    import sys
+
+    h, w, n, k, anchor, box, points = _fixture_specs()[name]
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (300, 200), (255, 255, 255)).save(images / "white.png")
+    Image.new("RGB", (300, 200), (0, 0, 0)).save(images / "black.png")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "batch_detect", "run", "--model",
+                           os.path.join(models_dir, f"{name}.tflite"), "--input", str(images), "--output", str(out),
+                           "--score-threshold", "0.5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = duckdb.execute(f"""SELECT regexp_extract(uri, '[^/]+$'), class_id, score, [xmin, ymin, xmax, ymax],
+                              keypoints FROM read_parquet('{out}/detections/*.parquet')""").fetchall()
+    assert [r[:2] for r in rows] == [("white.png", 0)], rows  # nothing on the black image
+    _, _, score, got_box, got_points = rows[0]
+    published = PUBLISHED[FIXTURE_LAYOUTS[name]]
+    assert (h, w) == published[0] and n == published[3]
+    ax, ay = _ref_ssd_anchors_calculator(h, w, published[1], published[2])[anchor]
+    cx, cy, bw, bh = ax + box[0] / w, ay + box[1] / h, box[2] / w, box[3] / h
+    assert score == pytest.approx(1 / (1 + math.exp(-10)), abs=1e-5)
+    assert np.allclose(got_box, [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], atol=1e-5), (got_box, ax, ay)
+    assert len(got_points) == k
+    assert np.allclose([(p["x"], p["y"]) for p in got_points], [(ax + x / w, ay + y / h) for x, y in points],
+                       atol=1e-5)
