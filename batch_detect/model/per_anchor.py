@@ -145,11 +145,12 @@ def decode_mediapipe(arrays, layout: MediapipeLayout, score_threshold: float, in
     keep = np.flatnonzero(scores >= score_threshold)
     a, r = layout.anchors.anchors[keep], reg[keep]
     ih, iw = input_hw
-    size, centre = a[:, None, [3, 2]], a[:, None, [1, 0]]  # anchor (w, h) and (x, y), per point
-    points = r.reshape(len(r), r.shape[1] // 2, 2) / np.array([iw, ih], np.float32) * size + centre  # centre, size, keypoints
-    (cx, cy), (w, h) = points[:, 0].T, (points[:, 1] - centre[:, 0]).T
+    # a row's (x, y) pairs, input pixels → anchor sizes: the centre offset, the size, then the keypoints
+    pairs = r.reshape(len(r), r.shape[1] // 2, 2) / np.array([iw, ih], np.float32) * a[:, None, [3, 2]]
+    centre = a[:, None, [1, 0]]  # the anchor's (x, y)
+    (cx, cy), (w, h) = (pairs[:, 0] + centre[:, 0]).T, pairs[:, 1].T
     yxyx = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], 1)
-    kps = points[:, 2:]
+    kps = pairs[:, 2:] + centre
     if layout.nms == "weighted":
         return weighted_nms(yxyx, scores[keep], kps, MEDIAPIPE_NMS_IOU, layout.max_detections)
     kept = nms(yxyx[:, [1, 0, 3, 2]], scores[keep], np.zeros(len(keep), np.int32), MEDIAPIPE_NMS_IOU,
