@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test venv fixtures family-fixtures fixtures-venv bench clean
+.PHONY: demo test venv fixtures family-fixtures mediapipe-fixtures fixtures-venv bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ fixtures: fixtures-venv
 family-fixtures: fixtures-venv
 	PYTHONPATH=. .venv-fixtures/bin/python tools/make_family_models.py --out models/
 	PYTHONPATH=. $(BIN)/python tools/check_fixture_models.py
+
+# The MediaPipe-shaped fixtures (no training: seconds).
+mediapipe-fixtures: fixtures-venv
+	PYTHONPATH=. .venv-fixtures/bin/python tools/make_mediapipe_models.py --out models/
 
 fixtures-venv:
 	test -x .venv-fixtures/bin/python || $(PYTHON) -m venv .venv-fixtures

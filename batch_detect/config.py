@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from .config_types import check_type
 from .model.anchors import load_anchors
+from .model.per_anchor import NMS_CHOICES
 from .model.decoding import OUTPUT_FORMATS
 from .errors import ConfigError
 from .model.geometry import RESIZE_CHOICES
@@ -44,6 +45,7 @@ class RunConfig:
     input_std: list[float] | None = None
     output_format: str = "auto"  # force the decoder family: auto, ssd, yolov8, yolov5
     anchors: str | None = None  # raw per-anchor detectors: N x 4 cy, cx, h, w (.npy/.csv) instead of a known layout
+    nms: str = "auto"  # auto: the family's own (weighted for mediapipe, plain otherwise); plain; weighted (mediapipe)
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_draft: bool = True  # decode large JPEGs at reduced scale (never below the model input)
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # () means every file (or every tar member)
@@ -202,6 +204,7 @@ _DETECTION_CHECKS = (
     _fraction("score_threshold"), _at_least("shard_size", 1), _one_of("resize", RESIZE_CHOICES),
     _one_of("normalization", NORMALIZATIONS), _at_least("batch_size", 1), _check_pixel_scaling,
     _one_of("output_format", OUTPUT_FORMATS), _at_least("max_pixels", 1, "positive"), _check_anchors,
+    _one_of("nms", NMS_CHOICES),
 )
 # The workers: how many, and what each holds (threads, images ahead, memory).
 _WORKER_CHECKS = (

@@ -14,6 +14,7 @@ from .. import __version__
 from ..config import (_SECRET_KEY, INPUT_FORMATS, NORMALIZATIONS, PATH_KEYS, REQUIRED, RunConfig, config_from_values,
                      load_config_file)
 from ..model.decoding import OUTPUT_FORMATS
+from ..model.per_anchor import NMS_CHOICES
 from ..errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, StoreUnavailable, Terminated, count
 from ..model.geometry import RESIZE_CHOICES
 from .progress import Progress
@@ -109,6 +110,9 @@ def _model_options(g) -> None:
     _option(g, "--anchors", "raw per-anchor detectors (SSD without its post-processing op, MediaPipe): "
             "their anchors, N rows cy, cx, h, w normalised (.npy or .csv), where no known layout fits",
             metavar="FILE", default="recognised from the input size and N")
+    _option(g, "--nms", "non-maximum suppression: weighted (MediaPipe's: kept boxes and keypoints are score-"
+            "weighted means of those they suppress; mediapipe family only) or plain greedy; auto: the "
+            "family's own (weighted for mediapipe, plain for the rest)", choices=NMS_CHOICES)
     _option(g, "--score-threshold", "detections below it are not written", type=float,
             metavar="S")
     _option(g, "--resize", "how images are fitted to the model input; auto: letterbox for YOLO, "
@@ -220,6 +224,7 @@ def _inspect_parser(sub) -> None:
     ins.add_argument("--normalization", choices=NORMALIZATIONS, default="auto")
     ins.add_argument("--output-format", choices=OUTPUT_FORMATS, default="auto")
     ins.add_argument("--anchors", metavar="FILE", help="a raw per-anchor detector's anchors (N x 4 cy, cx, h, w)")
+    ins.add_argument("--nms", choices=NMS_CHOICES, default="auto", help="as for run")
     _storage_flag(ins)
     _json_flag(ins, "report")
 
@@ -470,7 +475,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_model, render
 
     report = inspect_model(args.model, args.normalization, dict(args.storage_option), args.output_format,
-                           args.anchors)
+                           args.anchors, args.nms)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if report["family"] else 1
 

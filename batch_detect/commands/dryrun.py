@@ -57,7 +57,8 @@ def dry_run(config: RunConfig) -> str:
     detector = Detector(ready.backend, ready.model_content, num_threads=config.cpus_per_actor or 1,
                         score_threshold=config.score_threshold, resize=config.resize,
                         normalization=config.pixel_normalization, max_pixels=config.max_pixels,
-                        model_url=config.model, output_format=config.output_format, anchors=config.anchors)
+                        model_url=config.model, output_format=config.output_format, anchors=config.anchors,
+                        nms=config.nms)
     reader = Reader(config.storage_options)
     # The sample: SAMPLE images spread over the sampled shards (files, Parquet rows, tar members).
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from ..model.detector import inspect_interpreter
 from ..errors import ModelError
 from ..model.interpreter import load_backend, make_interpreter, read_model, sha256, tensor_specs
 from ..model.labels import label_warnings, model_classes, model_labels
+from ..model.modelfile import postprocess_settings
 
 # Ops that mean the graph still holds resource variables: their values may never be initialised in
 # TFLite, so outputs are garbage (freeze variables before converting).
@@ -23,7 +24,7 @@ def _ops(interp) -> list[str]:
 
 
 def inspect_model(url: str, normalization: str = "auto", storage_options: dict | None = None,
-                  output_format: str = "auto", anchors: str | None = None) -> dict:
+                  output_format: str = "auto", anchors: str | None = None, nms: str = "auto") -> dict:
     backend = load_backend()
     content = read_model(url, storage_options)
     # XNNPACK replaces what it can with DELEGATE nodes; a plain resolver shows the model's own ops.
@@ -65,9 +66,11 @@ def inspect_model(url: str, normalization: str = "auto", storage_options: dict |
     if {"float32"} < dtypes and any(t.dtype in ("uint8", "int8") for t in outputs):
         warn.append("quantized outputs: they are dequantized with each tensor's scale and zero point")
     try:
-        info = inspect_interpreter(interp, normalization, output_format, anchors, content)
+        info = inspect_interpreter(interp, normalization, output_format, anchors, content, nms)
         report["family"] = info.layout.family
         report["decoding"] = info.describe()
+        if info.layout.family == "ssd_postprocess":  # the op decodes inside the model: its own settings rule
+            report["decoding"]["postprocess"] = postprocess_settings(content)
         classes = model_classes(content, info.layout)
         report["classes"] = {"count": classes.count, "from": classes.where} if classes else None
         if found.labels is not None:  # a model without labels is only a problem for a run without --labels
@@ -91,6 +94,25 @@ def _undelegated(backend, content: bytes):
 def _tensor(t) -> dict:
     return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "shape_signature": list(t.shape_signature),
             "quantization": {"scale": t.scale, "zero_point": t.zero_point} if t.scale else None}
+
+
+def _postprocess_line(op: dict) -> str:
+    """The TFLite_Detection_PostProcess op's own settings: it decodes, thresholds and suppresses inside the
+    model, so the job's --score-threshold only filters what it keeps."""
+    default = set(op["defaulted"])
+
+    def val(k):
+        v = op[k]
+        shown = "?" if v is None else f"{v:g}" if isinstance(v, float) else str(v).lower()
+        return f"{shown} (the op's default)" if k in default and v is not None else shown
+
+    nms = "regular: NMS per class" if op["use_regular_nms"] else "fast: one class-agnostic NMS"
+    return (f"post-processing (TFLite_Detection_PostProcess options): num_classes {val('num_classes')}, "
+            f"max_detections {val('max_detections')}, max_classes_per_detection {val('max_classes_per_detection')}, "
+            f"detections_per_class {val('detections_per_class')}, use_regular_nms {val('use_regular_nms')} ({nms}), "
+            f"score threshold {val('nms_score_threshold')}, IoU threshold {val('nms_iou_threshold')}, box scales "
+            f"y {val('y_scale')} x {val('x_scale')} h {val('h_scale')} w {val('w_scale')}; --score-threshold only "
+            f"filters the boxes it keeps")
 
 
 def render(report: dict) -> str:
@@ -121,6 +143,8 @@ def render(report: dict) -> str:
         roles = ", ".join(f"{o['role']}={o['name']}" for o in dec["outputs"])
         lines.append(f"family: {report['family']} ({roles}); input normalization {dec['input']['normalization']} "
                      f"(from {dec['input']['normalization_from']})")
+        if dec.get("postprocess"):
+            lines.append(_postprocess_line(dec["postprocess"]))
         if dec.get("anchors"):
             extra = "".join(f"; {k} {dec[k]}" for k in ("score", "box_scales", "nms", "keypoints") if k in dec)
             lines.append(f"anchors: {dec['anchors']}{extra}")

@@ -48,6 +48,7 @@ class Detections:
     boxes: np.ndarray  # [N, 4] ymin, xmin, ymax, xmax, normalised to the model input
     class_ids: np.ndarray  # [N] int32
     scores: np.ndarray  # [N] float32
+    keypoints: np.ndarray | None = None  # [N, K, 2] x, y like the boxes; None for families without keypoints
 
 
 def identify_ssd_outputs(outputs: list[TensorSpec]) -> SsdLayout:

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .decoding import (Detections, SsdLayout, YoloLayout, confirm_by_values, decode_outputs,
                        identify_outputs)
-from .per_anchor import MediapipeLayout, RawSsdLayout
+from .per_anchor import MEDIAPIPE_NMS_IOU, NMS_CHOICES, MediapipeLayout, RawSsdLayout
 from ..errors import InferenceError, ModelError, failure_fields
 from .geometry import RESIZE_CHOICES
 from .interpreter import Backend, TensorSpec, make_interpreter, tensor_specs
@@ -64,9 +64,9 @@ def _per_anchor_settings(layout) -> dict:
     if isinstance(layout, RawSsdLayout):
         return {"anchors": layout.anchors.describe(), "score": layout.score, "box_scales": [10, 10, 5, 5]}
     if isinstance(layout, MediapipeLayout):
+        nms = "weighted (MediaPipe's default)" if layout.nms == "weighted" else "plain (--nms plain)"
         return {"anchors": layout.anchors.describe(), "score": "sigmoid (logits clipped to ±100)",
-                "nms": "plain (MediaPipe's is weighted), IoU 0.3",
-                "keypoints": (layout.regressors.shape[2] - 4) // 2}
+                "nms": f"{nms}, IoU {MEDIAPIPE_NMS_IOU}", "keypoints": layout.num_keypoints}
     return {}
 
 
@@ -109,8 +109,21 @@ def _normalization(spec: InputSpec, normalization: str, model_content: bytes | N
     return mean_std_spec(*said), "the model's TFLite metadata (NormalizationOptions)"
 
 
+def _with_nms(layout, nms: str):
+    """--nms: weighted is MediaPipe's algorithm, for its family only; auto keeps each family's own."""
+    if nms not in NMS_CHOICES:
+        raise ModelError(f"--nms must be one of {', '.join(NMS_CHOICES)}, got {nms!r}")
+    if isinstance(layout, MediapipeLayout):
+        return replace(layout, nms="weighted" if nms == "auto" else nms)
+    if nms == "weighted":
+        raise ModelError(f"--nms weighted is MediaPipe's algorithm, for the mediapipe family; this model is "
+                         f"{layout.family}: use --nms auto or plain")
+    return layout
+
+
 def inspect_interpreter(interp, normalization: str, output_format: str = "auto",
-                        anchors: str | np.ndarray | None = None, model_content: bytes | None = None) -> ModelInfo:
+                        anchors: str | np.ndarray | None = None, model_content: bytes | None = None,
+                        nms: str = "auto") -> ModelInfo:
     inputs, outputs = tensor_specs(interp)
     if len(inputs) != 1:
         raise ModelError(
@@ -118,6 +131,7 @@ def inspect_interpreter(interp, normalization: str, output_format: str = "auto",
         )
     spec = InputSpec.from_tensor(inputs[0])
     layout = _score_converter(interp, identify_outputs(outputs, output_format, (spec.height, spec.width), anchors))
+    layout = _with_nms(layout, nms)
     # SSD exports (TF Object Detection API, Model Maker) expect float input in [-1, 1]; YOLO in [0, 1].
     default = "0,1" if isinstance(layout, YoloLayout) else "-1,1"
     normalization, normalization_from = _normalization(spec, normalization, model_content)
@@ -173,11 +187,12 @@ class Detector:
         jpeg_draft: bool = True,
         output_format: str = "auto",
         anchors: str | np.ndarray | None = None,
+        nms: str = "auto",
     ):
         if resize not in RESIZE_CHOICES:  # the CLI and config check it too; a library caller gets it here, once
             raise ValueError(f"resize must be one of {RESIZE_CHOICES}, got {resize!r}")
         self.interpreter = make_interpreter(backend, model_content, num_threads, model_url)
-        self.info = inspect_interpreter(self.interpreter, normalization, output_format, anchors, model_content)
+        self.info = inspect_interpreter(self.interpreter, normalization, output_format, anchors, model_content, nms)
         self.score_threshold = score_threshold
         self.resize = self.info.default_resize if resize == "auto" else resize
         self.max_pixels = max_pixels
@@ -271,6 +286,7 @@ class Detector:
                 boxes=image_yxyx[keep][:, [1, 0, 3, 2]],  # → xmin, ymin, xmax, ymax
                 class_ids=raw.class_ids[keep],
                 scores=raw.scores[keep],
+                keypoints=None if raw.keypoints is None else placement.points_to_image(raw.keypoints[keep]),
             )
             return ImageResult(uri, width, height, detections, decode_ms, infer_ms)
         except Exception as exc:

@@ -42,6 +42,12 @@ class Placement:
         out[:, 3] = (boxes_yxyx[:, 3] - self.x_offset) / self.x_scale
         return np.clip(out, 0.0, 1.0)
 
+    def points_to_image(self, points_xy: np.ndarray) -> np.ndarray:
+        """Map [N,K,2] (x, y) points from input space to the original image as :meth:`to_image` maps boxes."""
+        offset = np.array([self.x_offset, self.y_offset], np.float32)
+        scale = np.array([self.x_scale, self.y_scale], np.float32)
+        return np.clip((np.asarray(points_xy, np.float32) - offset) / scale, 0.0, 1.0)
+
     def to_input(self, boxes_yxyx: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`to_image` (used to build training targets)."""
         out = np.empty_like(boxes_yxyx, dtype=np.float32)

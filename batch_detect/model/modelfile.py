@@ -178,3 +178,24 @@ def metadata_normalization(content: bytes) -> tuple[list[float], list[float]] | 
     except _BAD:
         return None
     return None
+
+
+# TFLite_Detection_PostProcess's options as its kernel (detection_postprocess.cc) reads them, with the
+# kernel's defaults for those an exporter may leave out.
+POSTPROCESS_OPTION_DEFAULTS = {"num_classes": None, "max_detections": None, "max_classes_per_detection": 1,
+                               "detections_per_class": 100, "use_regular_nms": False, "nms_score_threshold": None,
+                               "nms_iou_threshold": None, "y_scale": None, "x_scale": None, "h_scale": None,
+                               "w_scale": None}
+
+
+def postprocess_settings(content: bytes, op_name: str = "TFLite_Detection_PostProcess") -> dict | None:
+    """The first `op_name` op's settings: {option: value}, and `defaulted`, the options the model leaves to
+    the kernel's default; None when the model has no such op (or its options cannot be read)."""
+    found = custom_op_options(content, op_name)
+    if not found:
+        return None
+    given = found[0]
+    settings = {k: given.get(k, default) for k, default in POSTPROCESS_OPTION_DEFAULTS.items()}
+    settings["use_regular_nms"] = bool(settings["use_regular_nms"])
+    settings["defaulted"] = sorted(k for k in POSTPROCESS_OPTION_DEFAULTS if k not in given)
+    return settings

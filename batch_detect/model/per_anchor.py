@@ -17,9 +17,11 @@ from .interpreter import TensorSpec
 SSD_BOX_SCALES = (10.0, 10.0, 5.0, 5.0)
 # MediaPipe's TensorsToDetectionsCalculator clips logits before its sigmoid (score_clipping_thresh).
 MEDIAPIPE_CLIP = 100.0
-# MediaPipe face detection suppresses at 0.3 (min_suppression_threshold); its weighted NMS is not
-# reproduced: plain greedy NMS keeps the best-scoring box as it is.
+# MediaPipe face detection suppresses at IoU 0.3 (min_suppression_threshold) with its WEIGHTED algorithm:
+# each kept box (and its keypoints) is the score-weighted mean of the boxes it suppresses.
 MEDIAPIPE_NMS_IOU = 0.3
+# --nms: auto is the family's own (weighted for mediapipe, plain greedy for every other family).
+NMS_CHOICES = ("auto", "plain", "weighted")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class MediapipeLayout:
     classificators: TensorSpec  # [1, N, 1] logit
     anchors: AnchorLayout
     family: str = "mediapipe"
+    nms: str = "weighted"  # MediaPipe's default for its detectors; "plain" keeps the best anchor's box as it is
+
+    @property
+    def num_keypoints(self) -> int:
+        return (self.regressors.shape[2] - 4) // 2
 
     @property
     def output(self) -> TensorSpec:
@@ -130,17 +137,49 @@ def decode_raw_ssd(arrays, layout: RawSsdLayout, score_threshold: float, nms, io
 
 def decode_mediapipe(arrays, layout: MediapipeLayout, score_threshold: float, input_hw: tuple[int, int], nms):
     """MediaPipe's TensorsToDetections: centre = r[0:2] / input size × anchor size + anchor centre, size =
-    r[2:4] / input size × anchor size, score = sigmoid of the clipped logit; then plain NMS."""
+    r[2:4] / input size × anchor size, keypoint k = r[4+2k:6+2k] / input size × anchor size + anchor centre,
+    score = sigmoid of the clipped logit; then weighted (or plain) NMS. Boxes ymin, xmin, ymax, xmax and
+    keypoints [N, K, 2] x, y, normalised to the input."""
     reg, logit = _outputs(arrays, layout.regressors, layout.classificators)
     scores = _sigmoid(logit[:, 0])
     keep = np.flatnonzero(scores >= score_threshold)
     a, r = layout.anchors.anchors[keep], reg[keep]
     ih, iw = input_hw
-    cx, cy = r[:, 0] / iw * a[:, 3] + a[:, 1], r[:, 1] / ih * a[:, 2] + a[:, 0]
-    w, h = r[:, 2] / iw * a[:, 3], r[:, 3] / ih * a[:, 2]
+    # a row's (x, y) pairs, input pixels → anchor sizes: the centre offset, the size, then the keypoints
+    pairs = r.reshape(len(r), r.shape[1] // 2, 2) / np.array([iw, ih], np.float32) * a[:, None, [3, 2]]
+    centre = a[:, None, [1, 0]]  # the anchor's (x, y)
+    (cx, cy), (w, h) = (pairs[:, 0] + centre[:, 0]).T, pairs[:, 1].T
     yxyx = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], 1)
-    return _suppressed(yxyx, scores[keep], np.zeros(len(keep), np.int32), nms, MEDIAPIPE_NMS_IOU,
-                       layout.max_detections)
+    kps = pairs[:, 2:] + centre
+    if layout.nms == "weighted":
+        return weighted_nms(yxyx, scores[keep], kps, MEDIAPIPE_NMS_IOU, layout.max_detections)
+    kept = nms(yxyx[:, [1, 0, 3, 2]], scores[keep], np.zeros(len(keep), np.int32), MEDIAPIPE_NMS_IOU,
+               layout.max_detections)
+    return (yxyx[kept].astype(np.float32), np.zeros(len(kept), np.int32), scores[keep][kept].astype(np.float32),
+            kps[kept].astype(np.float32))
+
+
+def weighted_nms(yxyx: np.ndarray, scores: np.ndarray, keypoints: np.ndarray, iou: float, limit: int):
+    """MediaPipe's NonMaxSuppressionCalculator, WEIGHTED: take the best remaining box, gather every remaining
+    box overlapping it by IoU > `iou` (itself included), and keep their score-weighted mean box and keypoints
+    with the best one's score; the rest go round again. One class (MediaPipe's detectors have one)."""
+    order = np.argsort(-scores, kind="stable")
+    areas = (yxyx[:, 2] - yxyx[:, 0]).clip(0) * (yxyx[:, 3] - yxyx[:, 1]).clip(0)
+    boxes, kept_scores, points = [], [], []
+    while order.size and len(boxes) < limit:
+        i, rest = order[0], order
+        lo, hi = np.maximum(yxyx[i, :2], yxyx[rest, :2]), np.minimum(yxyx[i, 2:], yxyx[rest, 2:])
+        inter = (hi - lo).clip(0).prod(1)
+        overlap = inter / (areas[i] + areas[rest] - inter + 1e-12)
+        overlap[0] = np.inf  # the best box is in its own group even where it has no area
+        group, w = rest[overlap > iou], scores[rest[overlap > iou]].astype(np.float64)
+        boxes.append((yxyx[group] * w[:, None]).sum(0) / w.sum())
+        points.append((keypoints[group] * w[:, None, None]).sum(0) / w.sum())
+        kept_scores.append(scores[i])
+        order = rest[overlap <= iou]
+    k = keypoints.shape[1]
+    return (np.array(boxes, np.float32).reshape(-1, 4), np.zeros(len(boxes), np.int32),
+            np.array(kept_scores, np.float32), np.array(points, np.float32).reshape(-1, k, 2))
 
 
 def _suppressed(yxyx: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, nms, iou: float, limit: int):

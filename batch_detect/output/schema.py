@@ -17,6 +17,10 @@ IMAGES = pa.schema(
     ]
 )
 
+# One landmark of a detection (MediaPipe's face keypoints: eyes, nose tip, mouth, ear tragions), normalised
+# like the boxes.
+KEYPOINT = pa.struct([pa.field("x", pa.float32(), nullable=False), pa.field("y", pa.float32(), nullable=False)])
+
 DETECTIONS = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
@@ -30,6 +34,9 @@ DETECTIONS = pa.schema(
         pa.field("ymin", pa.float32(), nullable=False),
         pa.field("xmax", pa.float32(), nullable=False),
         pa.field("ymax", pa.float32(), nullable=False),
+        # in the model's order, mapped back to the original image through the same resize inverse as the box and
+        # clipped to [0, 1]; null for families whose models have no keypoints (every family but mediapipe)
+        pa.field("keypoints", pa.list_(KEYPOINT), nullable=True),
     ]
 )
 

@@ -23,7 +23,7 @@ from ..inputs.reading import one_request
 from ..outage import OUTAGE, RetryingFS
 from .schema import PLAN_SCHEMA, TABLES
 
-LAYOUT = 3  # runs (run_id in every row) in one commit log, part files; 2 had no runs, 1 a file set per shard
+LAYOUT = 4  # detections carry keypoints; 3 had none, 2 no runs (run_id in every row), 1 a file set per shard
 MANIFEST = "_manifest.json"
 LOCK = "_lock.json"
 PLAN_DIR = "_plan"

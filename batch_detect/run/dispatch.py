@@ -114,6 +114,7 @@ class Dispatch:
             score_threshold=config.score_threshold, resize=config.resize,
             normalization=config.pixel_normalization, max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft,
             output_format=config.output_format, anchors=load_anchors(config.anchors) if config.anchors else None,
+            nms=config.nms,
             labels=ready.labels, extensions=config.extensions, image_column=config.image_column,
             batch_size=config.batch_size, read_ahead=config.read_ahead, decode_threads=config.decode_threads,
             store_timeout=config.store_timeout,

@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 
 # Settings that change what a shard's rows contain: a resumed run must agree on every one.
 IDENTITY_SETTINGS = ("shard_size", "score_threshold", "resize", "normalization", "max_pixels", "jpeg_draft",
-                     "image_column", "input_mean", "input_std", "output_format", "anchors")
+                     "image_column", "input_mean", "input_std", "output_format", "anchors", "nms")
 # Identity keys added later: a manifest without one was made with its default (so it still resumes).
 _IDENTITY_DEFAULTS = {"input_mean": None, "input_std": None, "output_format": "auto", "image_column": None,
-                      "anchors": None}
+                      "anchors": None, "nms": "auto"}
 
 
 @dataclass
@@ -109,7 +109,8 @@ def prepare(config: RunConfig, store: OutputStore | None = None) -> Prepared:
 def _inspect(config: RunConfig, backend: Backend, model_content: bytes) -> ModelInfo:
     try:
         return inspect_interpreter(make_interpreter(backend, model_content, 1, config.model),
-                                   config.pixel_normalization, config.output_format, config.anchors, model_content)
+                                   config.pixel_normalization, config.output_format, config.anchors, model_content,
+                                   config.nms)
     except ModelError as exc:
         if config.model in str(exc):
             raise
@@ -131,7 +132,7 @@ def _previous_run(store: OutputStore, config: RunConfig, identity: dict) -> dict
     previous = store.read_json(MANIFEST)
     if previous.get("layout", 1) != LAYOUT:
         raise OutputError(f"output {config.output!r} was written by an earlier batch_detect (output layout "
-                          f"{previous.get('layout', 1)}, this one writes {LAYOUT}: rows without run_id) and cannot be "
+                          f"{previous.get('layout', 1)}, this one writes {LAYOUT}: its tables' columns differ) and cannot be "
                           "resumed by this one: finish it with that version, choose a new --output, or pass "
                           "--overwrite to start it again")
     before = previous.get("identity", {})

@@ -29,7 +29,7 @@ from ..model.interpreter import load_backend, read_model, sha256
 from ..inputs.plan import Shard
 from .readahead import BYTES_BUDGET as READ_BYTES_BUDGET, MAX_READS, ReadAhead
 from ..inputs.reading import Reader
-from ..output.schema import DETECTIONS
+from ..output.schema import DETECTIONS, KEYPOINT
 from ..output.sink import OutputStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class WorkerSettings:
     prefetch: int = PREFETCH
     output_format: str = "auto"
     anchors: np.ndarray | None = None  # --anchors as the driver read it: workers need not see the file
+    nms: str = "auto"
     read_ahead: int = 0  # images read ahead per worker; 0: sized from the measured read latency
     decode_threads: int | None = None  # None: decode_threads(num_threads, depth); 0: on the interpreter's thread
     store_timeout: float = outage.DEFAULT_BUDGET_S  # --store-timeout: how long this process waits out a store
@@ -86,6 +87,7 @@ class ShardProcessor:
             jpeg_draft=settings.jpeg_draft,
             output_format=settings.output_format,
             anchors=settings.anchors,
+            nms=settings.nms,
         )
         self.detector.set_batch(settings.batch_size)
         self.settings = settings
@@ -179,7 +181,7 @@ class ShardRows:
                                        len(d.scores), outcome.decode_ms, outcome.infer_ms)):
             self.images[k].append(v)
         if len(d.scores):
-            self._boxes.append((outcome.uri, d.boxes, d.class_ids, d.scores))
+            self._boxes.append((outcome.uri, d.boxes, d.class_ids, d.scores, d.keypoints))
             self._labels = labels
 
     @property
@@ -230,25 +232,39 @@ class ShardRows:
 
 def _detection_columns(shard_id: str, boxes: list, labels: list | None) -> dict:
     # Arrow builds the string columns by index (`take`): from Python objects it costs ~100x more.
-    counts = [len(scores) for _, _, _, scores in boxes]
+    counts = [len(scores) for _, _, _, scores, _ in boxes]
     total = sum(counts)
     image_of = np.repeat(np.arange(len(boxes), dtype=np.int32), counts)
-    xyxy = np.concatenate([b for _, b, _, _ in boxes]).astype(np.float32, copy=False).reshape(total, 4)
-    class_ids = np.concatenate([c for _, _, c, _ in boxes]).astype(np.int32, copy=False)
+    xyxy = np.concatenate([b for _, b, _, _, _ in boxes]).astype(np.float32, copy=False).reshape(total, 4)
+    class_ids = np.concatenate([c for _, _, c, _, _ in boxes]).astype(np.int32, copy=False)
     if labels:
         known = (class_ids >= 0) & (class_ids < len(labels))
         label = pa.array(list(labels) + [None], type=pa.string()).take(np.where(known, class_ids, len(labels)))
     else:
         label = pa.nulls(total, type=pa.string())
     return {
-        "uri": pa.array([u for u, _, _, _ in boxes], type=pa.string()).take(image_of),
+        "uri": pa.array([u for u, _, _, _, _ in boxes], type=pa.string()).take(image_of),
         "shard_id": pa.array([shard_id], type=pa.string()).take(np.zeros(total, dtype=np.int32)),
         "class_id": pa.array(class_ids),
         "label": label,
-        "score": pa.array(np.concatenate([s for _, _, _, s in boxes]).astype(np.float32, copy=False)),
+        "score": pa.array(np.concatenate([s for _, _, _, s, _ in boxes]).astype(np.float32, copy=False)),
         "xmin": pa.array(np.ascontiguousarray(xyxy[:, 0])), "ymin": pa.array(np.ascontiguousarray(xyxy[:, 1])),
         "xmax": pa.array(np.ascontiguousarray(xyxy[:, 2])), "ymax": pa.array(np.ascontiguousarray(xyxy[:, 3])),
+        "keypoints": _keypoint_column(boxes, total),
     }
+
+
+def _keypoint_column(boxes: list, total: int) -> pa.Array:
+    """The keypoints list column: one list per detection, null where the image's family has none."""
+    points = [(len(s), k) for _, _, _, s, k in boxes]
+    if all(k is None for _, k in points):
+        return pa.nulls(total, type=DETECTIONS.field("keypoints").type)
+    lengths = np.concatenate([np.full(n, 0 if k is None else k.shape[1], np.int32) for n, k in points])
+    flat = np.concatenate([k.reshape(-1, 2) for _, k in points if k is not None]).astype(np.float32, copy=False)
+    values = pa.StructArray.from_arrays([pa.array(flat[:, 0]), pa.array(flat[:, 1])], fields=list(KEYPOINT))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    missing = pa.array(np.concatenate([np.full(n, k is None) for n, k in points]))
+    return pa.ListArray.from_arrays(offsets, values, type=DETECTIONS.field("keypoints").type, mask=missing)
 
 
 def _as_arrow(values, name: str) -> pa.Array:
@@ -273,7 +289,7 @@ def _log_first_failure(shard_id: str, failure: ImageFailure) -> None:
 _CRASH_ON = os.environ.get("BATCH_DETECT_TEST_CRASH_ON")
 
 _IMAGE_COLS = ("uri", "shard_id", "width", "height", "num_detections", "decode_ms", "infer_ms")
-_DET_COLS = ("uri", "shard_id", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax")
+_DET_COLS = ("uri", "shard_id", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax", "keypoints")
 _FAIL_COLS = ("uri", "shard_id", "stage", "error_type", "message")
 
 
