@@ -97,6 +97,7 @@ class Outage:
 
     def __init__(self, budget_s: float = DEFAULT_BUDGET_S):
         self.budget_s = budget_s
+        self.limit = "--store-timeout"  # how messages name the budget
         self._lock = threading.Lock()
         self._since: float | None = None
         self._resume_at = 0.0
@@ -111,6 +112,7 @@ class Outage:
     def reset(self, budget_s: float = DEFAULT_BUDGET_S) -> None:
         with self._lock:
             self.budget_s, self._since, self._tries, self._resume_at = budget_s, None, 0, 0.0
+            self.limit = "--store-timeout"
             self.retries = self.outages = 0
             self.longest_s = 0.0
 
@@ -162,8 +164,8 @@ class Outage:
             if self._since is None:
                 self._since, self._tries, self._said = now, 0, now
                 self.outages += 1
-                log.warning("%s did not answer (%s: %s); pausing and retrying for up to %.0f s (--store-timeout)",
-                            store or "the store", what, detail, self.budget_s)
+                log.warning("%s did not answer (%s: %s); pausing and retrying for up to %.0f s (%s)",
+                            store or "the store", what, detail, self.budget_s, self.limit)
             down = now - self._since
             if now - self._said >= REPORT_EVERY_S:
                 self._said = now
@@ -172,7 +174,7 @@ class Outage:
             if down > self.budget_s:
                 raise StoreUnavailable(
                     f"{store or 'the object store'} was unavailable for {down:.0f} s (last error: {detail}), longer "
-                    f"than --store-timeout {self.budget_s:.0f} s: stopped. What was committed stays; re-run the same "
+                    f"than {self.limit} {self.budget_s:.0f} s: stopped. What was committed stays; re-run the same "
                     "command once the store answers to go on") from None
             self.retries += 1
             if now >= self._resume_at:  # the first to fail this round sets everyone's next try
@@ -195,8 +197,8 @@ class Outage:
 OUTAGE = Outage()
 
 
-def configure(budget_s: float) -> None:
-    OUTAGE.budget_s = float(budget_s)
+def configure(budget_s: float, limit: str = "--store-timeout") -> None:
+    OUTAGE.budget_s, OUTAGE.limit = float(budget_s), limit
 
 
 # fsspec methods that make requests, all safe to repeat: reads, whole-object puts (a put is atomic and the

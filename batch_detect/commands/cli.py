@@ -17,6 +17,7 @@ from ..model.decoding import OUTPUT_FORMATS
 from ..model.per_anchor import NMS_CHOICES
 from ..errors import BatchDetectError, FailureRateExceeded, HeadUnreachable, StoreUnavailable, Terminated, count
 from ..model.geometry import RESIZE_CHOICES
+from ..outage import configure as configure_outage
 from .progress import Progress
 from .rayjob import job_paths
 from ..run.sizing import MAX_AUTO_THREADS, RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU
@@ -454,12 +455,20 @@ def _check_stores(args: argparse.Namespace) -> None:
     check_store_access(list(urls.values()), options)
 
 
+# status, verify, report, inspect, compare: how long they wait out an unavailable store before saying so
+QUERY_STORE_TIMEOUT_S = 30.0
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command != "run":
             _check_stores(args)  # a run's config checks its stores with the rest of its settings
+            # a command someone waits on at a prompt: not ten minutes
+            configure_outage(QUERY_STORE_TIMEOUT_S, limit=f"what `{args.command}` waits,")
         return _COMMANDS[args.command](args)
+    except StoreUnavailable as exc:
+        _error(exc, prefix="batch-detect: ")
+        return 1
     except BatchDetectError as exc:  # bad model/config/input/output, whichever command met it
         _error(exc)
         return 2
