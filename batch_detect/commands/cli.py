@@ -19,6 +19,7 @@ from ..model.geometry import RESIZE_CHOICES
 from .progress import Progress
 from .rayjob import job_paths
 from ..run.sizing import MAX_AUTO_THREADS, RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU
+from ..inputs.pages import MAX_AUTO as MAX_AUTO_LISTING
 from ..inputs.storage import check_storage_options, check_store_access
 
 
@@ -158,6 +159,9 @@ def _tuning_options(g) -> None:
     _option(g, "--decode-threads", "threads decoding images ahead of each worker's model; 0: decode "
             "on the model's thread, one image after another", type=int,
             default="sized per worker, from its interpreter threads")
+    _option(g, "--listing-processes", "processes listing a folder, prefix or glob (S3 or local) once it "
+            "is large: S3 listing is bound by parsing, ~5,000 keys/s per process; 1: the driver's process alone",
+            type=int, default=f"one per CPU of this machine, at most {MAX_AUTO_LISTING}")
     _option(g, "--no-jpeg-draft", "decode JPEGs at full size, not at the smallest libjpeg scale that "
             "keeps what the resize needs", action="store_false", dest="jpeg_draft")
 

@@ -1,0 +1,125 @@
+"""Listing in several processes (`inputs/pages.py`): the same URIs and versions in the same order as one
+process lists, on moto's S3 server on 127.0.0.1 and on a local folder, with the pages really parsed in
+worker processes; errors and early stops as one process has them."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import uuid
+
+import pytest
+
+import batch_detect.inputs.pages as pages
+import batch_detect.inputs.walk as walk_module
+from batch_detect.errors import InputError
+from batch_detect.inputs.listing import ListingStats, iter_listed
+
+from test_walk import S3_KEYS, TRICKY, _fs, _put_direct, _touch
+
+
+def _listed(url, processes, options=None, extensions=()):
+    stats = ListingStats()
+    got = list(iter_listed(url, extensions, storage_options=options, stats=stats, processes=processes))
+    return got, stats
+
+
+@pytest.fixture
+def processes_from_the_first_page(monkeypatch):
+    """Every page in the worker processes (else a small listing stays on threads, as it should)."""
+    monkeypatch.setattr(pages, "THRESHOLD", 0)
+
+
+def _options(endpoint):
+    return {"key": "testing-key-id", "secret": "x", "endpoint_url": endpoint, "skip_instance_cache": True}
+
+
+@pytest.fixture(scope="module")
+def wide_bucket(s3_server):
+    """Tricky names (markers, a key that is also a prefix, '-' and '.' beside '/', unicode) and enough
+    sub-prefixes and pages to keep several processes busy at once."""
+    fs = _fs(s3_server)
+    name = f"procs-{uuid.uuid4().hex[:10]}"
+    rng = random.Random(7)
+    keys = S3_KEYS + [f"p/w/{i:03d}/{rng.choice('ab-.é')}{j}.jpg" for i in range(40) for j in range(30)]
+    _put_direct(fs, name, keys)
+    return name
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+@pytest.mark.parametrize("page", [1000, 7])  # 7: many pages per level, tokens carried across processes
+def test_s3_prefix_same_as_one_process(s3_server, wide_bucket, processes_from_the_first_page, monkeypatch,
+                                       processes, page):
+    monkeypatch.setattr(walk_module, "_PAGE", page)
+    url, options = f"s3://{wide_bucket}/p/", _options(s3_server)
+    one, one_stats = _listed(url, 1, options)
+    several, stats = _listed(url, processes, options)
+    assert several == one and len(one) > 1200
+    assert all(v and v.split(":")[1] for _, v in several)  # size:ETag, as the listing gives it
+    assert one_stats.processes == 1 and stats.processes == processes  # the pages went to the processes
+    assert stats.keys == len(several) and stats.listing_s > 0
+
+
+@pytest.mark.parametrize("pattern", ["**/*.jpg", "w/0[0-1]*/*.jpg", "*/*", "n*/0[0-4]/*"])
+def test_s3_glob_same_as_one_process(s3_server, wide_bucket, processes_from_the_first_page, pattern):
+    url, options = f"s3://{wide_bucket}/p/{pattern}", _options(s3_server)
+    one, _ = _listed(url, 1, options)
+    several, stats = _listed(url, 2, options)
+    assert several == one and one and stats.processes == 2
+
+
+def _local_tree(root) -> None:
+    for rel in TRICKY + [f"w/{i:02d}/{j}.jpg" for i in range(30) for j in range(5)] + ["notes.txt", ".h.jpg"]:
+        _touch(str(root / rel))
+    (root / "empty").mkdir()
+    os.symlink(root / "w", root / "loop")  # a symlink to a folder is not followed, in either
+    os.symlink(root / "a0.jpg", root / "link.jpg")  # one to a file is a file, in either
+    os.symlink(root / "missing.jpg", root / "broken.jpg")
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_local_folder_same_as_one_process(tmp_path, processes_from_the_first_page, processes):
+    _local_tree(tmp_path)
+    extensions = (".jpg", ".png")
+    one, one_stats = _listed(str(tmp_path), 1, extensions=extensions)
+    several, stats = _listed(str(tmp_path), processes, extensions=extensions)
+    assert several == one and len(one) == len(TRICKY) - 1 + 150 + 1  # '.../x!' has no extension; link.jpg
+    assert all(v and v.split(":")[1] for _, v in several)  # size:mtime_ns from a stat, as one process does
+    assert stats.processes == processes and one_stats.processes == 1
+    assert stats.skipped == one_stats.skipped == 2  # notes.txt and x!
+    glob = f"{tmp_path}/w/*/[0-2].jpg"
+    assert _listed(glob, processes)[0] == _listed(glob, 1)[0] != []
+
+
+def test_errors_and_early_stop_as_one_process(s3_server, wide_bucket, tmp_path, processes_from_the_first_page):
+    options = _options(s3_server)
+    for url in (f"s3://{wide_bucket}/no-such-prefix/", str(tmp_path / "missing")):
+        with pytest.raises(InputError, match="does not exist"):
+            _listed(url, 2, options if url.startswith("s3") else None)
+    stream = iter_listed(f"s3://{wide_bucket}/p/w/", (), storage_options=options, processes=2)
+    first = list(itertools.islice(stream, 5))
+    stream.close()  # stops the processes, leaves nothing running
+    assert first == _listed(f"s3://{wide_bucket}/p/w/", 1, options)[0][:5]
+
+
+def test_small_listing_starts_no_process(tmp_path):
+    """Below the threshold the pages stay on threads: a small input pays nothing for processes."""
+    _local_tree(tmp_path)
+    one, _ = _listed(str(tmp_path), 1)
+    several, stats = _listed(str(tmp_path / "w" / "01"), 4)
+    assert stats.processes == 1 and [u for u, _ in several] == [u for u, _ in one if "/w/01/" in u]
+
+
+def test_pool_hands_back_errors_and_a_dead_process():
+    """What a page raises in a worker process is raised where the walk takes the page; a worker that dies
+    fails its page and those queued, never hangs the listing."""
+    with pages.ListingPool(2, threshold=0) as pool:
+        assert pool.submit(os.path.basename, "a/b.jpg").result(timeout=30) == "b.jpg"
+        with pytest.raises(FileNotFoundError, match="no-such-folder"):
+            pool.submit(os.listdir, "/no-such-folder").result(timeout=30)
+        assert pool.in_processes == 2
+        for proc in pool.remote.procs:
+            proc.kill()
+        with pytest.raises(OSError, match="listing process"):
+            pool.submit(os.getpid).result(timeout=30)
