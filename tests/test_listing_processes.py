@@ -123,3 +123,53 @@ def test_pool_hands_back_errors_and_a_dead_process():
             proc.kill()
         with pytest.raises(OSError, match="listing process"):
             pool.submit(os.getpid).result(timeout=30)
+
+
+# --- how fast the listing went: the manifest's input section and the progress lines ----------------------
+
+def test_manifest_says_keys_listed_and_keys_per_s(models_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from batch_detect.synthetic import write_dataset
+
+    folder = tmp_path / "images"
+    write_dataset(str(folder), 40, seed=5, sizes=[(320, 240)])
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "batch_detect", "run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
+           "--input", str(folder), "--output", str(out), "--shard-size", "8", "--listing-processes", "2"]
+    done = subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = json.load(open(out / "_manifest.json"))["input"]
+    # ground_truth.json and notes.txt were listed, then skipped for their extension
+    assert listed["keys_listed"] == 42 and listed["listed"] == 40 and listed["skipped_non_image"] == 2
+    assert listed["listing_s"] > 0 and listed["keys_per_s"] == pytest.approx(42 / listed["listing_s"], rel=0.01)
+    assert listed["listing_processes"] == 1  # 40 files in one folder: one page, no process started
+
+
+def test_progress_lines_say_keys_listed_and_their_rate(tmp_path):
+    import io
+
+    from batch_detect.commands.progress import Progress, _short
+
+    for i in range(300):
+        _touch(str(tmp_path / f"d{i % 7}" / f"{i:04d}.jpg"))
+    stats = ListingStats()
+    stream = iter_listed(str(tmp_path), (".jpg",), stats=stats, processes=1)
+    first = list(itertools.islice(stream, 120))
+    log = io.StringIO()  # not a terminal: plain lines
+    bar = Progress(None, None, stream=log, listing=stats)
+    bar.update({"images": 64, "failures": 0, "detections": 1})
+    rest = list(stream)
+    bar.listed(len(first) + len(rest), 5)
+    bar.interval = 0
+    bar.update({"images": 64, "failures": 0, "detections": 1})
+    lines = log.getvalue().splitlines()
+    import re
+
+    assert re.search(r", listing: 120 keys, [\d.]+k? keys/s$", lines[0]), lines
+    assert float(re.search(r"([\d.]+)k? keys/s", lines[0]).group(1)) > 0
+    assert "listing:" not in lines[1] and stats.keys == 300, lines  # the listing ended: totals instead
+    assert [_short(n) for n in (999, 38_412, 2_100_000, 120_000_000)] == ["999", "38k", "2.1M", "120M"]

@@ -561,12 +561,14 @@ def _run_with_progress(config: RunConfig):
         if threads > 1:
             workers += f" of {threads} interpreter threads each"
         print(f"running on {workers}{resumed}; the input is listed as the run goes", file=sys.stderr)
-        progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
+        progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards,
+                                   listing=progress.get("listing"))
         _open_progress[:] = [progress["bar"]]
 
     return run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
                on_listed=lambda images, shards: progress["bar"].listed(images, shards),
-               on_phase=lambda text: print(f"{text} ...", file=sys.stderr, flush=True))
+               on_phase=lambda text: print(f"{text} ...", file=sys.stderr, flush=True),
+               on_listing=lambda stats: progress.__setitem__("listing", stats))
 
 
 def _print_nothing_new(summary, as_json: bool) -> None:

@@ -59,6 +59,12 @@ class ListingStats:
     def keys_per_s(self) -> float | None:
         return self.keys_seen / self.listing_s if self.listing_s > 0 else None
 
+    def throughput(self) -> dict:
+        """What the manifest's input section says of the listing's speed."""
+        rate = self.keys_per_s
+        return {"keys_listed": self.keys_seen, "listing_s": round(self.listing_s, 6),
+                "keys_per_s": None if rate is None else round(rate, 1), "listing_processes": self.processes}
+
     def duplicate(self, uri: str | None = None) -> None:
         self.duplicates += 1
 

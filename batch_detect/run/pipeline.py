@@ -48,25 +48,30 @@ class RunSummary:
         return self.manifest["counts"]
 
 
-def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None) -> RunSummary:
+def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None,
+        on_listing=None) -> RunSummary:
     """`on_start(actors, done_shards, done_images, without_ray, threads)` once the pool is sized; `on_shard(summary)`
     per staged shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
-    `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is)."""
+    `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is);
+    `on_listing(stats)` once the listing has begun: its live `ListingStats` (keys so far, keys/s)."""
     t_start = time.perf_counter()
     store = check_before_writing(config)  # before the lease: it is the run's first request to the output
     # An existing output is leased before its log is read: two drivers must never plan on one state.
     lease = Lease.acquire(store) if not config.overwrite and store.exists(MANIFEST) else None
     calls = Callbacks(on_start, on_shard, on_listed, on_phase or (lambda text: None))
     try:
-        return _run(config, store, t_start, lease, calls)
+        return _run(config, store, t_start, lease, calls, on_listing)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run(config: RunConfig, store: OutputStore, t_start: float, lease, calls: Callbacks) -> RunSummary:
+def _run(config: RunConfig, store: OutputStore, t_start: float, lease, calls: Callbacks,
+         on_listing=None) -> RunSummary:
     calls.on_phase(f"checking the model, the input and the output ({config.output})")
     ready = prepare(config, store)
+    if on_listing is not None:
+        on_listing(ready.plan.stats)
     done = _nothing_to_do(config, ready, t_start)
     if done is not None:
         return done
