@@ -119,8 +119,8 @@ def test_pool_hands_back_errors_and_a_dead_process():
         with pytest.raises(FileNotFoundError, match="no-such-folder"):
             pool.submit(os.listdir, "/no-such-folder").result(timeout=30)
         assert pool.in_processes == 2
-        for proc in pool.remote.procs:
-            proc.kill()
+        for runner in pool.remote.runners:
+            runner.proc.kill()
         with pytest.raises(OSError, match="listing process"):
             pool.submit(os.getpid).result(timeout=30)
 
@@ -173,3 +173,31 @@ def test_progress_lines_say_keys_listed_and_their_rate(tmp_path):
     assert float(re.search(r"([\d.]+)k? keys/s", lines[0]).group(1)) > 0
     assert "listing:" not in lines[1] and stats.keys == 300, lines  # the listing ended: totals instead
     assert [_short(n) for n in (999, 38_412, 2_100_000, 120_000_000)] == ["999", "38k", "2.1M", "120M"]
+
+
+def test_pages_as_ray_tasks_same_as_one_process(s3_server, wide_bucket, local_ray, monkeypatch):
+    """On a cluster the run joined, the pages go to Ray tasks (`executors.list_on_cluster`): mid-listing,
+    as the run moves them once Ray is up; the same URIs and versions in the same order, errors as raised."""
+    from batch_detect.config import RunConfig
+    from batch_detect.inputs.plan import plan_input
+    from batch_detect.run.distributed import ListingRunner, cluster_cpus
+    from batch_detect.run.executors import RayFacts, list_on_cluster
+
+    monkeypatch.setattr(walk_module, "_PAGE", 7)  # many pages, each its own task
+    url, options = f"s3://{wide_bucket}/p/", _options(s3_server)
+    one, _ = _listed(url, 1, options)
+    plan = plan_input(url, form="files", extensions=(), shard_size=10, storage_options=options,
+                      listing_processes=2)  # its first shard listed on threads, as prepare leaves it
+    facts = RayFacts(started_ray=False, ray_start_s=0, num_actors=1, capacity=1, cluster_cpus=cluster_cpus(),
+                     memory_per_actor=0)
+    assert list_on_cluster(RunConfig(listing_processes=3), plan, facts) == 3
+    got = [(u, v) for shard in plan.shards for u, v in zip(shard.uris, shard.versions)]
+    assert got == one and plan.stats.processes == 3  # every page after the switch went to a Ray task
+    embedded = plan_input(url, form="files", extensions=(), shard_size=10, storage_options=options,
+                          listing_processes=2)
+    assert list_on_cluster(RunConfig(), embedded, RayFacts(True, 0, 1, 1, 2, 0)) == 0  # this machine's processes
+    assert sum(len(s.uris) for s in embedded.shards) == len(one) and embedded.stats.processes == 2
+    with pages.ListingPool(2, threshold=0) as pool:
+        pool.use([ListingRunner(), ListingRunner()])
+        with pytest.raises(FileNotFoundError, match="no-such-folder"):
+            pool.submit(os.listdir, "/no-such-folder").result(timeout=60)

@@ -49,6 +49,7 @@ class ListingStats:
     keys: int = 0  # objects the listing gave (those skipped for their extension not counted here)
     listing_s: float = 0.0  # time its consumer waited on the listing (not the time it held the listing back)
     processes: int = 1  # processes that listed pages (worker processes, once a listing was large enough)
+    pool: ListingPool | None = field(default=None, repr=False, compare=False)  # while it lists: where pages go
 
     @property
     def keys_seen(self) -> int:
@@ -158,7 +159,7 @@ def _iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | 
             return
     from .walk import walk
 
-    pool = _pool(fs, processes)
+    pool = stats.pool = _pool(fs, processes)
     try:
         if glob:
             paths: Iterator[tuple[str, str | None]] = _glob(fs, path, url, pool)
@@ -183,6 +184,7 @@ def _iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | 
     finally:
         if pool is not None:
             stats.processes = pool.processes if pool.in_processes else 1
+            stats.pool = None
             pool.close()
         if not _is_local(fs):
             fs.invalidate_cache()  # the listing cache would keep every entry alive on the driver

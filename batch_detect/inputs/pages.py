@@ -61,32 +61,67 @@ def _unship(blob: bytes) -> Shipped:
     return found
 
 
-class _Processes:
-    """`n` worker processes, each fed one task at a time by a thread of its own from one shared queue."""
+class _Process:
+    """One worker process: a task at a time over its pipes."""
 
-    def __init__(self, n: int, preload: tuple[str, ...]):
-        self.tasks: queue.Queue = queue.Queue()
-        self.closing = False
-        self.ready = 0
-        self.settled = threading.Semaphore(0)  # released once per worker, ready or failed
-        self.lock = threading.Lock()
+    def __init__(self, preload: tuple[str, ...]):
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-        self.procs = [subprocess.Popen([sys.executable, "-m", "batch_detect.inputs.pages", *preload],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-                      for _ in range(n)]
-        self.threads = [threading.Thread(target=self._feed, args=(p,), name="listing-process", daemon=True)
-                        for p in self.procs]
+        self.proc = subprocess.Popen([sys.executable, "-m", "batch_detect.inputs.pages", *preload],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.name = f"listing process {self.proc.pid}"
+
+    def start(self) -> None:
+        try:
+            ready = pickle.load(self.proc.stdout)
+        except (EOFError, pickle.UnpicklingError):
+            ready = None
+        if ready != "ready":
+            raise OSError(f"{self.name} failed to start")
+
+    def call(self, fn: Callable, args: tuple) -> tuple[bool, object]:
+        pickle.dump((fn, args), self.proc.stdin)
+        self.proc.stdin.flush()
+        return pickle.load(self.proc.stdout)
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()  # it finishes its page, reads the end and exits
+        except OSError:
+            pass
+
+    def wait(self) -> None:
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _Slots:
+    """Runners (worker processes, or what the run layer gives: Ray tasks), each fed one task at a time by
+    a thread of its own from one shared queue. A runner has `start()`, `call(fn, args) -> (ok, value)`
+    (raising OSError, EOFError or ValueError once it is gone), `stop()`, `wait()` and a `name`."""
+
+    def __init__(self, runners: list):
+        self.runners = runners
+        self.tasks: queue.Queue = queue.Queue()
+        self.closing = False
+        self.ready = 0
+        self.settled = threading.Semaphore(0)  # released once per runner, ready or failed
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._feed, args=(r,), name="listing-runner", daemon=True)
+                        for r in runners]
         for t in self.threads:
             t.start()
 
     @property
     def all_ready(self) -> bool:
-        return self.ready == len(self.procs)
+        return self.ready == len(self.runners)
 
     def wait_started(self) -> None:
-        for _ in self.procs:
+        for _ in self.runners:
             self.settled.acquire()
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -94,13 +129,12 @@ class _Processes:
         self.tasks.put((future, fn, args))
         return future
 
-    def _feed(self, proc: subprocess.Popen) -> None:
+    def _feed(self, runner) -> None:
         try:
-            if pickle.load(proc.stdout) != "ready":
-                raise OSError("a listing process did not start")
-        except (EOFError, OSError, pickle.UnpicklingError):
+            runner.start()
+        except OSError as exc:
             self.settled.release()
-            return self._fail_all(OSError(f"a listing process (pid {proc.pid}) failed to start"))
+            return self._fail_all(exc)
         with self.lock:
             self.ready += 1
         self.settled.release()
@@ -109,40 +143,38 @@ class _Processes:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                pickle.dump((fn, args), proc.stdin)
-                proc.stdin.flush()
-                ok, value = pickle.load(proc.stdout)
+                ok, value = runner.call(fn, args)
             except (EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # ValueError: a closed pipe
-                future.set_exception(OSError(f"listing process {proc.pid} ended: {type(exc).__name__}: {exc}"))
-                return None if self.closing else self._fail_all(OSError(f"listing process {proc.pid} ended"))
+                future.set_exception(OSError(f"{runner.name} ended: {type(exc).__name__}: {exc}"))
+                return None if self.closing else self._fail_all(OSError(f"{runner.name} ended"))
             (future.set_result if ok else future.set_exception)(value)
 
     def _fail_all(self, exc: BaseException) -> None:
-        # A dead worker leaves tasks that nobody else may take (the others may be dead too): fail them all.
+        # A dead runner leaves tasks that nobody else may take (the others may be dead too): fail them all.
+        for future, _, _ in self.take_queued():
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+
+    def take_queued(self) -> list:
+        """The tasks no runner has taken yet, out of the queue."""
+        taken = []
         while True:
             try:
                 item = self.tasks.get_nowait()
             except queue.Empty:
-                return
-            if item is not None and item[0].set_running_or_notify_cancel():
-                item[0].set_exception(exc)
+                return taken
+            if item is not None:
+                taken.append(item)
 
     def close(self) -> None:
         self.closing = True
         self._fail_all(OSError("the listing was closed"))  # queued pages nobody will take now
-        for _ in self.procs:
+        for _ in self.runners:
             self.tasks.put(None)
-        for p in self.procs:
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for r in self.runners:
+            r.stop()
+        for r in self.runners:
+            r.wait()
 
 
 class ListingPool:
@@ -157,20 +189,32 @@ class ListingPool:
         self.threshold = THRESHOLD if threshold is None else threshold
         self.preload = preload
         self.local = ThreadPoolExecutor(threads, thread_name_prefix="walk")
-        self.remote: _Processes | None = None
+        self.remote: _Slots | None = None
         self.submitted = 0
         self.in_processes = 0  # pages listed by the worker processes (tests and the manifest read it)
 
     def submit(self, fn: Callable, *args) -> Future:
         self.submitted += 1
         if self.remote is None and self.processes > 1 and self.submitted > self.threshold:
-            self.remote = _Processes(self.processes, self.preload)
+            self.remote = _Slots([_Process(self.preload) for _ in range(self.processes)])
             if self.threshold == 0:
                 self.remote.wait_started()
         if self.remote is not None and self.remote.all_ready:
             self.in_processes += 1
             return self.remote.submit(fn, *args)
         return self.local.submit(fn, *args)
+
+    def use(self, runners: list) -> None:
+        """Pages from now on go to `runners` (see `_Slots`: the run layer's Ray tasks on the cluster, once Ray
+        is up); pages queued for the worker processes move with them, and those processes end."""
+        slots = _Slots(runners)
+        slots.wait_started()
+        old, self.remote = self.remote, slots
+        self.processes = len(runners)
+        if old is not None:
+            for item in old.take_queued():
+                slots.tasks.put(item)
+            old.close()
 
     def close(self) -> None:
         # Pages still queued are not wanted (a consumer that stops early): cancel them, don't wait.

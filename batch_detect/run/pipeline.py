@@ -30,7 +30,7 @@ from ..output.lease import Lease
 from ..output.sink import MANIFEST, OutputStore
 from . import manifest as facts
 from .dispatch import Callbacks, Dispatch
-from .executors import described, shut_down_ray, start_ray, without_ray
+from .executors import described, list_on_cluster, shut_down_ray, start_ray, without_ray
 from .feed import check_listing
 from .prepare import Prepared, check_before_writing, prepare
 
@@ -86,6 +86,7 @@ def _run(config: RunConfig, store: OutputStore, t_start: float, lease, calls: Ca
         # Ray is imported only now: a run with nothing to do (above) answers in the time Python starts.
         ray_facts = start_ray(config, ready, ready.planning, ready.plan, calls.on_phase)
         try:
+            list_on_cluster(config, ready.plan, ray_facts)
             lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
         except BaseException:
             shut_down_ray(ray_facts)
