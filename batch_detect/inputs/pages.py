@@ -28,6 +28,7 @@ from typing import Callable
 __all__ = ["ListingPool", "auto_processes", "Shipped"]
 
 THRESHOLD = 8  # pages listed in this process before the worker processes start
+STARTING_PAGES = 2  # pages on this process's threads at once while the worker processes start
 MAX_AUTO = 8  # listing processes by default, at most: enough to outrun most runs' dispatch
 
 
@@ -109,6 +110,7 @@ class _Slots:
         self.tasks: queue.Queue = queue.Queue()
         self.closing = False
         self.ready = 0
+        self.alive = len(runners)  # feeding threads not ended (a runner that fails or dies ends its thread)
         self.settled = threading.Semaphore(0)  # released once per runner, ready or failed
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._feed, args=(r,), name="listing-runner", daemon=True)
@@ -131,10 +133,19 @@ class _Slots:
 
     def _feed(self, runner) -> None:
         try:
+            self._run(runner)
+        finally:
+            with self.lock:
+                self.alive -= 1
+            if self.alive == 0 and not self.closing:  # nobody left to take what is queued
+                self._fail_all(OSError(f"{runner.name} ended, and no other is left"))
+
+    def _run(self, runner) -> None:
+        try:
             runner.start()
-        except OSError as exc:
+        except OSError:
             self.settled.release()
-            return self._fail_all(exc)
+            return
         with self.lock:
             self.ready += 1
         self.settled.release()
@@ -146,11 +157,11 @@ class _Slots:
                 ok, value = runner.call(fn, args)
             except (EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # ValueError: a closed pipe
                 future.set_exception(OSError(f"{runner.name} ended: {type(exc).__name__}: {exc}"))
-                return None if self.closing else self._fail_all(OSError(f"{runner.name} ended"))
+                return
             (future.set_result if ok else future.set_exception)(value)
 
     def _fail_all(self, exc: BaseException) -> None:
-        # A dead runner leaves tasks that nobody else may take (the others may be dead too): fail them all.
+        # Nobody will take them (every runner ended, or the pool is closing): fail them, never leave them waiting.
         for future, _, _ in self.take_queued():
             if future.set_running_or_notify_cancel():
                 future.set_exception(exc)
@@ -191,6 +202,8 @@ class ListingPool:
         self.local = ThreadPoolExecutor(threads, thread_name_prefix="walk")
         self.remote: _Slots | None = None
         self.submitted = 0
+        self.local_pending = 0  # pages on this process's threads not done yet
+        self.lock = threading.Lock()
         self.in_processes = 0  # pages listed by the worker processes (tests and the manifest read it)
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -199,10 +212,21 @@ class ListingPool:
             self.remote = _Slots([_Process(self.preload) for _ in range(self.processes)])
             if self.threshold == 0:
                 self.remote.wait_started()
-        if self.remote is not None and self.remote.all_ready:
+        # While the processes start, a couple of pages go on in this process; the rest wait for the processes
+        # (listed here, up to a lookahead's worth of pages would hold the driver's CPU for seconds).
+        remote = self.remote
+        if remote is not None and remote.alive and (remote.all_ready or self.local_pending >= STARTING_PAGES):
             self.in_processes += 1
-            return self.remote.submit(fn, *args)
-        return self.local.submit(fn, *args)
+            return remote.submit(fn, *args)
+        with self.lock:
+            self.local_pending += 1
+        future = self.local.submit(fn, *args)
+        future.add_done_callback(self._local_done)
+        return future
+
+    def _local_done(self, future: Future) -> None:
+        with self.lock:
+            self.local_pending -= 1
 
     def use(self, runners: list) -> None:
         """Pages from now on go to `runners` (see `_Slots`: the run layer's Ray tasks on the cluster, once Ray
