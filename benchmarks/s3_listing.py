@@ -92,6 +92,7 @@ def client(args) -> None:
         for path in paths:
             digest.update(path.encode() + b"\n")
     out = {"keys_listed": n, "seconds": seconds, "first_key_s": first, "sha1": digest.hexdigest(),
+           "client_cpu_s": time.process_time(),
            "peak_rss_delta_mb": _status_mb("VmHWM") - rss0}
     if args.tracemalloc:
         out["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
@@ -211,6 +212,7 @@ def run_client(endpoint: str, method: str, workers: int, trace: bool, timeout_s:
     cmd = [sys.executable, os.path.abspath(__file__), "--client", method, "--endpoint", endpoint,
            "--workers", str(workers), "--listing-processes", str(processes)] + (["--tracemalloc"] if trace else [])
     before, t0, load = lister.requests, time.perf_counter(), os.getloadavg()[0]
+    cpu0 = os.times()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -220,6 +222,11 @@ def run_client(endpoint: str, method: str, workers: int, trace: bool, timeout_s:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["list_requests"] = lister.requests - before
     out["load_before"], out["load_after"] = load, os.getloadavg()[0]  # 1-minute load: the machine is shared
+    cpu = os.times()
+    # CPU seconds: this process is moto's server; its children are the client and its listing processes
+    out["server_cpu_s"] = cpu.user + cpu.system - cpu0.user - cpu0.system
+    out["listing_processes_cpu_s"] = (cpu.children_user + cpu.children_system - cpu0.children_user
+                                      - cpu0.children_system - out["client_cpu_s"])
     return out
 
 
