@@ -53,6 +53,9 @@ class RunConfig:
     image_column: str | None = None  # Parquet input: the column holding encoded image bytes
     id_column: str | None = None  # Parquet input: the column whose value names each image in the output
     inventory_prefix: str | None = None  # S3 Inventory input: plan only the keys under this prefix
+    # Processes listing a folder, prefix or glob (S3, local) once it is large (inputs/pages.py). None: one
+    # per CPU of the driver's machine, at most 8; 1: the listing stays in the driver's process
+    listing_processes: int | None = None
     batch_size: int = 1  # images per invoke when the model's batch dimension is dynamic; else 1
     address: str | None = None
     # Embedded runs (no address) planning fewer images than this go to worker processes without Ray,
@@ -213,7 +216,7 @@ _WORKER_CHECKS = (
     _at_least("decode_threads", 0, "0 (decode on the interpreter's thread) or more"),
     _at_least("memory_per_actor_mb", 1, "positive"), _fraction("node_memory_share", zero_allowed=False),
 )
-_INPUT_CHECKS = (_one_of("input_format", INPUT_FORMATS), _check_input_columns)
+_INPUT_CHECKS = (_one_of("input_format", INPUT_FORMATS), _check_input_columns, _at_least("listing_processes", 1))
 # The run and its output: what an existing output becomes, when the run fails, parts and dispatch.
 _RUN_CHECKS = (
     _check_run_mode, _fraction("max_failure_rate"), _at_least("part_rows", 1), _at_least("max_shards_in_flight", 1),

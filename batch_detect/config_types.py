@@ -28,7 +28,7 @@ TABLE = ("a table ([storage_options] with key = value lines)", lambda v: isinsta
 EXPECTED = {
     "score_threshold": NUMBER, "node_memory_share": NUMBER, "max_failure_rate": NUMBER, "store_timeout": NUMBER,
     "shard_size": INT, "max_pixels": INT, "batch_size": INT, "num_actors": INT, "ray_min_images": INT, "read_ahead": INT, "cpus_per_actor": INT,
-    "decode_threads": INT,
+    "decode_threads": INT, "listing_processes": INT,
     "max_shards_in_flight": INT, "part_rows": INT, "memory_per_actor_mb": INT,
     "jpeg_draft": BOOL, "overwrite": BOOL, "resume": BOOL, "allow_nonempty_output": BOOL, "incremental": BOOL,
     "input_mean": NUMBERS, "input_std": NUMBERS, "extensions": WORDS, "storage_options": TABLE,

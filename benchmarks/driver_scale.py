@@ -58,11 +58,12 @@ def first_output(out: str, legacy: bool) -> bool:
     return os.path.exists(os.path.join(out, "failures", "part-000000.parquet"))
 
 
-def measure(code_root: str, manifest: str, out: str, legacy: bool, hold: float, full: bool, limit: float) -> dict:
+def measure(code_root: str, manifest: str, out: str, legacy: bool, hold: float, full: bool, limit: float,
+            extra: tuple[str, ...] = ()) -> dict:
     subprocess.run(["rm", "-rf", out])
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": code_root, "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", manifest, "--output", out,
-           "--shard-size", "64"]
+           "--shard-size", "64", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -14,6 +14,11 @@ written directly; moto still serves the HTTP and holds the objects. `--moto stoc
 feasible up to ~100k keys. `--latency-ms` adds a fixed delay per LIST request, as a remote store has.
 
     .venv/bin/python benchmarks/s3_listing.py [--keys 1000000] [--moto fast|stock] [--latency-ms 0]
+        [--methods walk] [--processes 1,2,4] [--rounds 3]
+
+`--processes`: `walk` with its pages listed in that many worker processes (`inputs/pages.py`, as
+`--listing-processes` does; 1: the driver's process alone); with `--rounds`, the arms run interleaved
+(one of each per round) so that a machine shared with other work loads them alike.
 
 Results are merged into benchmarks/results/s3_listing.json, and s3_listing.md is rewritten from it.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import gc
 import hashlib
 import json
@@ -54,6 +60,7 @@ def client(args) -> None:
     import s3fs
 
     sys.path.insert(0, ROOT)
+    from batch_detect.inputs.pages import ListingPool
     from batch_detect.inputs.walk import walk
 
     fs = s3fs.S3FileSystem(endpoint_url=args.endpoint, skip_instance_cache=True, **CREDENTIALS)
@@ -70,12 +77,14 @@ def client(args) -> None:
     digest, n, first = hashlib.sha1(), 0, None
     t0 = time.perf_counter()
     if args.client == "walk":
-        for path in walk(fs, f"{BUCKET}/photos", workers=args.workers):
-            if first is None:
-                first = time.perf_counter() - t0
-            n += 1
-            digest.update(path.encode() + b"\n")
-        seconds = time.perf_counter() - t0
+        with ListingPool(args.processes_n, preload=("s3fs",)) as pool:
+            for path in walk(fs, f"{BUCKET}/photos", workers=args.workers,
+                             pool=pool if args.processes_n > 1 else None):
+                if first is None:
+                    first = time.perf_counter() - t0
+                n += 1
+                digest.update(path.encode() + b"\n")
+            seconds = time.perf_counter() - t0
     else:
         paths = fs.find(f"{BUCKET}/photos")  # the whole listing, and fs.dircache, held until the end
         seconds = first = time.perf_counter() - t0
@@ -83,6 +92,7 @@ def client(args) -> None:
         for path in paths:
             digest.update(path.encode() + b"\n")
     out = {"keys_listed": n, "seconds": seconds, "first_key_s": first, "sha1": digest.hexdigest(),
+           "client_cpu_s": time.process_time(),
            "peak_rss_delta_mb": _status_mb("VmHWM") - rss0}
     if args.tracemalloc:
         out["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
@@ -197,10 +207,12 @@ def fill(endpoint: str, keys: int, per_prefix: int):
     return backend, backend.get_bucket(BUCKET)
 
 
-def run_client(endpoint: str, method: str, workers: int, trace: bool, timeout_s: float, lister: Lister) -> dict:
+def run_client(endpoint: str, method: str, workers: int, trace: bool, timeout_s: float, lister: Lister,
+               processes: int = 1) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--client", method, "--endpoint", endpoint,
-           "--workers", str(workers)] + (["--tracemalloc"] if trace else [])
-    before, t0 = lister.requests, time.perf_counter()
+           "--workers", str(workers), "--listing-processes", str(processes)] + (["--tracemalloc"] if trace else [])
+    before, t0, load = lister.requests, time.perf_counter(), os.getloadavg()[0]
+    cpu0 = os.times()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -209,6 +221,12 @@ def run_client(endpoint: str, method: str, workers: int, trace: bool, timeout_s:
         raise RuntimeError(f"{method} client failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["list_requests"] = lister.requests - before
+    out["load_before"], out["load_after"] = load, os.getloadavg()[0]  # 1-minute load: the machine is shared
+    cpu = os.times()
+    # CPU seconds: this process is moto's server; its children are the client and its listing processes
+    out["server_cpu_s"] = cpu.user + cpu.system - cpu0.user - cpu0.system
+    out["listing_processes_cpu_s"] = (cpu.children_user + cpu.children_system - cpu0.children_user
+                                      - cpu0.children_system - out["client_cpu_s"])
     return out
 
 
@@ -220,6 +238,8 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=0.0)
     ap.add_argument("--methods", default="walk,find")
     ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--processes", default="1", help="walk: comma-separated listing process counts")
+    ap.add_argument("--rounds", type=int, default=1, help="each arm this many times, interleaved")
     ap.add_argument("--tracemalloc-max-keys", type=int, default=200_000,
                     help="the second, tracemalloc'ed pass (3-4x slower) only up to this many keys")
     ap.add_argument("--timeout-s", type=float, default=600, help="per client pass")
@@ -227,19 +247,12 @@ def main() -> None:
     ap.add_argument("--client", choices=["walk", "find"], help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--tracemalloc", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--listing-processes", dest="processes_n", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
         return client(args)
 
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+    with loopback_s3() as endpoint:
         t0 = time.perf_counter()
         backend, bucket = fill(endpoint, args.keys, args.per_prefix)
         fill_s = time.perf_counter() - t0
@@ -247,6 +260,9 @@ def main() -> None:
         lister = Lister(backend, bucket, args.moto == "fast", args.latency_ms / 1000)
         if args.moto == "fast":
             fast_responses()
+        processes = [int(p) for p in args.processes.split(",")]
+        if processes != [1] or args.rounds > 1:
+            return compare_processes(args, endpoint, lister, processes, fill_s)
         runs = []
         for method in args.methods.split(","):
             workers = args.workers if method == "walk" else 1
@@ -265,8 +281,83 @@ def main() -> None:
         if len({r["sha1"] for r in done}) > 1 or any(r["keys_listed"] != args.keys for r in done):
             raise SystemExit("the listings differ: " + json.dumps(runs))
         save(args.out, runs, fill_s)
+
+
+@contextlib.contextmanager
+def loopback_s3():
+    """moto's S3 server on a free port of 127.0.0.1 in this process (its backend reachable directly), quiet."""
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+def compare_processes(args, endpoint: str, lister: Lister, processes: list[int], fill_s: float) -> None:
+    """`walk` with its pages in 1, 2, 4... processes, the arms interleaved round after round; the same paths
+    in the same order every time (digest), keys/s per arm and its ratio to one process in the same round."""
+    import statistics
+
+    runs = []
+    for rnd in range(args.rounds):
+        for n in processes:
+            run = {"round": rnd, "processes": n, "keys": args.keys, "moto": args.moto, "latency_ms": args.latency_ms,
+                   **run_client(endpoint, "walk", args.workers, False, args.timeout_s, lister, n)}
+            run["keys_per_s"] = run["keys_listed"] / run["seconds"]
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    if len({r["sha1"] for r in runs}) > 1 or any(r["keys_listed"] != args.keys for r in runs):
+        raise SystemExit("the listings differ: " + json.dumps(runs))
+    import moto
+    import s3fs
+
+    data = {"runs": runs, "fill_s": fill_s, "machine": {
+        "cpus": os.cpu_count(), "python": platform.python_version(), "moto": moto.__version__,
+        "s3fs": s3fs.__version__, "platform": platform.platform()}}
+    base = {r["round"]: r["keys_per_s"] for r in runs if r["processes"] == 1}
+    rows, summary = [], []
+    for r in runs:
+        ratio = r["keys_per_s"] / base[r["round"]] if r["round"] in base else None
+        rows.append(f"| {r['round']} | {r['processes']} | {r['seconds']:.1f} | {r['keys_per_s']:,.0f} | "
+                    f"{'—' if ratio is None else format(ratio, '.2f')} | {r['first_key_s']:.2f} | "
+                    f"{r['peak_rss_delta_mb']:.0f} | {r['load_before']:.1f} → {r['load_after']:.1f} |")
+    for n in processes:
+        rates = [r["keys_per_s"] for r in runs if r["processes"] == n]
+        ratios = [r["keys_per_s"] / base[r["round"]] for r in runs if r["processes"] == n and r["round"] in base]
+        summary.append(f"| {n} | {statistics.median(rates):,.0f} | {min(rates):,.0f}–{max(rates):,.0f} | "
+                       f"{'—' if not ratios else format(statistics.median(ratios), '.2f')} |")
+        data[f"median_keys_per_s_{n}"] = statistics.median(rates)
+    out = os.path.join(os.path.dirname(args.out), f"s3_listing_processes_{args.keys // 1000}k")
+    with open(out + ".json", "w") as fh:
+        json.dump(data, fh, indent=1)
+    m = data["machine"]
+    with open(out + ".md", "w") as fh:
+        fh.write(f"""# S3 prefix listing in 1, {', '.join(map(str, processes[1:]))} processes
+
+`benchmarks/s3_listing.py --keys {args.keys} --processes {args.processes} --rounds {args.rounds}`: {args.keys:,} keys
+`photos/pNNNN/img_NNNNNN.jpg` ({args.per_prefix} per prefix) in moto's S3 server on 127.0.0.1 (ListObjectsV2
+answered from a sorted index: `--moto {args.moto}`), {args.latency_ms:g} ms added per LIST. Each listing is
+`walk` in a fresh client process; with N > 1 its pages go to N worker processes (`inputs/pages.py`, what
+`--listing-processes N` does), the first 8 pages on the client's threads. Every listing gave the same paths in
+the same order (one digest). Arms interleaved, one of each per round. Machine: {m['cpus']} CPUs, Python
+{m['python']}, moto {m['moto']}, s3fs {m['s3fs']}; the server, the client and the listing processes share the
+CPUs, and the machine was shared with other engineers' work at the time (1-minute load average before and
+after each listing in the last column), so the numbers are noisy.
+
+| processes | median keys/s | range | median ratio to 1 process (same round) |
+|---|---|---|---|
+{chr(10).join(summary)}
+
+| round | processes | seconds | keys/s | vs 1 process | first key (s) | client peak RSS Δ (MB) | load |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+""")
 
 
 # --- results -------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ..outage import configure as configure_outage
 from .progress import Progress
 from .rayjob import job_paths
 from ..run.sizing import MAX_AUTO_THREADS, RAY_MIN_IMAGES_CAP, RAY_MIN_IMAGES_PER_CPU
+from ..inputs.pages import MAX_AUTO as MAX_AUTO_LISTING
 from ..inputs.storage import check_storage_options, check_store_access
 
 
@@ -166,6 +167,9 @@ def _tuning_options(g) -> None:
     _option(g, "--decode-threads", "threads decoding images ahead of each worker's model; 0: decode "
             "on the model's thread, one image after another", type=int,
             default="sized per worker, from its interpreter threads")
+    _option(g, "--listing-processes", "processes listing a folder, prefix or glob (S3 or local) once it "
+            "is large: S3 listing is bound by parsing, ~5,000 keys/s per process; 1: the driver's process alone",
+            type=int, default=f"one per CPU of this machine, at most {MAX_AUTO_LISTING}")
     _option(g, "--no-jpeg-draft", "decode JPEGs at full size, not at the smallest libjpeg scale that "
             "keeps what the resize needs", action="store_false", dest="jpeg_draft")
 
@@ -578,12 +582,14 @@ def _run_with_progress(config: RunConfig):
         if threads > 1:
             workers += f" of {threads} interpreter threads each"
         print(f"running on {workers}{resumed}; the input is listed as the run goes", file=sys.stderr)
-        progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards)
+        progress["bar"] = Progress(None, None, done_images=done_images, done_shards=done_shards,
+                                   listing=progress.get("listing"))
         _open_progress[:] = [progress["bar"]]
 
     return run(config, on_start=on_start, on_shard=lambda s: progress["bar"].update(s),
                on_listed=lambda images, shards: progress["bar"].listed(images, shards),
-               on_phase=lambda text: print(f"{text} ...", file=sys.stderr, flush=True))
+               on_phase=lambda text: print(f"{text} ...", file=sys.stderr, flush=True),
+               on_listing=lambda stats: progress.__setitem__("listing", stats))
 
 
 def _print_nothing_new(summary, as_json: bool) -> None:

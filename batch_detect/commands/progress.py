@@ -12,7 +12,7 @@ from ..outage import OUTAGE
 
 class Progress:
     def __init__(self, total_images: int | None, total_shards: int | None, stream=None, interval_s: float = 60.0,
-                 done_images: int = 0, done_shards: int = 0):
+                 done_images: int = 0, done_shards: int = 0, listing=None):
         # Totals are None until the listing ends (it runs alongside the job); tar input never knows images.
         self.total = total_images
         self.total_shards = total_shards
@@ -25,6 +25,7 @@ class Progress:
         self.done, self.shards = done_images, done_shards
         self.base = done_images  # images finished by an earlier attempt: not part of this run's rate
         self.line_open = False  # a terminal bar drawn without its newline yet
+        self.listing = listing  # the live ListingStats: keys listed so far and their rate, while it lists
 
     def listed(self, total_images: int | None, total_shards: int) -> None:
         self.total, self.total_shards = total_images, total_shards
@@ -63,7 +64,8 @@ class Progress:
             bar = "#" * filled + "-" * (width - filled)
             # counts are of committed shards: a worker logs a failure before its shard commits
             line = (f"\r[{bar}] {self.done}/{total} images committed {pct:5.1f}% | {rate:6.1f} img/s | "
-                    f"{self.failed} failed | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}{paused}")
+                    f"{self.failed} failed | shards {self.shards}/{self.total_shards or '?'} | ETA {_eta(eta):>6}"
+                    + self._listing(" | ") + paused)
             self.stream.write(line)
             self.line_open = True
             if self.shards == self.total_shards:
@@ -71,14 +73,31 @@ class Progress:
         else:
             self.stream.write(f"progress: {self.done}/{total} images committed ({pct:.1f}%), {rate:.1f} img/s, "
                               f"{self.failed} failed, shards {self.shards}/{self.total_shards or '?'}, "
-                              f"ETA {_eta(eta)}{paused.replace(' |', ';')}\n")
+                              f"ETA {_eta(eta)}{self._listing(', ')}{paused.replace(' |', ';')}\n")
         self.stream.flush()
+
+    def _listing(self, sep: str) -> str:
+        """'listing: 2.1M keys, 38k keys/s' while the listing goes on (its rate over the time the run waited
+        on it); nothing once it has ended."""
+        if self.listing is None or self.total_shards is not None:
+            return ""
+        rate = self.listing.keys_per_s
+        return f"{sep}listing: {_short(self.listing.keys_seen)} keys" + (
+            f", {_short(rate)} keys/s" if rate is not None else "")
 
     def end_line(self) -> None:
         if self.line_open:
             self.stream.write("\n")
             self.stream.flush()
             self.line_open = False
+
+
+def _short(n: float) -> str:
+    """2,100,000 as 2.1M, 38,412 as 38k: a count read at a glance."""
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n / size:.0f}{unit}"
+    return f"{n:.0f}"
 
 
 def _eta(seconds: float) -> str:

@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -26,6 +27,7 @@ from fsspec.core import url_to_fs
 from ..errors import InputError
 from .extsort import SpillError, sorted_unique
 from .inventory import inventory_listing, read_report
+from .pages import ListingPool
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,25 @@ class ListingStats:
     duplicates: int = 0  # URIs a manifest listed more than once (each is planned once)
     sorted_on_disk: bool = False  # a large manifest out of order, sorted by extsort before planning
     old_versions: int = 0  # S3 Inventory rows of delete markers and superseded versions, not planned
+    keys: int = 0  # objects the listing gave (those skipped for their extension not counted here)
+    listing_s: float = 0.0  # time its consumer waited on the listing (not the time it held the listing back)
+    processes: int = 1  # processes that listed pages (worker processes, once a listing was large enough)
+    pool: ListingPool | None = field(default=None, repr=False, compare=False)  # while it lists: where pages go
+
+    @property
+    def keys_seen(self) -> int:
+        """Every object listed: given, or skipped for its extension."""
+        return self.keys + self.skipped
+
+    @property
+    def keys_per_s(self) -> float | None:
+        return self.keys_seen / self.listing_s if self.listing_s > 0 else None
+
+    def throughput(self) -> dict:
+        """What the manifest's input section says of the listing's speed."""
+        rate = self.keys_per_s
+        return {"keys_listed": self.keys_seen, "listing_s": round(self.listing_s, 6),
+                "keys_per_s": None if rate is None else round(rate, 1), "listing_processes": self.processes}
 
     def duplicate(self, uri: str | None = None) -> None:
         self.duplicates += 1
@@ -89,11 +110,32 @@ def iter_input(url: str, extensions: tuple[str, ...], storage_options: dict | No
 
 def iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | None = None, *,
                 manifests: bool = True, stats: ListingStats | None = None,
-                inventory_prefix: str | None = None) -> Iterator[tuple[str, str | None]]:
+                inventory_prefix: str | None = None, processes: int | None = 1) -> Iterator[tuple[str, str | None]]:
     """`iter_input` with each URI's version (`walk.version_of`) where the listing itself says it: for
     folders, prefixes, globs and S3 Inventory reports (`inventory.py`, keys under `inventory_prefix`);
-    None for a manifest's URIs (stating each would cost a request)."""
+    None for a manifest's URIs (stating each would cost a request). A folder, prefix or glob on S3 or a
+    local disk is listed by up to `processes` processes (`pages.py`; None: one per CPU, at most 8), in the
+    same order. `stats` counts the keys and the time the caller waited on them."""
     stats = stats if stats is not None else ListingStats()
+    listed = _iter_listed(url, extensions, storage_options, manifests, stats, inventory_prefix, processes)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(listed)
+            except StopIteration:
+                return
+            finally:
+                stats.listing_s += time.perf_counter() - t0
+            stats.keys += 1
+            yield item
+    finally:
+        listed.close()
+
+
+def _iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | None, manifests: bool,
+                 stats: ListingStats, inventory_prefix: str | None,
+                 processes: int | None) -> Iterator[tuple[str, str | None]]:
     try:
         fs, path = url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as exc:
@@ -117,11 +159,12 @@ def iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | N
             return
     from .walk import walk
 
+    pool = stats.pool = _pool(fs, processes)
     try:
         if glob:
-            paths: Iterator[tuple[str, str | None]] = _glob(fs, path, url)
+            paths: Iterator[tuple[str, str | None]] = _glob(fs, path, url, pool)
         elif fs.isdir(path):
-            paths = walk(fs, path, versions=True)
+            paths = walk(fs, path, versions=True, pool=pool)
         elif fs.isfile(path):
             paths = iter([(path, stat_version(fs, path))])
         else:
@@ -139,11 +182,24 @@ def iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | N
     except (PermissionError, OSError) as exc:
         raise InputError(f"cannot list input {url!r}: {type(exc).__name__}: {exc}") from None
     finally:
+        if pool is not None:
+            stats.processes = pool.processes if pool.in_processes else 1
+            stats.pool = None
+            pool.close()
         if not _is_local(fs):
             fs.invalidate_cache()  # the listing cache would keep every entry alive on the driver
 
 
-def _glob(fs, path: str, url: str) -> Iterator[tuple[str, str | None]]:
+def _pool(fs, processes: int | None) -> ListingPool | None:
+    """Where a walk's pages are listed: None (threads of this process) for one process or a store whose
+    pages cannot be listed elsewhere (only S3 and local folders are)."""
+    s3 = callable(getattr(fs, "_call_s3", None))
+    if (processes is not None and processes <= 1) or not (s3 or _is_local(fs)):
+        return None
+    return ListingPool(processes, preload=("s3fs",) if s3 else ())
+
+
+def _glob(fs, path: str, url: str, pool: ListingPool | None = None) -> Iterator[tuple[str, str | None]]:
     """The files a glob matches (fsspec's pattern syntax and matching), streamed in sorted order: the
     folder before the first wildcard is walked (`walk.py`), entering only directories the pattern can
     reach, so a glob over a 100M-key bucket never holds its matches in memory. Files are what a folder
@@ -181,7 +237,7 @@ def _glob(fs, path: str, url: str) -> Iterator[tuple[str, str | None]]:
 
     local = _is_local(fs)
     # Locally the version is taken below, for matches only (fs.glob's format): the walk need not stat too.
-    found = walk(fs, root, versions=not local, enter=enter)
+    found = walk(fs, root, versions=not local, enter=enter, pool=pool)
     if local:
         found = ((p, None) for p in found)
     try:

@@ -142,14 +142,15 @@ def plan_input(url: str, *, form: str, extensions: tuple[str, ...], shard_size: 
                image_column: str | None = None, id_column: str | None = None,
                storage_options: dict | None = None,
                select: Callable[[Iterator[Listed]], Iterator[Listed]] | None = None,
-               first_shard: int = 0, run: int = 1, inventory_prefix: str | None = None) -> PlanStream:
+               first_shard: int = 0, run: int = 1, inventory_prefix: str | None = None,
+               listing_processes: int | None = 1) -> PlanStream:
     """The input's shards, streamed, for any input form. `auto` is Parquet when an image column is named,
     tar when the input lists tar files, else files. Raises InputError before returning when the input
     does not exist or holds nothing to process.
 
     `select` (files and tar input) picks which listed objects to plan (an incremental run's new ones);
     shards are then numbered from `first_shard` and belong to run `run`. `inventory_prefix`: the keys
-    of an S3 Inventory input to plan."""
+    of an S3 Inventory input to plan. `listing_processes`: see `listing.iter_listed` (files and tar input)."""
     from .containers import parquet_ranges
 
     stats = ListingStats()
@@ -169,10 +170,11 @@ def plan_input(url: str, *, form: str, extensions: tuple[str, ...], shard_size: 
     keep = select or (lambda listed: listed)
     if form == "files":
         images = _first_or_refuse(iter_listed(url, extensions, storage_options, stats=stats,
-                                              inventory_prefix=inventory_prefix), url, extensions, stats)
+                                              inventory_prefix=inventory_prefix, processes=listing_processes),
+                                  url, extensions, stats)
         return PlanStream("files", cut_shards(keep(images), shard_size, first=first_shard, run=run), stats)
     listed = iter_listed(url, (extensions + (".tar",)) if extensions else (), storage_options, stats=stats,
-                         inventory_prefix=inventory_prefix)
+                         inventory_prefix=inventory_prefix, processes=listing_processes)
     first = next(listed, None)
     listed = itertools.chain([first], listed) if first is not None else iter(())
     if form == "auto" and not (first or ("",))[0].lower().endswith(".tar"):

@@ -12,12 +12,15 @@ so a 100M-key bucket can be walked while the work it feeds starts.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from fsspec.asyn import sync
+
+from .pages import Shipped
 
 __all__ = ["walk", "version_of"]
 
@@ -50,7 +53,7 @@ def _key(entry: Entry) -> str:
 
 
 def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: bool = False,
-         enter: Callable[[str], bool] | None = None) -> Iterator:
+         enter: Callable[[str], bool] | None = None, pool=None) -> Iterator:
     """Every file under `root` (fsspec paths as `fs` names them, no protocol), in sorted path order; with
     `versions`, (path, version) pairs (see `version_of`: from the listing itself, no request per file).
     Streaming: memory is bounded by the directories in flight, not by the number of files. `enter(rel)`,
@@ -62,6 +65,10 @@ def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: boo
     sub-directories ahead of the consumer are listed concurrently on `workers` threads, one page of each
     at a time; results come out strictly in order. Nothing is left in fsspec's listings cache.
 
+    `pool` (a `pages.ListingPool`, S3 and local folders): each page (one LIST request, or one local
+    directory) is fetched, parsed and sorted there, in worker processes once the listing is large; the
+    order and content are the same as without it.
+
     A missing root raises FileNotFoundError (an empty bucket or folder yields nothing); listing errors
     (FileNotFoundError, PermissionError, OSError) propagate where they occur in the order.
     """
@@ -70,14 +77,19 @@ def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: boo
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     root = fs._strip_protocol(root)
     enter = enter or (lambda rel: True)
+    base = root if root.endswith("/") else root + "/"
     if {"file", "local"} & set(protocols):
-        found = _walk_local(root, versions, enter)
-    else:
-        base = root if root.endswith("/") else root + "/"
-        if callable(getattr(fs, "_call_s3", None)):  # s3fs: paged, uncached requests
-            found = _walk_store(base, lambda base, is_root: _S3Level(fs, base, is_root), workers, lookahead, enter)
+        if pool is None:
+            found = _walk_local(root, versions, enter)
         else:
-            found = _walk_store(base, lambda base, is_root: _LsLevel(fs, base), workers, lookahead, enter)
+            found = _walk_store(base, lambda base, is_root: _LocalLevel(base, versions), pool, lookahead, enter)
+    elif callable(getattr(fs, "_call_s3", None)):  # s3fs: paged, uncached requests
+        shipped = Shipped(fs)
+        found = _walk_store(base, lambda base, is_root: _S3Level(shipped, base, is_root),
+                            pool or ThreadPoolExecutor(workers, thread_name_prefix="walk"), lookahead, enter)
+    else:  # other stores stay in this process (an in-memory store exists only here)
+        found = _walk_store(base, lambda base, is_root: _LsLevel(fs, base),
+                            ThreadPoolExecutor(workers, thread_name_prefix="walk"), lookahead, enter)
     return found if versions else (path for path, _ in found)
 
 
@@ -106,31 +118,33 @@ def _walk_local(root: str, versions: bool, enter: Callable[[str], bool]) -> Iter
 class _Dir:
     """One directory being listed: entries ready for the consumer, and at most one page being fetched.
     `base` is the directory's path with a trailing '/': its entries' paths are base + name (a key may hold
-    an empty component, 'a//b', so the path is never re-parsed)."""
+    an empty component, 'a//b', so the path is never re-parsed). A level says which request fetches its
+    next page (`request`: a module-level function and its arguments, so a worker process can run it) and
+    takes the page back (`take`), keeping its own continuation here."""
 
-    def __init__(self, base: str, level, pool: ThreadPoolExecutor):
+    def __init__(self, base: str, level, pool):
         self.base = base
         self.level = level
         self.ready: deque[Entry] = deque()
         self.pool = pool
-        self.pending: Future | None = pool.submit(level.next)
+        self.pending: Future | None = pool.submit(*level.request())
 
     def refill(self) -> None:
         """Wait for the page in flight and ask for the next, so that one page is always fetched ahead."""
-        entries, done = self.pending.result()
+        entries, done = self.level.take(self.pending.result())
         self.ready.extend(entries)
-        self.pending = None if done else self.pool.submit(self.level.next)
+        self.pending = None if done else self.pool.submit(*self.level.request())
 
 
-def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: int,
-                lookahead: int, enter: Callable[[str], bool]) -> Iterator[tuple[str, str | None]]:
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="walk")
+def _walk_store(root_base: str, level: Callable[[str, bool], object], pool, lookahead: int,
+                enter: Callable[[str], bool]) -> Iterator[tuple[str, str | None]]:
     ahead: dict[str, _Dir] = {}  # directories being listed before the consumer reaches them
+    stack: list[_Dir] = []
 
     def prefetch() -> None:
         # The sub-directories the consumer will enter next are the ones waiting in the deepest directories:
         # open those first. Their own sub-directories wait until they are entered (bounded, and enough to
-        # keep `workers` busy on wide trees).
+        # keep the pool busy on wide trees).
         room = lookahead - len(ahead)
         for d in reversed(stack):
             if room <= 0:
@@ -144,7 +158,7 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: i
                         return
 
     try:
-        stack = [_Dir(root_base, level(root_base, True), pool)]
+        stack.append(_Dir(root_base, level(root_base, True), pool))
         while stack:
             d = stack[-1]
             if not d.ready:
@@ -164,7 +178,32 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], workers: i
                 yield d.base + name, version
     finally:
         # A consumer that stops early must not leave listings queued: cancel them, don't wait for them.
-        pool.shutdown(wait=False, cancel_futures=True)
+        for d in itertools.chain(stack, ahead.values()):
+            if d.pending is not None:
+                d.pending.cancel()
+        if isinstance(pool, ThreadPoolExecutor):  # ours; a ListingPool belongs to its caller
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _s3_page(shipped: Shipped, bucket: str, prefix: str, token: str | None,
+             must_exist: bool, page_size: int) -> tuple[list[Entry], str | None]:
+    """One page of one level of an S3 prefix (Delimiter='/'), its entries in the walk's order, and the
+    token of the next page (None: the last). Run where the pool puts it: parsing is the listing's cost."""
+    fs = shipped.fs
+    # The uncached request s3fs's own listing makes (with its retries and error translation): ls()
+    # would keep every level in fs.dircache.
+    kwargs = {"ContinuationToken": token} if token else {}
+    page = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/",
+                MaxKeys=page_size, **kwargs)
+    following = page.get("NextContinuationToken")
+    prefixes, contents = page.get("CommonPrefixes", []), page.get("Contents", [])
+    if must_exist and not prefixes and not contents:
+        raise FileNotFoundError(f"{bucket}/{prefix}")
+    n = len(prefix)
+    entries = [(p["Prefix"][n:-1], True, None) for p in prefixes]
+    entries += [(c["Key"][n:], False, version_of(c))  # '' is the directory's marker
+                for c in contents if c["Key"][n:]]
+    return sorted(entries, key=_key), following if page.get("IsTruncated") else None
 
 
 class _S3Level:
@@ -172,31 +211,67 @@ class _S3Level:
     ('x/', sorted by that string) in one sorted sequence across pages: each page, merged, is already in
     the walk's order."""
 
-    def __init__(self, fs, base: str, must_exist: bool):
-        self.fs = fs
+    def __init__(self, shipped: Shipped, base: str, must_exist: bool):
+        self.shipped = shipped
         self.bucket, self.prefix = base.split("/", 1)  # 'bucket/', 'bucket/key/'
         self.must_exist = must_exist and bool(self.prefix)
         self.token: str | None = None
 
-    def _list(self, **kwargs) -> dict:
-        # The uncached request s3fs's own listing makes (with its retries and error translation): ls()
-        # would keep every level in fs.dircache.
-        return sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", Bucket=self.bucket, **kwargs)
+    def request(self) -> tuple:
+        return _s3_page, self.shipped, self.bucket, self.prefix, self.token, self.must_exist, _PAGE
 
-    def next(self) -> tuple[list[Entry], bool]:
-        token = {"ContinuationToken": self.token} if self.token else {}
-        page = self._list(Prefix=self.prefix, Delimiter="/", MaxKeys=_PAGE, **token)
-        self.token = page.get("NextContinuationToken")
-        done = not page.get("IsTruncated") or not self.token
-        prefixes, contents = page.get("CommonPrefixes", []), page.get("Contents", [])
-        if self.must_exist and not prefixes and not contents:
-            raise FileNotFoundError(f"{self.bucket}/{self.prefix}")
+    def take(self, page: tuple[list[Entry], str | None]) -> tuple[list[Entry], bool]:
+        entries, self.token = page
         self.must_exist = False
-        n = len(self.prefix)
-        entries = [(p["Prefix"][n:-1], True, None) for p in prefixes]
-        entries += [(c["Key"][n:], False, version_of(c))  # '' is the directory's marker
-                    for c in contents if c["Key"][n:]]
-        return sorted(entries, key=_key), done
+        return entries, self.token is None
+
+
+def _local_dir(base: str, versions: bool) -> list[Entry]:
+    """One local directory's entries in the walk's order, as `_walk_local` sees them: sub-directories not
+    through symlinks, files through them, versions from a stat where asked."""
+    entries: list[Entry] = []
+    with os.scandir(base) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                entries.append((e.name, True, None))
+            elif e.is_file():
+                if versions:
+                    st = e.stat()
+                    entries.append((e.name, False, f"{st.st_size}:{st.st_mtime_ns}"))
+                else:
+                    entries.append((e.name, False, None))
+    return sorted(entries, key=_key)
+
+
+class _LocalLevel:
+    """One local directory, whole (os.scandir has no pages), for a walk whose pages go to a pool."""
+
+    def __init__(self, base: str, versions: bool):
+        self.base, self.versions = base, versions
+
+    def request(self) -> tuple:
+        return _local_dir, self.base, self.versions
+
+    def take(self, entries: list[Entry]) -> tuple[list[Entry], bool]:
+        return entries, True
+
+
+def _ls_dir(fs, base: str, path: str) -> list[Entry]:
+    try:
+        infos = fs.ls(path, detail=True)
+    finally:
+        fs.invalidate_cache(path)
+    entries = []
+    for info in infos:
+        if not info["name"].startswith(base):
+            continue
+        name = info["name"][len(base):]
+        is_dir = info.get("type") == "directory"
+        if is_dir:
+            name = name.rstrip("/")
+        if name and "/" not in name:  # skips the directory itself and zero-byte 'x/' markers
+            entries.append((name, is_dir, None if is_dir else version_of(info)))
+    return sorted(entries, key=_key)
 
 
 class _LsLevel:
@@ -207,19 +282,8 @@ class _LsLevel:
         self.base = base
         self.path = base.rstrip("/") or base
 
-    def next(self) -> tuple[list[Entry], bool]:
-        try:
-            infos = self.fs.ls(self.path, detail=True)
-        finally:
-            self.fs.invalidate_cache(self.path)
-        entries = []
-        for info in infos:
-            if not info["name"].startswith(self.base):
-                continue
-            name = info["name"][len(self.base):]
-            is_dir = info.get("type") == "directory"
-            if is_dir:
-                name = name.rstrip("/")
-            if name and "/" not in name:  # skips the directory itself and zero-byte 'x/' markers
-                entries.append((name, is_dir, None if is_dir else version_of(info)))
-        return sorted(entries, key=_key), True
+    def request(self) -> tuple:
+        return _ls_dir, self.fs, self.base, self.path
+
+    def take(self, entries: list[Entry]) -> tuple[list[Entry], bool]:
+        return entries, True

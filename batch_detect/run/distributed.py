@@ -170,6 +170,38 @@ def compact_task(*args):
     return _compact_task.options(scheduling_strategy=here).remote(*args)
 
 
+def _listing_page(fn: Callable, *args):
+    return fn(*args)
+
+
+# A listing page waits on the store and parses: no CPU slot of the actors' (they would starve the listing that
+# feeds them), spread over the nodes; the walk keeps at most one task per runner in flight.
+_listing_task = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy="SPREAD")(_listing_page)
+
+
+class ListingRunner:
+    """One listing page at a time as a Ray task on the cluster (a runner of `inputs.pages`' ListingPool)."""
+
+    name = "a Ray listing task"
+
+    def start(self) -> None:
+        pass
+
+    def call(self, fn: Callable, args: tuple) -> tuple[bool, object]:
+        try:
+            return True, ray.get(_listing_task.remote(fn, *args))
+        except RayTaskError as exc:  # what the page raised (FileNotFoundError, PermissionError...), as itself
+            return False, exc.as_instanceof_cause()
+        except ray.exceptions.RayError as exc:
+            raise OSError(f"{type(exc).__name__}: {exc}") from None
+
+    def stop(self) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+
 def warm_up_compaction() -> None:
     """Ray stores a remote function in the GCS on its first call, and that call waits for the GCS: made
     mid-run while the head is unreachable, it would hang the dispatch loop. So the first call is made

@@ -49,6 +49,26 @@ class RayFacts:
     cpus_per_actor: int = 1
 
 
+MAX_CLUSTER_LISTING = 32  # listing tasks in flight on a cluster by default, at most
+
+
+def list_on_cluster(config: RunConfig, plan: PlanStream, facts: RayFacts) -> int:
+    """On a cluster this run joined, the rest of the listing's pages go to Ray tasks spread over its nodes:
+    --listing-processes of them at once, by default one per CPU of the cluster up to MAX_CLUSTER_LISTING,
+    when that is more than this machine's processes. An embedded Ray has this machine's CPUs only: its
+    local processes list as well. Returns the tasks in flight at most (0: not moved)."""
+    pool = plan.stats.pool
+    if pool is None or facts.started_ray:
+        return 0
+    slots = config.listing_processes or min(int(facts.cluster_cpus), MAX_CLUSTER_LISTING)
+    if slots <= pool.processes and config.listing_processes is None:
+        return 0
+    from .distributed import ListingRunner
+
+    pool.use([ListingRunner() for _ in range(slots)])
+    return slots
+
+
 def ray_min_images(config: RunConfig) -> int:
     return auto_ray_min_images() if config.ray_min_images is None else config.ray_min_images
 

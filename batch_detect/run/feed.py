@@ -149,7 +149,8 @@ class PlanFeed:
             facts = {"run": self.planning.run, "chunks": chunks, "shards": shards, "items": items,
                      "fingerprint": h.hexdigest(), "form": self.plan.form, "skipped": self.plan.stats.skipped,
                      "skipped_examples": self.plan.stats.skipped_examples, "duplicates": self.plan.stats.duplicates,
-                     "sorted_on_disk": self.plan.stats.sorted_on_disk, "old_versions": self.plan.stats.old_versions}
+                     "sorted_on_disk": self.plan.stats.sorted_on_disk, "old_versions": self.plan.stats.old_versions,
+                     **self.plan.stats.throughput()}
             facts["listed"] = items
             if self.planning.selection is not None:
                 facts.update(self.planning.selection.facts())

@@ -106,7 +106,9 @@ def finish(manifest: dict, state, config: RunConfig, ready: Prepared, *, run_bef
         input={"form": form, "listed": listed["listed"], "skipped_non_image": listed["skipped"],
                "manifest_duplicates": listed["duplicates"], "skipped_examples": listed["skipped_examples"],
                "manifest_sorted_on_disk": listed.get("sorted_on_disk", False),
-               "inventory_old_versions": listed.get("old_versions", 0)},
+               "inventory_old_versions": listed.get("old_versions", 0),
+               # keys/s over the time dispatch waited on the listing, not the time dispatch held it back
+               **{k: listed.get(k) for k in ("keys_listed", "listing_s", "keys_per_s", "listing_processes")}},
         output={"parts": len(state.parts), "part_rows": [p.get("rows") for p in state.parts][-3:]},
         cluster=cluster,
         counts=counts(state, done_before, ready.labels),

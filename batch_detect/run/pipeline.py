@@ -31,7 +31,7 @@ from ..output.lease import Lease
 from ..output.sink import MANIFEST, OutputStore
 from . import manifest as facts
 from .dispatch import Callbacks, Dispatch
-from .executors import described, shut_down_ray, start_ray, without_ray
+from .executors import described, list_on_cluster, shut_down_ray, start_ray, without_ray
 from .feed import check_listing
 from .prepare import Prepared, check_before_writing, prepare
 
@@ -49,10 +49,12 @@ class RunSummary:
         return self.manifest["counts"]
 
 
-def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None) -> RunSummary:
+def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phase=None,
+        on_listing=None) -> RunSummary:
     """`on_start(actors, done_shards, done_images, without_ray, threads)` once the pool is sized; `on_shard(summary)`
     per staged shard; `on_listed(images_or_None, shards)` when the listing ends (counts of this run's plan);
-    `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is)."""
+    `on_phase(text)` as each step before the first shard begins (so a user sees what the wait is);
+    `on_listing(stats)` once the listing has begun: its live `ListingStats` (keys so far, keys/s)."""
     t_start = time.perf_counter()
     configure_outage(config.store_timeout)
     store = check_before_writing(config)  # before the lease: it is the run's first request to the output
@@ -60,15 +62,18 @@ def run(config: RunConfig, on_start=None, on_shard=None, on_listed=None, on_phas
     lease = Lease.acquire(store) if not config.overwrite and store.exists(MANIFEST) else None
     calls = Callbacks(on_start, on_shard, on_listed, on_phase or (lambda text: None))
     try:
-        return _run(config, store, t_start, lease, calls)
+        return _run(config, store, t_start, lease, calls, on_listing)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run(config: RunConfig, store: OutputStore, t_start: float, lease, calls: Callbacks) -> RunSummary:
+def _run(config: RunConfig, store: OutputStore, t_start: float, lease, calls: Callbacks,
+         on_listing=None) -> RunSummary:
     calls.on_phase(f"checking the model, the input and the output ({config.output})")
     ready = prepare(config, store)
+    if on_listing is not None:
+        on_listing(ready.plan.stats)
     done = _nothing_to_do(config, ready, t_start)
     if done is not None:
         return done
@@ -83,6 +88,7 @@ def _run(config: RunConfig, store: OutputStore, t_start: float, lease, calls: Ca
         # Ray is imported only now: a run with nothing to do (above) answers in the time Python starts.
         ray_facts = start_ray(config, ready, ready.planning, ready.plan, calls.on_phase)
         try:
+            list_on_cluster(config, ready.plan, ray_facts)
             lease, owns_lease, commit_log = _open_output(config, ready, manifest, lease)
         except BaseException:
             shut_down_ray(ray_facts)

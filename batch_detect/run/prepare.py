@@ -94,7 +94,8 @@ def prepare(config: RunConfig, store: OutputStore | None = None) -> Prepared:
     plan = plan_input(config.input, form=config.input_format, extensions=config.extensions,
                       shard_size=config.shard_size, image_column=config.image_column, id_column=config.id_column,
                       storage_options=so, select=planning.select, first_shard=planning.first_shard,
-                      run=planning.run, inventory_prefix=config.inventory_prefix)
+                      run=planning.run, inventory_prefix=config.inventory_prefix,
+                      listing_processes=config.listing_processes)
     if previous and plan.form != previous.get("plan", {}).get("form", plan.form):
         raise OutputError(f"output {config.output!r} holds {previous['plan']['form']} input and the input is now "
                           f"{plan.form}: choose a new --output, or pass --overwrite to replace it")
