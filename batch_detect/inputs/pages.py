@@ -25,6 +25,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
+from ..outage import OUTAGE
+
 __all__ = ["ListingPool", "auto_processes", "Shipped"]
 
 THRESHOLD = 8  # pages listed in this process before the worker processes start
@@ -207,6 +209,7 @@ class ListingPool:
         self.in_processes = 0  # pages listed by the worker processes (tests and the manifest read it)
 
     def submit(self, fn: Callable, *args) -> Future:
+        fn, args = _waiting_out_outages, (fn, *args)  # a throttled store mid-listing is waited out (outage.py)
         self.submitted += 1
         if self.remote is None and self.processes > 1 and self.submitted > self.threshold:
             self.remote = _Slots([_Process(self.preload) for _ in range(self.processes)])
@@ -252,6 +255,11 @@ class ListingPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _waiting_out_outages(fn: Callable, *args):
+    """One page, its request retried on transient store errors within the process's budget (outage.py)."""
+    return OUTAGE.call(fn, *args, what="a listing page")
 
 
 def _serve() -> None:
