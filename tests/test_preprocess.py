@@ -326,3 +326,32 @@ def test_draft_scale_is_pillows():
     assert draft_scale(1920, 1080, 300, 300) == 2 and draft_scale(4000, 3000, 300, 300) == 8
     assert draft_scale(902, 600, 640, 640) == 1  # a side below the target: full size, then enlarged
     assert draft_scale(1280, 720, 640, 360) == 2 and draft_scale(1279, 720, 640, 360) == 1
+
+
+@pytest.mark.parametrize("missing", ["simplejpeg", "cv2"])
+def test_without_fastjpeg_packages_pillow_decodes_everything(missing):
+    """Either package absent where this runs (a cluster image without it): the import still works and
+    every image takes Pillow's path, with the same tensor shapes."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, io
+sys.modules[{missing!r}] = None  # what an absent package looks like to `import`
+import numpy as np
+from PIL import Image
+from batch_detect.model import fastjpeg, geometry
+from batch_detect.model.interpreter import TensorSpec
+from batch_detect.model.preprocess import InputSpec, build_input, decode_image, pixel_mapping
+assert not fastjpeg.ENABLED and (geometry.cv2 is None) == ({missing!r} == "cv2")
+buf = io.BytesIO()
+Image.fromarray(np.random.default_rng(1).integers(0, 255, (720, 1280, 3), np.uint8)).save(buf, "JPEG")
+decoded = decode_image(buf.getvalue(), 10**8, fit_to=(300, 300, "letterbox"))
+assert isinstance(decoded.pixels, Image.Image) and decoded.pixels.size == (320, 180)
+spec = InputSpec.from_tensor(TensorSpec(0, "in", (1, 300, 300, 3), (1, 300, 300, 3), "uint8", 0.0, 0))
+tensor, placement = build_input(decoded, spec, pixel_mapping(spec, "auto"), "letterbox")
+assert tensor.shape == (1, 300, 300, 3) and abs(placement.y_scale - 169 / 300) < 1e-6
+print("pillow path ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "pillow path ok" in out.stdout, out.stderr
