@@ -238,3 +238,120 @@ def test_mean_std_reaches_the_detector(models_dir):
     assert len(ref.scores) >= 1
     np.testing.assert_allclose(same.scores, ref.scores, atol=1e-5)
     assert len(wrong.scores) != len(ref.scores) or not np.allclose(wrong.scores, ref.scores, atol=0.05)
+
+
+def _photo(w=1920, h=1080) -> Image.Image:
+    from batch_detect.synthetic import draw_scene, scene_rng
+
+    return draw_scene(scene_rng(34, w), w, h)[0]
+
+
+def test_fast_jpeg_path_is_taken_and_matches_pillows(monkeypatch):
+    """simplejpeg + OpenCV's area resize (issue #34) against Pillow's draft + bilinear, forced by turning
+    the fast path off: the same scale, sizes and placement, pixels within JPEG rounding of each other."""
+    from batch_detect.model import fastjpeg
+
+    if not fastjpeg.ENABLED:
+        msg = "simplejpeg or opencv-python-headless is not installed: only Pillow's path exists here"
+        print(f"SKIP: {msg}")
+        pytest.skip(msg)
+    data = encode(_photo(), "JPEG", quality=90)
+    for size, mode in (((300, 300), "stretch"), ((640, 640), "letterbox"), ((320, 192), "letterbox")):
+        fast = decode_image(data, 10**8, fit_to=(*size, mode))
+        with monkeypatch.context() as m:
+            m.setattr(fastjpeg, "ENABLED", False)
+            slow = decode_image(data, 10**8, fit_to=(*size, mode))
+        assert isinstance(fast.pixels, np.ndarray) and isinstance(slow.pixels, Image.Image)
+        assert (fast.width, fast.height) == (slow.width, slow.height) == (1920, 1080)
+        # the same libjpeg scale and decoder: identical decoded pixels
+        assert np.array_equal(fast.pixels, np.asarray(slow.pixels)), (size, mode)
+        s = spec("uint8", shape=(1, size[1], size[0], 3))
+        m8 = pixel_mapping(s, "auto")
+        (ft, fp), (st, sp) = build_input(fast, s, m8, mode), build_input(slow, s, m8, mode)
+        assert fp == sp and ft.shape == st.shape
+        diff = np.abs(ft.astype(np.int16) - st.astype(np.int16))
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12, (size, mode, diff.mean())
+    # one channel: Pillow's luma of the resized pixels on both paths
+    gray = spec("uint8", shape=(1, 300, 300, 1))
+    t1, _ = build_input(decode_image(data, 10**8, fit_to=(300, 300, "stretch")), gray, pixel_mapping(gray, "auto"),
+                        "stretch")
+    assert t1.shape == (1, 300, 300, 1) and 60 < t1.mean() < 200
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_jpeg_path_applies_every_exif_orientation(orientation, monkeypatch):
+    from batch_detect.model import fastjpeg
+
+    if not fastjpeg.ENABLED:
+        msg = "simplejpeg or opencv-python-headless is not installed"
+        print(f"SKIP: {msg}")
+        pytest.skip(msg)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(_photo(1200, 800), "JPEG", quality=92, exif=exif)
+    fast = decode_image(data, 10**8, fit_to=(300, 300, "stretch"))
+    monkeypatch.setattr(fastjpeg, "ENABLED", False)
+    slow = decode_image(data, 10**8, fit_to=(300, 300, "stretch"))
+    assert isinstance(fast.pixels, np.ndarray)
+    assert (fast.width, fast.height) == (slow.width, slow.height)
+    assert fast.pixels.flags.c_contiguous and np.array_equal(fast.pixels, np.asarray(slow.pixels))
+
+
+def test_fast_jpeg_path_leaves_the_rest_to_pillow():
+    """Greyscale JPEGs take it (as RGB); CMYK JPEGs, PNGs and broken JPEGs keep Pillow's path and errors."""
+    from batch_detect.model import fastjpeg
+
+    if not fastjpeg.ENABLED:
+        msg = "simplejpeg or opencv-python-headless is not installed"
+        print(f"SKIP: {msg}")
+        pytest.skip(msg)
+    photo = _photo(1280, 720)
+    fit = (300, 300, "stretch")
+    gray = decode_image(encode(photo.convert("L"), "JPEG"), 10**8, fit_to=fit)
+    assert isinstance(gray.pixels, np.ndarray) and gray.pixels.shape == (360, 640, 3)
+    assert np.array_equal(gray.pixels[..., 0], gray.pixels[..., 2])
+    cmyk = decode_image(encode(photo.convert("CMYK"), "JPEG"), 10**8, fit_to=fit)
+    assert isinstance(cmyk.pixels, Image.Image) and cmyk.pixels.mode == "RGB"
+    assert isinstance(decode_image(encode(photo, "PNG"), 10**8, fit_to=fit).pixels, Image.Image)
+    jpeg = encode(photo, "JPEG")
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(jpeg[: len(jpeg) // 2], 10**8, fit_to=fit)
+    with pytest.raises(ImageTooLarge, match="--max-pixels"):
+        decode_image(jpeg, 1280 * 720 - 1, fit_to=fit)
+
+
+def test_draft_scale_is_pillows():
+    from batch_detect.model.fastjpeg import draft_scale
+
+    assert draft_scale(1920, 1080, 300, 300) == 2 and draft_scale(4000, 3000, 300, 300) == 8
+    assert draft_scale(902, 600, 640, 640) == 1  # a side below the target: full size, then enlarged
+    assert draft_scale(1280, 720, 640, 360) == 2 and draft_scale(1279, 720, 640, 360) == 1
+
+
+@pytest.mark.parametrize("missing", ["simplejpeg", "cv2"])
+def test_without_fastjpeg_packages_pillow_decodes_everything(missing):
+    """Either package absent where this runs (a cluster image without it): the import still works and
+    every image takes Pillow's path, with the same tensor shapes."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, io
+sys.modules[{missing!r}] = None  # what an absent package looks like to `import`
+import numpy as np
+from PIL import Image
+from batch_detect.model import fastjpeg, geometry
+from batch_detect.model.interpreter import TensorSpec
+from batch_detect.model.preprocess import InputSpec, build_input, decode_image, pixel_mapping
+assert not fastjpeg.ENABLED and (geometry.cv2 is None) == ({missing!r} == "cv2")
+buf = io.BytesIO()
+Image.fromarray(np.random.default_rng(1).integers(0, 255, (720, 1280, 3), np.uint8)).save(buf, "JPEG")
+decoded = decode_image(buf.getvalue(), 10**8, fit_to=(300, 300, "letterbox"))
+assert isinstance(decoded.pixels, Image.Image) and decoded.pixels.size == (320, 180)
+spec = InputSpec.from_tensor(TensorSpec(0, "in", (1, 300, 300, 3), (1, 300, 300, 3), "uint8", 0.0, 0))
+tensor, placement = build_input(decoded, spec, pixel_mapping(spec, "auto"), "letterbox")
+assert tensor.shape == (1, 300, 300, 3) and abs(placement.y_scale - 169 / 300) < 1e-6
+print("pillow path ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "pillow path ok" in out.stdout, out.stderr

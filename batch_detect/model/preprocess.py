@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DecodeError, DtypeMismatch, ImageTooLarge, ModelError, ShapeMismatch
-from .geometry import Placement, fitted_size, resize_to_input
+from . import fastjpeg
+from .geometry import Placement, fitted_size, resize_array_to_input, resize_to_input
 from .interpreter import TensorSpec
 
 try:  # HEIC/HEIF, phones' default format, through libheif; Pillow reads AVIF itself (since 11.3)
@@ -188,16 +189,21 @@ def pixel_mapping(spec: InputSpec, normalization: str, default_normalization: st
 
 @dataclass(frozen=True)
 class Decoded:
-    image: Image.Image  # RGB, EXIF orientation applied
+    pixels: Image.Image | np.ndarray  # RGB, EXIF orientation applied: a Pillow image, or H x W x 3 uint8 (fastjpeg)
     width: int
     height: int
+
+    @property
+    def image(self) -> Image.Image:
+        return self.pixels if isinstance(self.pixels, Image.Image) else Image.fromarray(self.pixels)
 
 
 def decode_image(data: bytes, max_pixels: int, fit_to: tuple[int, int, str] | None = None) -> Decoded:
     """Decode to RGB with EXIF orientation applied. With `fit_to` (the input's width, height and resize
     mode), a JPEG much larger than what the resize will make of it is decoded at 1/2, 1/4 or 1/8 scale by
     libjpeg, never below that size, so the resize still only shrinks: most of the decode cost of a large
-    photo for a small model input disappears. Width and height are always the full image's."""
+    photo for a small model input disappears. Such JPEGs are decoded into an array by fastjpeg where it is
+    installed. Width and height are always the full image's."""
     if not data:
         raise DecodeError("empty file (0 bytes)", error_type="empty_file")
     # Pillow checks sizes itself (in open, and per frame for GIFs) against its own global limit, with a message
@@ -206,15 +212,21 @@ def decode_image(data: bytes, max_pixels: int, fit_to: tuple[int, int, str] | No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only: format, size, mode, EXIF
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageTooLarge(_too_large(f"{w}x{h} = {w * h} pixels", max_pixels))
             orientation = img.getexif().get(0x0112, 1)
+            # orientations 5-8 turn the image by 90°: the displayed width is the stored height
+            turned = orientation in (5, 6, 7, 8)
+            width, height = (h, w) if turned else (w, h)
             if fit_to is not None and img.format == "JPEG":
-                turned = orientation in (5, 6, 7, 8)  # turned by 90° after decoding: the target turns too
-                tw, th = fitted_size(*((h, w) if turned else (w, h)), *fit_to)
-                img.draft("RGB", (th, tw) if turned else (tw, th))
+                tw, th = fitted_size(width, height, *fit_to)
+                target = (th, tw) if turned else (tw, th)  # the stored image's target turns too
+                fast = fastjpeg.decode(data, w, h, target, orientation) if fastjpeg.takes(img.format, img.mode) else None
+                if fast is not None:
+                    return Decoded(fast, width, height)
+                img.draft("RGB", target)
             img.load()
             if orientation != 1:  # exif_transpose copies the whole image even when there is nothing to turn
                 img = ImageOps.exif_transpose(img)
@@ -229,8 +241,6 @@ def decode_image(data: bytes, max_pixels: int, fit_to: tuple[int, int, str] | No
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated or corrupt data: Pillow raises OSError ("image file is truncated") or SyntaxError.
         raise DecodeError(f"corrupt or truncated image: {exc}", error_type="corrupt_image") from None
-    # orientations 5-8 turn the image by 90°: the displayed width is the stored height
-    width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     return Decoded(_to_rgb(img), width, height)
 
 
@@ -271,10 +281,13 @@ def build_input(
     decoded: Decoded, spec: InputSpec, mapping: PixelMapping, resize: str
 ) -> tuple[np.ndarray, Placement]:
     """The [1,H,W,C] tensor for this image, checked against the model input before it is used."""
-    image, placement = resize_to_input(decoded.image, spec.width, spec.height, resize)
-    if spec.channels == 1:
-        image = image.convert("L")
-    pixels = np.asarray(image, dtype=np.uint8)
+    if isinstance(decoded.pixels, np.ndarray):
+        pixels, placement = resize_array_to_input(decoded.pixels, spec.width, spec.height, resize)
+        image = Image.fromarray(pixels) if spec.channels == 1 else None  # Pillow's luma, as on its own path
+    else:
+        image, placement = resize_to_input(decoded.pixels, spec.width, spec.height, resize)
+    if image is not None:
+        pixels = np.asarray(image.convert("L") if spec.channels == 1 else image, dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     tensor = mapping.apply(pixels)[None, ...]
