@@ -139,11 +139,12 @@ def write_corpus(folder: str) -> dict[str, tuple]:
     return expected
 
 
-def kill_driver_when(cmd: list[str], ready, timeout: float = 180, sig: int = signal.SIGKILL) -> tuple[int, str]:
+def kill_driver_when(cmd: list[str], ready, timeout: float = 180, sig: int = signal.SIGKILL,
+                     env_extra: dict | None = None) -> tuple[int, str]:
     """Run a `batch-detect` driver (embedded Ray) and send it `sig` once `ready()` holds; fail with its output
     if it ends or times out first. Returns its exit code and output (it has 30 s to exit)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "", **(env_extra or {})}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root)
     try:
         deadline = time.time() + timeout

@@ -177,8 +177,11 @@ def test_a_stopped_run_leaves_no_worker_and_resumes_exactly_once(models_dir, tmp
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "batch_detect", "run", "--model", os.path.join(models_dir, "shapes_ssd_uint8.tflite"),
            "--input", folder, "--output", out, "--shard-size", "4", "--ray-min-images", "1000"]
-    # kill_driver_when waits for the driver's output to close: a worker left holding it would time it out
-    rc, output = kill_driver_when(cmd, lambda: committed_count(out) >= 2, sig=sig)
+    # kill_driver_when waits for the driver's output to close: a worker left holding it would time it out.
+    # Each batch made 0.1 s slower (a test-only hook): the whole run takes over 4 s on two workers, not 1 s,
+    # so it is surely under way when it is stopped. The resume runs at full speed.
+    rc, output = kill_driver_when(cmd, lambda: committed_count(out) >= 2, sig=sig,
+                                  env_extra={"BATCH_DETECT_TEST_SLOW_BATCH_S": "0.1"})
     if sig == signal.SIGTERM:
         assert rc == 143, output[-3000:]
         manifest = json.load(open(os.path.join(out, "_manifest.json")))

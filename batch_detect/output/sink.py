@@ -66,7 +66,7 @@ class OutputStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.atomic_put = bool(ATOMIC_PUT_PROTOCOLS.intersection(protocols))
         self.bucket = self.root.split("/", 1)[0] if BUCKET_PROTOCOLS.intersection(protocols) else None
-        self._one_request = one_request(self.fs)
+        self._one_request = one_request(fs)  # the wrapper's signature hides max_concurrency
 
     def fenced_copy(self, fence) -> "OutputStore":
         """This store with a fence of its own, which its retried writes pass too."""

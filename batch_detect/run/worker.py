@@ -287,6 +287,8 @@ def _log_first_failure(shard_id: str, failure: ImageFailure) -> None:
 
 # Set only by tests (forwarded to actors by the driver): images whose URI contains it crash the worker.
 _CRASH_ON = os.environ.get("BATCH_DETECT_TEST_CRASH_ON")
+# Set only by tests: seconds each batch takes longer, so that a run can be stopped while it is surely under way.
+_SLOW_BATCH_S = float(os.environ.get("BATCH_DETECT_TEST_SLOW_BATCH_S") or 0)
 
 _IMAGE_COLS = ("uri", "shard_id", "width", "height", "num_detections", "decode_ms", "infer_ms")
 _DET_COLS = ("uri", "shard_id", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax", "keypoints")
@@ -445,6 +447,8 @@ def _drain(window: _Window, rows: "ShardRows", labels: list[str] | None) -> None
         if _CRASH_ON and any(_CRASH_ON in item[0] for item in batch):
             # Test-only fault injection: die the way a segfault in native code would.
             os.kill(os.getpid(), signal.SIGSEGV)
+        if _SLOW_BATCH_S:
+            time.sleep(_SLOW_BATCH_S)
         for outcome in detector.finish_batch(batch):
             rows.add(outcome, labels)
         spent = time.perf_counter() - t0
