@@ -264,3 +264,27 @@ def test_s3_glob_streams_what_fsspec_globs(s3_server, tricky_bucket, pattern):
     options = {"key": "testing-key-id", "secret": "x", "endpoint_url": s3_server, "skip_instance_cache": True}
     got = list(iter_listed(f"s3://{name}/p/{pattern}", (), storage_options=options, stats=ListingStats()))
     assert got == want and want
+
+
+def test_s3_listing_parses_timestamps_fast_and_equal(s3_server, tricky_bucket):
+    """A listed key's LastModified is parsed by datetime (dateutil's parse was 38 of the 51 µs a key cost):
+    the same instants as botocore's own parser, versions as before, and headers' HTTP dates still parse."""
+    from botocore.utils import parse_timestamp
+    from fsspec.asyn import sync
+
+    from batch_detect.inputs.walk import _iso_timestamp, version_of
+
+    name, expected = tricky_bucket
+    before = {p: version_of(info) for p, info in _fs(s3_server).find(f"{name}/p/", detail=True).items()}
+    fs = _fs(s3_server)
+    got = dict(walk(fs, f"s3://{name}/p/", workers=2, versions=True))
+    assert list(got) == expected and got == {p: before[p] for p in expected}
+    parser = fs.session.get_component("response_parser_factory").create_parser("rest-xml")
+    assert parser._timestamp_parser is _iso_timestamp
+    listed = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=name, Prefix="p/")["Contents"]
+    for c in listed:  # a page parsed by the fast parser, against botocore's parse of the same instants
+        assert c["LastModified"] == parse_timestamp(c["LastModified"].strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    head = sync(fs.loop, fs._call_s3, "head_object", Bucket=name, Key=listed[0]["Key"])
+    assert head["LastModified"] == listed[0]["LastModified"].replace(microsecond=0)
+    for value in ("2026-12-06T21:44:54.000Z", "2026-12-06T21:44:54Z", "Sun, 06 Dec 2026 21:44:54 GMT", 1796593494):
+        assert _iso_timestamp(value) == parse_timestamp(value), value

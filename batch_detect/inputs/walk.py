@@ -12,6 +12,7 @@ so a 100M-key bucket can be walked while the work it feeds starts.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 from collections import deque
@@ -190,6 +191,7 @@ def _s3_page(shipped: Shipped, bucket: str, prefix: str, token: str | None,
     """One page of one level of an S3 prefix (Delimiter='/'), its entries in the walk's order, and the
     token of the next page (None: the last). Run where the pool puts it: parsing is the listing's cost."""
     fs = shipped.fs
+    _parse_timestamps_fast(fs)
     # The uncached request s3fs's own listing makes (with its retries and error translation): ls()
     # would keep every level in fs.dircache.
     kwargs = {"ContinuationToken": token} if token else {}
@@ -204,6 +206,37 @@ def _s3_page(shipped: Shipped, bucket: str, prefix: str, token: str | None,
     entries += [(c["Key"][n:], False, version_of(c))  # '' is the directory's marker
                 for c in contents if c["Key"][n:]]
     return sorted(entries, key=_key), following if page.get("IsTruncated") else None
+
+
+def _iso_timestamp(value):
+    """botocore's timestamp parser, fast for the ISO 8601 form LIST responses carry: dateutil's parse took
+    38 of the 51 µs a listed key costs to parse (each key has a LastModified), datetime's takes 0.1 µs. The
+    same instant and `isoformat()`; other forms (HTTP dates in headers) go to botocore's own parser."""
+    if isinstance(value, str):
+        try:
+            return datetime.datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    from botocore.utils import parse_timestamp
+
+    return parse_timestamp(value)
+
+
+def _parse_timestamps_fast(fs) -> None:
+    """Make the responses of `fs`'s session parse timestamps with `_iso_timestamp` (once per session; the
+    clients it made already share its parser factory, which builds a parser per response)."""
+    if getattr(fs, "_bd_fast_timestamps", False):
+        return
+    session = getattr(fs, "session", None)
+    if session is None and hasattr(fs, "set_session"):
+        sync(fs.loop, fs.set_session)
+        session = getattr(fs, "session", None)
+    get = getattr(session, "get_component", None)
+    if get is not None:
+        factory = get("response_parser_factory")
+        if hasattr(factory, "set_parser_defaults"):
+            factory.set_parser_defaults(timestamp_parser=_iso_timestamp)
+    fs._bd_fast_timestamps = True
 
 
 class _S3Level:
