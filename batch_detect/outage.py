@@ -230,3 +230,93 @@ class RetryingFS:
                                before_retry=self._before_retry if name in WRITES else None, **kwargs)
 
         return retried
+
+    def open(self, path: str, mode: str = "rb", **kwargs):
+        """A file to read whose opening and every read wait out outages (`ResumingFile`). Files written are
+        the filesystem's own: a streamed write cannot be resumed request by request, and its caller tries
+        the whole again (the output's parts)."""
+        if "r" not in mode:
+            return self._fs.open(path, mode, **kwargs)
+        return ResumingFile(lambda: self._fs.open(path, mode, **kwargs), path, self._store,
+                            self._outage or OUTAGE)
+
+
+class ResumingFile:
+    """A file opened for reading from a store (a tar streamed, a Parquet file's row groups) whose reads wait
+    out outages: a read that fails transiently drops the connection's file, and once the store answers the
+    file is opened again at the same offset. An object replaced meanwhile (another ETag) is an error, never
+    a splice of two objects."""
+
+    def __init__(self, opener, path: str, store: str, outage: Outage):
+        self._opener, self._path, self._store, self._outage = opener, path, store, outage
+        self._pos, self._fh, self._tag = 0, None, None
+        self._closed = False
+        self._current()  # opening errs now, as fs.open does: not found, permission denied
+
+    def _current(self):
+        if self._fh is None:
+            fh = self._outage.call(self._opener, what="open", store=self._store)
+            tag = (getattr(fh, "details", None) or {}).get("ETag")
+            if self._tag is not None and tag is not None and tag != self._tag:
+                fh.close()
+                raise OSError(f"{self._path} changed while it was read (its ETag is now {tag}); it will be "
+                              "read whole on the next run")
+            self._tag = self._tag or tag
+            if self._pos:
+                fh.seek(self._pos)
+            self._fh = fh
+        return self._fh
+
+    def _attempt(self, op: str, *args):
+        fh = self._current()
+        try:
+            result = getattr(fh, op)(*args)
+        except Exception:
+            self._fh = None  # its connection and read-ahead are suspect: the next try opens afresh
+            with contextlib.suppress(Exception):
+                fh.close()
+            raise
+        self._pos = fh.tell()
+        return result
+
+    def read(self, size: int = -1) -> bytes:
+        return self._outage.call(self._attempt, "read", size, what="read", store=self._store)
+
+    def readinto(self, buffer) -> int:
+        return self._outage.call(self._attempt, "readinto", buffer, what="read", store=self._store)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._outage.call(self._attempt, "seek", offset, whence, what="read", store=self._store)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            fh.close()
+
+    def __enter__(self) -> "ResumingFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name: str):  # name, size, details, ...: the underlying file's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._current(), name)

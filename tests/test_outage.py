@@ -5,6 +5,7 @@ OK. A storm longer than --store-timeout stops the run in one sentence, and the s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -257,3 +258,59 @@ def test_retry_failures_processes_exactly_those_images_again_as_the_next_run(sto
     assert again.nothing_new is not None and again.nothing_new["retried"] == 0
     third = run(config(name, proxy, retry_failures="decode")).manifest
     assert third["run_id"] == 3 and third["runs"][-1]["retried"] == 1 and third["runs"][-1]["failures"] == 1
+
+
+def test_tar_and_parquet_streams_resume_where_they_broke(stormy, tmp_path, monkeypatch):
+    """A tar streamed in small blocks and a Parquet file's row groups, read while a third of object GETs
+    answer 503 or drop the connection past the library's retries, and through a storm of several seconds
+    mid-stream: every member and row arrives with its bytes, none becomes a failure; each broken read
+    opened the object again at its offset. An object replaced mid-stream is an error, never a splice."""
+    import io
+    import tarfile
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batch_detect.inputs import containers
+    from batch_detect.inputs.reading import Reader
+
+    name, fs, truth, proxy = stormy
+    names = sorted(truth)[:40]
+    images = {n: fs.cat_file(f"{name}/in/{n}") for n in names}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for n in names:
+            info = tarfile.TarInfo(n)
+            info.size = len(images[n])
+            tar.addfile(info, io.BytesIO(images[n]))
+    fs.pipe_file(f"{name}/tars/a.tar", buf.getvalue())
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"jpeg": [images[n] for n in names]}), sink, row_group_size=5)
+    fs.pipe_file(f"{name}/pq/a.parquet", sink.getvalue())
+
+    monkeypatch.setattr(containers, "_STREAM_BLOCK", 64 * 1024)  # many range GETs per tar
+    reader = Reader(options(proxy))
+    proxy.fail_fraction, proxy.reset_fraction = 0.2, 0.1
+    stats: dict = {}
+    stream = containers.iter_tar(f"s3://{name}/tars/a.tar", reader.filesystem(f"s3://{name}/"), (".jpg",), stats)
+    members = [(uri, get()) for uri, get in itertools.islice(stream, 5)]
+    weather = storm_when(proxy, lambda: True, [("storm", 8.0)])  # now, mid-stream: past s3fs's own retries (~4 s)
+    members += [(uri, get()) for uri, get in stream]
+    weather.join(30)
+    assert proxy.storm_answers > 0 and proxy.injected > 0, "the weather never reached the stream"
+    assert OUTAGE.retries > 0 and OUTAGE.longest_s > 1, (OUTAGE.retries, OUTAGE.longest_s)
+    assert [(u.rsplit("#", 1)[1], data) for u, data in members] == [(n, images[n]) for n in names]
+
+    shard = SimpleNamespace(start=3, uris=tuple(f"row{i}" for i in range(3, 37)), source=f"s3://{name}/pq/a.parquet")
+    rows = [(uri, get()) for uri, get in containers.iter_parquet(shard, reader.filesystem(shard.source), "jpeg")]
+    assert rows == [(f"row{i}", images[names[i]]) for i in range(3, 37)]
+    proxy.fail_fraction = proxy.reset_fraction = 0.0
+
+    fh = reader.filesystem(f"s3://{name}/").open(f"{name}/tars/a.tar", "rb", block_size=64 * 1024)
+    first = fh.read(1000)
+    fs.pipe_file(f"{name}/tars/a.tar", b"x" * len(buf.getvalue()))  # replaced while it is read
+    fh._fh = None  # as after a broken read: the next read opens it again
+    with pytest.raises(OSError, match="changed while it was read"):
+        fh.read(1000)
+    assert first == buf.getvalue()[:1000]
