@@ -52,6 +52,8 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
         "last_commit_s_ago": None if last_commit is None else round(now - last_commit, 1),
         "nodes": len({r[2] for r in recent}), "actors": len({(r[2], r[3]) for r in recent}),
         "last_error": manifest.get("error"),
+        # how long the driver waits out a store it cannot reach, writing nothing meanwhile
+        "store_timeout_s": (manifest.get("store") or {}).get("timeout_s"),
         # Read from the parts once the run ended (while it runs, its newest rows are not in parts yet)
         "retryable": retryable_by_type(store) if ended and state.totals["failures"] else {},
     }
@@ -78,8 +80,11 @@ def render(s: dict) -> str:
     if s["last_commit_s_ago"] is not None:
         lines.append(f"last commit: {s['last_commit_s_ago']:.0f}s ago")
     if s["state"] == "stalled":
+        waits = s.get("store_timeout_s")
         lines.append(f"nothing committed for over {STALE_S}s although the manifest says running: the driver may be "
-                     "gone; re-running the same command resumes the run")
+                     "waiting out a store it cannot reach (it writes nothing meanwhile"
+                     + (f", for up to {waits:.0f} s of --store-timeout, then stops" if waits else "")
+                     + "), or it may be gone; re-running the same command resumes the run")
     if s["failures_by_type"]:
         lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in sorted(s["failures_by_type"].items())))
     if s["retryable"]:
