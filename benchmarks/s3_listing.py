@@ -60,8 +60,12 @@ def client(args) -> None:
     import s3fs
 
     sys.path.insert(0, ROOT)
+    import batch_detect.inputs.walk as walk_module
     from batch_detect.inputs.pages import ListingPool
     from batch_detect.inputs.walk import walk
+
+    if args.dateutil:  # the baseline: botocore's own timestamp parser (dateutil), as before; this process only
+        walk_module._parse_timestamps_fast = lambda fs: None
 
     fs = s3fs.S3FileSystem(endpoint_url=args.endpoint, skip_instance_cache=True, **CREDENTIALS)
     fs.ls(BUCKET)  # session and connection set up outside the timing
@@ -208,9 +212,10 @@ def fill(endpoint: str, keys: int, per_prefix: int):
 
 
 def run_client(endpoint: str, method: str, workers: int, trace: bool, timeout_s: float, lister: Lister,
-               processes: int = 1) -> dict:
+               processes: int = 1, dateutil: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--client", method, "--endpoint", endpoint,
-           "--workers", str(workers), "--listing-processes", str(processes)] + (["--tracemalloc"] if trace else [])
+           "--workers", str(workers), "--listing-processes", str(processes)] + (["--tracemalloc"] if trace else []) \
+        + (["--dateutil"] if dateutil else [])
     before, t0, load = lister.requests, time.perf_counter(), os.getloadavg()[0]
     cpu0 = os.times()
     try:
@@ -238,7 +243,10 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=0.0)
     ap.add_argument("--methods", default="walk,find")
     ap.add_argument("--workers", type=int, default=16)
-    ap.add_argument("--processes", default="1", help="walk: comma-separated listing process counts")
+    ap.add_argument("--processes", default="1", help="walk: comma-separated listing process counts; '1d': one "
+                    "process parsing LIST timestamps with botocore's dateutil parser (the baseline before 9a5cff1)")
+    ap.add_argument("--tag", default="", help="a suffix for the results file of --processes")
+    ap.add_argument("--dateutil", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=1, help="each arm this many times, interleaved")
     ap.add_argument("--tracemalloc-max-keys", type=int, default=200_000,
                     help="the second, tracemalloc'ed pass (3-4x slower) only up to this many keys")
@@ -260,8 +268,8 @@ def main() -> None:
         lister = Lister(backend, bucket, args.moto == "fast", args.latency_ms / 1000)
         if args.moto == "fast":
             fast_responses()
-        processes = [int(p) for p in args.processes.split(",")]
-        if processes != [1] or args.rounds > 1:
+        processes = args.processes.split(",")
+        if processes != ["1"] or args.rounds > 1:
             return compare_processes(args, endpoint, lister, processes, fill_s)
         runs = []
         for method in args.methods.split(","):
@@ -308,7 +316,9 @@ def compare_processes(args, endpoint: str, lister: Lister, processes: list[int],
     for rnd in range(args.rounds):
         for n in processes:
             run = {"round": rnd, "processes": n, "keys": args.keys, "moto": args.moto, "latency_ms": args.latency_ms,
-                   **run_client(endpoint, "walk", args.workers, False, args.timeout_s, lister, n)}
+                   "timestamps": "dateutil" if n.endswith("d") else "datetime",
+                   **run_client(endpoint, "walk", args.workers, False, args.timeout_s, lister, int(n.rstrip("d")),
+                                n.endswith("d"))}
             run["keys_per_s"] = run["keys_listed"] / run["seconds"]
             print(json.dumps(run), flush=True)
             runs.append(run)
@@ -320,7 +330,7 @@ def compare_processes(args, endpoint: str, lister: Lister, processes: list[int],
     data = {"runs": runs, "fill_s": fill_s, "machine": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "moto": moto.__version__,
         "s3fs": s3fs.__version__, "platform": platform.platform()}}
-    base = {r["round"]: r["keys_per_s"] for r in runs if r["processes"] == 1}
+    base = {r["round"]: r["keys_per_s"] for r in runs if r["processes"] == "1"}
     rows, summary = [], []
     for r in runs:
         ratio = r["keys_per_s"] / base[r["round"]] if r["round"] in base else None
@@ -333,12 +343,12 @@ def compare_processes(args, endpoint: str, lister: Lister, processes: list[int],
         summary.append(f"| {n} | {statistics.median(rates):,.0f} | {min(rates):,.0f}–{max(rates):,.0f} | "
                        f"{'—' if not ratios else format(statistics.median(ratios), '.2f')} |")
         data[f"median_keys_per_s_{n}"] = statistics.median(rates)
-    out = os.path.join(os.path.dirname(args.out), f"s3_listing_processes_{args.keys // 1000}k")
+    out = os.path.join(os.path.dirname(args.out), f"s3_listing_processes_{args.keys // 1000}k{args.tag}")
     with open(out + ".json", "w") as fh:
         json.dump(data, fh, indent=1)
     m = data["machine"]
     with open(out + ".md", "w") as fh:
-        fh.write(f"""# S3 prefix listing in 1, {', '.join(map(str, processes[1:]))} processes
+        fh.write(f"""# S3 prefix listing in {', '.join(processes)} processes
 
 `benchmarks/s3_listing.py --keys {args.keys} --processes {args.processes} --rounds {args.rounds}`: {args.keys:,} keys
 `photos/pNNNN/img_NNNNNN.jpg` ({args.per_prefix} per prefix) in moto's S3 server on 127.0.0.1 (ListObjectsV2
@@ -348,7 +358,8 @@ answered from a sorted index: `--moto {args.moto}`), {args.latency_ms:g} ms adde
 the same order (one digest). Arms interleaved, one of each per round. Machine: {m['cpus']} CPUs, Python
 {m['python']}, moto {m['moto']}, s3fs {m['s3fs']}; the server, the client and the listing processes share the
 CPUs, and the machine was shared with other engineers' work at the time (1-minute load average before and
-after each listing in the last column), so the numbers are noisy.
+after each listing in the last column), so the numbers are noisy. `1d`: one process whose LIST pages parse
+their timestamps with botocore's own (dateutil) parser, as before `walk._parse_timestamps_fast`.
 
 | processes | median keys/s | range | median ratio to 1 process (same round) |
 |---|---|---|---|
