@@ -12,13 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
 import netns
 from batch_detect.synthetic import write_dataset
 from batch_detect.commands.verify import verify
-from helpers import committed_count
+from helpers import committed_count, shard_events
 
 MODEL = os.path.join(netns.ROOT, "models", "shapes_ssd_uint8.tflite")
 IMAGES = 1200
@@ -63,8 +64,12 @@ def run_driver(cluster: netns.NetCluster, images: str, out: str, *, fault=None, 
     cmd = cluster.exec_cmd(ns or cluster.head.ns, [
         sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", images, "--output", out,
         "--address", cluster.gcs, "--shard-size", "32", *extra])
+    # With a fault to make, each image takes 10 ms longer (a test-only hook, forwarded to the actors): the
+    # 1,200 images took ~1.5 s, and the commit log the trigger reads lags by up to a second, so a fault
+    # "at 30%" could arrive after the last image.
+    env = {**cluster.env, "BATCH_DETECT_TEST_SLOW_BATCH_S": "0.01"} if fault is not None else cluster.env
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=cluster.env, cwd=netns.ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env, cwd=netns.ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     fault_at = None
     try:
@@ -160,8 +165,12 @@ def test_job_submitted_to_three_nodes_uses_every_node(make_cluster, images, tmp_
     manifest = assert_exactly_once(out, images, IMAGES)
     assert sorted(manifest["cluster"]["actors_per_node"].values()) == [1, 1, 1], manifest["cluster"]
     sent = [cluster.tx_bytes(i) - b for i, b in zip((1, 2), before)]
-    print(f"bytes the workers sent over their links during the job: {sent}")
-    assert all(s > 100_000 for s in sent), sent
+    per_node = Counter(e["node_id"] for e in shard_events(out))
+    print(f"bytes the workers sent over their links during the job: {sent}; shards per node: {per_node}")
+    # Every node's actor did work (its shards' results crossed its link); bytes alone vary with the run's
+    # speed (98 to 101 kB for the same job), shards per node do not lie.
+    assert len(per_node) == 3 and all(n >= 1 for n in per_node.values()), per_node
+    assert all(s > 0 for s in sent), sent
 
 
 S3_NS, S3_PORT_NAME, S3_ADDRESS = netns.PREFIX + "s3", netns.PREFIX + "ps3", f"{netns.SUBNET}.100"
