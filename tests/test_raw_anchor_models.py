@@ -460,3 +460,33 @@ def test_other_mediapipe_detectors_run_without_a_code_change(models_dir, tmp_pat
     assert len(got_points) == k
     assert np.allclose([(p["x"], p["y"]) for p in got_points], [(ax + x / w, ay + y / h) for x, y in points],
                        atol=1e-5)
+
+
+def test_report_gallery_draws_the_keypoints(realworld, tmp_path):
+    """`batch-detect report`'s gallery marks each face's keypoints (white dots ringed in the box colour) where
+    the detections table puts them, on the photos as they were read back."""
+    import re
+
+    from batch_detect.commands.report import KEYPOINT_FILL, summarize, write_html
+
+    out = tmp_path / "out"
+    _face_job(realworld, out)
+    best = _best_rows(out)
+    folder = tmp_path / "html"
+    write_html(summarize(str(out)), str(folder))
+    page = (folder / "index.html").read_text()
+    checked = 0
+    for src, uri in re.findall(r'<img src="(gallery/[^"]+)" alt="([^"]+)"', page):
+        photo = os.path.basename(uri)
+        if photo not in best:
+            continue
+        drawn = np.asarray(Image.open(folder / src).convert("RGB")).astype(int)
+        original = np.asarray(Image.open(os.path.join(realworld, "images", photo)).convert("RGB")
+                              .resize((drawn.shape[1], drawn.shape[0]))).astype(int)
+        h, w, _ = drawn.shape
+        for p in best[photo][3]:
+            x, y = int(p["x"] * w), int(p["y"] * h)
+            assert (drawn[y, x] == KEYPOINT_FILL).all(), (photo, p, drawn[y, x])
+            assert not (original[y, x] == KEYPOINT_FILL).all()  # the dot is the gallery's, not the photo's
+            checked += 1
+    assert checked == 12, checked  # six keypoints on each of the two faces

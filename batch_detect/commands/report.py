@@ -102,8 +102,12 @@ def render_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+KEYPOINT_FILL = (255, 255, 255)  # a white dot ringed in the box's colour: visible on any photo
+
+
 def draw_boxes(image: Image.Image, boxes: list[tuple]) -> Image.Image:
-    """boxes: (class_id, label, score, xmin, ymin, xmax, ymax) normalised to the image."""
+    """boxes: (class_id, label, score, xmin, ymin, xmax, ymax[, keypoints]) normalised to the image; keypoints
+    (a list of {x, y}, MediaPipe models' eyes, nose, ...) are drawn as dots."""
     image = image.copy()
     scale = min(1.0, MAX_SIDE / max(image.size))
     if scale < 1.0:
@@ -111,9 +115,13 @@ def draw_boxes(image: Image.Image, boxes: list[tuple]) -> Image.Image:
     draw = ImageDraw.Draw(image)
     w, h = image.size
     width = max(2, round(min(w, h) / 150))
-    for class_id, label, score, x0, y0, x1, y1 in boxes:
+    for class_id, label, score, x0, y0, x1, y1, *rest in boxes:
         box = (x0 * w, y0 * h, x1 * w, y1 * h)
         draw.rectangle(box, outline=colour(class_id), width=width)
+        r = width + 1
+        for point in (rest[0] if rest else None) or []:
+            px, py = point["x"] * w, point["y"] * h
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=KEYPOINT_FILL, outline=colour(class_id), width=1)
         text = f"{label if label is not None else class_id} {score:.2f}"
         tx, ty = box[0] + width, max(0, box[1] - 12)
         draw.rectangle((tx - 1, ty, tx + 6 * len(text) + 1, ty + 11), fill=colour(class_id))
@@ -181,8 +189,14 @@ def write_html(summary: dict, folder: str, samples: int = 12, storage_options: d
     wanted = set(chosen)
     by_uri: dict[str, list] = {}
     store = OutputStore(summary["output"], storage_options)
-    for b in _batches(store, "detections", ["uri", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax"]):
-        for row in zip(*(b.column(i).to_pylist() for i in range(8))):
+    columns = ["uri", "class_id", "label", "score", "xmin", "ymin", "xmax", "ymax"]
+    parts = store.part_files("detections")
+    if parts:  # outputs of every layout since keypoints existed have them; read them where they are
+        with store.fs.open(parts[0], "rb") as fh:
+            if "keypoints" in pq.ParquetFile(fh).schema_arrow.names:
+                columns.append("keypoints")
+    for b in _batches(store, "detections", columns):
+        for row in zip(*(b.column(i).to_pylist() for i in range(len(columns)))):
             if row[0] in wanted:
                 by_uri.setdefault(row[0], []).append(row[1:])
     blobs = _read_back(chosen, summary["manifest"], Reader(storage_options))
