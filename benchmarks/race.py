@@ -57,9 +57,9 @@ def recipe_completions(out: str) -> list[tuple[float, int]]:
     return [(t, 1) for t in pq.read_table(out, columns=["t"])["t"].to_pylist()]
 
 
-def run_job(listing: str, out: str, env: dict) -> dict:
+def run_job(listing: str, out: str, env: dict, extra: tuple = ()) -> dict:
     t = timed([sys.executable, "-m", "batch_detect", "run", "--model", MODEL, "--input", listing, "--output", out,
-               "--shard-size", "64", "--score-threshold", "0.5", "--overwrite"], env)
+               "--shard-size", "64", "--score-threshold", "0.5", "--overwrite", *extra], env)
     m = json.load(open(os.path.join(out, "_manifest.json")))
     return {"wall_s": t["wall_s"], "steady": steady(job_completions(out)), "executor": m["cluster"]["executor"],
             "images": m["counts"]["images"], "processing": m["counts"]["images"] / m["timings"]["run_s"]}
@@ -74,6 +74,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", default="2400,9600")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--job-args", default="", help="more `batch-detect run` arguments for the job's arm, e.g. "
+                    "'--ray-min-images 1000000' (worker processes at every size)")
+    ap.add_argument("--tag", default="", help="a suffix for the results file")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
@@ -85,20 +88,21 @@ def main() -> int:
     for rep in range(args.repeat):
         for n in counts:
             listing = manifest(paths[:n], os.path.join(work, f"list_{n}.txt"))
-            arms = [("job", run_job), ("recipe", run_recipe)]
+            arms = [("job", lambda *a: run_job(*a, extra=tuple(args.job_args.split()))), ("recipe", run_recipe)]
             if rep % 2:
                 arms.reverse()
             row = {"rep": rep + 1, "images": n}
             for name, fn in arms:
-                row[name] = fn(listing, os.path.join(work, f"{name}_{n}"), env)
+                # a folder per run: the recipe's write_parquet adds files to what a folder holds
+                row[name] = fn(listing, os.path.join(work, f"{name}_{n}_{rep}"), env)
                 print(json.dumps({"rep": rep + 1, "images": n, name: row[name]}), flush=True)
             row["steady_ratio"] = row["job"]["steady"] / row["recipe"]["steady"]
             row["wall_ratio"] = row["job"]["wall_s"] / row["recipe"]["wall_s"]
             rows.append(row)
-    results = {"cores": cores, "cpu": cpu_model(), "rows": rows,
+    results = {"cores": cores, "cpu": cpu_model(), "rows": rows, "job_args": args.job_args,
                "median_steady_ratio": {n: statistics.median(r["steady_ratio"] for r in rows if r["images"] == n)
                                        for n in counts}}
-    save(args.out, f"race_{cores}core", results, render(results))
+    save(args.out, f"race_{cores}core{args.tag}", results, render(results))
     return 0
 
 
@@ -107,7 +111,8 @@ def render(results: dict) -> str:
              "settings, shards of 64) against the Ray Data recipe (`raydata_recipe.py`: the same Detector, 2 actors "
              "of 0.5 CPU). Steady rate: images completed between the moments 10% and 90% of them were done, over "
              "that span, from each system's own timestamps (the job's commit log, the recipe's per-image column); "
-             "the arms alternate order each repetition", "",
+             "the arms alternate order each repetition"
+             + (f"; the job run with `{results['job_args']}`" if results.get("job_args") else ""), "",
              "| rep | images | job executor | job steady img/s | recipe steady img/s | **job / recipe steady** | "
              "job wall s | recipe wall s | **job / recipe wall** | job processing img/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
