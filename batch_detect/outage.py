@@ -49,6 +49,10 @@ TRANSIENT_CLASS_NAMES = frozenset({
     "ProtocolError", "FSTimeoutError", "ReadTimeout", "ConnectTimeout"})
 
 
+# s3fs's FileExpired carries errno EBUSY, but means the object changed under an open file: no retry helps.
+PERMANENT_CLASS_NAMES = frozenset({"FileExpired", "ObjectChanged"})
+
+
 def _code(exc: BaseException) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -65,7 +69,7 @@ def is_transient(exc: BaseException) -> bool:
     while exc is not None and seen < 8:
         seen += 1
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                            FileExistsError)):
+                            FileExistsError)) or type(exc).__name__ in PERMANENT_CLASS_NAMES:
             return False
         code = _code(exc)
         if code is not None:
@@ -241,26 +245,39 @@ class RetryingFS:
                             self._outage or OUTAGE)
 
 
+class ObjectChanged(OSError):
+    """An object replaced while it was streamed: its later bytes are another object's. Permanent."""
+
+
 class ResumingFile:
     """A file opened for reading from a store (a tar streamed, a Parquet file's row groups) whose reads wait
     out outages: a read that fails transiently drops the connection's file, and once the store answers the
     file is opened again at the same offset. An object replaced meanwhile (another ETag) is an error, never
     a splice of two objects."""
 
+    # Reads that would bypass the offset this file keeps (and so, after a reopen, repeat bytes)
+    _NOT_PASSED = frozenset({"readline", "readlines", "read1", "readinto1", "peek", "readuntil"})
+
     def __init__(self, opener, path: str, store: str, outage: Outage):
         self._opener, self._path, self._store, self._outage = opener, path, store, outage
         self._pos, self._fh, self._tag = 0, None, None
         self._closed = False
-        self._current()  # opening errs now, as fs.open does: not found, permission denied
+        # opening errs now, as fs.open does (not found, permission denied); transient errors are waited out
+        self._outage.call(self._current, what="open", store=self._store)
 
     def _current(self):
+        """The open file, opened again (at the offset reached) after a failed read. Not retried here: the
+        caller's one `Outage.call` classifies every error, so a store that opens but never reads stays an
+        outage (its clock runs, its backoff grows) instead of each open counting as the store answering."""
+        if self._closed:
+            raise ValueError(f"I/O operation on closed file {self._path}")
         if self._fh is None:
-            fh = self._outage.call(self._opener, what="open", store=self._store)
+            fh = self._opener()
             tag = (getattr(fh, "details", None) or {}).get("ETag")
             if self._tag is not None and tag is not None and tag != self._tag:
                 fh.close()
-                raise OSError(f"{self._path} changed while it was read (its ETag is now {tag}); it will be "
-                              "read whole on the next run")
+                raise ObjectChanged(f"{self._path} changed while it was read (its ETag is now {tag}); its "
+                                    "items are failure records, read again by a run with --retry-failures")
             self._tag = self._tag or tag
             if self._pos:
                 fh.seek(self._pos)
@@ -317,6 +334,6 @@ class ResumingFile:
         self.close()
 
     def __getattr__(self, name: str):  # name, size, details, ...: the underlying file's
-        if name.startswith("_"):
+        if name.startswith("_") or name in self._NOT_PASSED:
             raise AttributeError(name)
         return getattr(self._current(), name)

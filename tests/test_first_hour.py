@@ -283,7 +283,7 @@ def test_status_of_an_ended_run_neither_lists_nor_slows_down(tmp_path, models_di
         assert "until it ended" in text and "1 node " in text and "1 nodes" not in text, text
     # a "running" output with no commit for minutes: its driver may be waiting out a store outage
     text = render({**s, "state": "stalled", "ended": False})
-    assert f"up to {manifest['store']['timeout_s']:.0f} s of --store-timeout" in text and "may be gone" in text, text
+    assert f"up to {manifest['config']['store_timeout']:.0f} s of --store-timeout" in text and "may be gone" in text, text
     # a run stopped before its listing ended (status from the commit log: no total known)
     text = render({**s, "state": "interrupted", "planned": None, "listed_so_far": 16})
     assert "still listing" not in text and "≥16 (the listing stopped with the run" in text, text

@@ -314,3 +314,59 @@ def test_tar_and_parquet_streams_resume_where_they_broke(stormy, tmp_path, monke
     with pytest.raises(OSError, match="changed while it was read"):
         fh.read(1000)
     assert first == buf.getvalue()[:1000]
+
+
+class _Broken:
+    """A file whose every read is refused like a dropped connection."""
+
+    details = {"ETag": '"x"'}
+
+    def read(self, size=-1):
+        raise ConnectionResetError("connection reset by peer")
+
+    def tell(self):
+        return 0
+
+    def seek(self, *args):
+        return 0
+
+    def close(self):
+        pass
+
+
+def test_a_stream_that_opens_but_never_reads_is_an_outage_past_its_budget():
+    """Each failed read opens the object again; those opens must not count as the store answering, or the
+    clock restarts forever: the budget runs out and StoreUnavailable stops the run, with a growing backoff."""
+    from batch_detect.outage import Outage, ResumingFile
+
+    clock = Outage(budget_s=1.5)
+    opened = []
+    fh = ResumingFile(lambda: opened.append(1) or _Broken(), "b/a.tar", "s3://b", clock)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="unavailable for"):
+        fh.read(100)
+    assert time.monotonic() - t0 < 10 and clock.retries < 20 and len(opened) < 20, (clock.retries, len(opened))
+    from s3fs.utils import FileExpired  # errno EBUSY, but the object changed: no retry helps
+
+    assert not is_transient(FileExpired("b/a.tar", '"x"'))
+
+
+def test_an_outage_past_the_budget_stops_containers_instead_of_failing_their_items():
+    """A tar or Parquet input whose store stays away past --store-timeout ends the run (exit 1, resumable),
+    never a corrupt_archive or read_error record for every image in it."""
+    from types import SimpleNamespace
+
+    from batch_detect.inputs import containers
+
+    class Away:
+        def _strip_protocol(self, path):
+            return path
+
+        def open(self, *args, **kwargs):
+            raise StoreUnavailable("s3://b was unavailable for 601 s")
+
+    with pytest.raises(StoreUnavailable):
+        list(containers.iter_tar("s3://b/a.tar", Away(), (".jpg",), {}))
+    shard = SimpleNamespace(start=0, uris=("r0", "r1"), source="s3://b/a.parquet")
+    with pytest.raises(StoreUnavailable):
+        list(containers.iter_parquet(shard, Away(), "jpeg"))

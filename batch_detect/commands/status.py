@@ -53,7 +53,7 @@ def status(output: str, storage_options: dict | None = None, now: float | None =
         "nodes": len({r[2] for r in recent}), "actors": len({(r[2], r[3]) for r in recent}),
         "last_error": manifest.get("error"),
         # how long the driver waits out a store it cannot reach, writing nothing meanwhile
-        "store_timeout_s": (manifest.get("store") or {}).get("timeout_s"),
+        "store_timeout_s": (manifest.get("config") or {}).get("store_timeout"),
         # Read from the parts once the run ended (while it runs, its newest rows are not in parts yet)
         "retryable": retryable_by_type(store) if ended and state.totals["failures"] else {},
     }

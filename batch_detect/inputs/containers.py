@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.utils import get_protocol
 
-from ..errors import InputError, ReadError
+from ..errors import InputError, ReadError, StoreUnavailable
 from .extsort import SpillError, sorted_unique
 
 # An item is its uri and a callable giving its bytes (or raising the ReadError that becomes its record).
@@ -84,6 +84,8 @@ def iter_tar(tar_uri: str, fs, extensions: tuple[str, ...], stats: dict) -> Iter
     except PermissionError:
         yield tar_uri, raising(ReadError("permission denied", error_type="permission_denied"))
         return
+    except StoreUnavailable:  # an outage past --store-timeout stops the run; it is no image's failure
+        raise
     except Exception as exc:
         yield tar_uri, raising(ReadError(f"{type(exc).__name__}: {exc}"))
         return
@@ -248,6 +250,8 @@ def iter_parquet(shard, fs, image_column: str, batch_rows: int = 32) -> Iterator
                 offset += n
                 if offset >= stop:
                     break
+    except StoreUnavailable:
+        raise
     except Exception as exc:
         error = ReadError(f"cannot read rows of {shard.source}: {type(exc).__name__}: {exc}")
         for item in ids:  # the rows not yet yielded: each becomes a record
