@@ -370,3 +370,20 @@ def test_an_outage_past_the_budget_stops_containers_instead_of_failing_their_ite
     shard = SimpleNamespace(start=0, uris=("r0", "r1"), source="s3://b/a.parquet")
     with pytest.raises(StoreUnavailable):
         list(containers.iter_parquet(shard, Away(), "jpeg"))
+
+
+def test_planning_waits_out_a_storm_on_a_manifest(stormy):
+    """A manifest on a store that answers nothing but 503 SlowDown for longer than the library's retries while
+    the run plans: the listing waits (is it a file, then the manifest streamed through the outage clock) and
+    gives every URI; before, the storm ended the run before it started."""
+    from batch_detect.inputs.listing import list_input
+
+    name, fs, truth, proxy = stormy
+    uris = sorted(f"s3://{name}/in/{n}" for n in truth)
+    fs.pipe_file(f"{name}/lists/manifest.txt", ("\n".join(uris[::-1]) + "\n").encode())
+    weather = storm_when(proxy, lambda: True, [("storm", 8.0)])
+    t0 = time.monotonic()
+    listing = list_input(f"s3://{name}/lists/manifest.txt", (".jpg",), options(proxy))
+    weather.join(30)
+    assert listing.uris == uris
+    assert proxy.storm_answers > 0 and OUTAGE.retries > 0 and time.monotonic() - t0 > 4, OUTAGE.retries

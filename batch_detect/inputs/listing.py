@@ -25,6 +25,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from ..errors import InputError
+from ..outage import RetryingFS
 from .extsort import SpillError, sorted_unique
 from .inventory import inventory_listing, read_report
 from .pages import ListingPool
@@ -141,20 +142,25 @@ def _iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | 
     except (ImportError, ValueError) as exc:
         raise InputError(f"cannot open input {url!r}: {exc}") from None
     glob = any(ch in path for ch in _GLOB_CHARS)
-    report = read_report(fs, path, url) if manifests and not glob and path.lower().endswith(".json") else None
+    # The planning's own requests (is it a file, a manifest read as a stream, an inventory's data files) wait
+    # out a throttled or unreachable store as the run's do; a prefix's pages do so in walk's pool.
+    waiting = RetryingFS(fs, "the file system" if _is_local(fs) else "/".join(url.split("/")[:3]))
+    report = read_report(waiting, path, url) if manifests and not glob and path.lower().endswith(".json") else None
     if report is not None:
-        yield from inventory_listing(fs, report, extensions, inventory_prefix, stats)
+        yield from inventory_listing(waiting, report, extensions, inventory_prefix, stats)
         return
     if inventory_prefix:
         raise InputError(f"--inventory-prefix filters the keys of an S3 Inventory report; input {url!r} is not "
                          "one (give its manifest.json, or leave --inventory-prefix out)")
+    # What the path is, asked once: fsspec's isfile/isdir answer False for any error, so a throttled store
+    # would turn a manifest into a plain file (then skipped by its extension) or into "does not exist".
+    try:
+        kind = None if glob else waiting.info(path).get("type")
+    except OSError:  # not found, denied: transient errors were waited out (past the budget: StoreUnavailable)
+        kind = None
     if manifests and not glob and posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES:
-        try:
-            is_file = fs.isfile(path)
-        except OSError:
-            is_file = False
-        if is_file:
-            for uri in _dedup_sorted(_manifest_lines(url, fs, path), url, stats):
+        if kind == "file":
+            for uri in _dedup_sorted(_manifest_lines(url, waiting, path), url, stats):
                 yield uri, None
             return
     from .walk import walk
@@ -163,9 +169,9 @@ def _iter_listed(url: str, extensions: tuple[str, ...], storage_options: dict | 
     try:
         if glob:
             paths: Iterator[tuple[str, str | None]] = _glob(fs, path, url, pool)
-        elif fs.isdir(path):
+        elif kind == "directory":
             paths = walk(fs, path, versions=True, pool=pool)
-        elif fs.isfile(path):
+        elif kind == "file":
             paths = iter([(path, stat_version(fs, path))])
         else:
             raise InputError(f"input {url!r} does not exist: give a folder, prefix, glob or file")
