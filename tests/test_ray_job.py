@@ -25,10 +25,19 @@ from helpers import token_cluster_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not given before in this process: the kernel may hand the same free port to two calls
+    (CI: the GCS and the dashboard agent both got 49045, and `ray start` refused)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def kill_cluster(temp_dir: str) -> None:
