@@ -178,7 +178,7 @@ class Outage:
             if down > self.budget_s:
                 raise StoreUnavailable(
                     f"{store or 'the object store'} was unavailable for {down:.0f} s (last error: {detail}), longer "
-                    f"than {self.limit} {self.budget_s:.0f} s: stopped. What was committed stays; re-run the same "
+                    f"than {self.limit} ({self.budget_s:.0f} s): stopped. What was committed stays; re-run the same "
                     "command once the store answers to go on") from None
             self.retries += 1
             if now >= self._resume_at:  # the first to fail this round sets everyone's next try

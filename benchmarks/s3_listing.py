@@ -66,6 +66,12 @@ def client(args) -> None:
 
     if args.dateutil:  # the baseline: botocore's own timestamp parser (dateutil), as before; this process only
         walk_module._parse_timestamps_fast = lambda fs: None
+    if args.no_ranges:  # the baseline: a flat prefix listed one page after another, as before ranges
+        walk_module._RANGE_PAGES = 0
+    if args.one_page:  # the baseline: a listing process with one page in flight, as before
+        import batch_detect.inputs.pages as pages_module
+
+        pages_module._Process.in_flight = 1
 
     fs = s3fs.S3FileSystem(endpoint_url=args.endpoint, skip_instance_cache=True, **CREDENTIALS)
     fs.ls(BUCKET)  # session and connection set up outside the timing
@@ -116,6 +122,8 @@ class Lister:
         self.requests = 0
         self.lock = threading.Lock()
         self.names = sorted(bucket.keys.keys()) if indexed else None
+        # moto's key store unquotes the name on every lookup: look each key up once, here
+        self.items = [bucket.keys[name] for name in self.names] if indexed else None
         self.tokens: dict[str, int] = {}
         backend.list_objects_v2 = self
 
@@ -139,7 +147,7 @@ class Lister:
             name = names[i]
             cut = name.find(delimiter, len(prefix)) if delimiter else -1
             if cut < 0:
-                out.append(self.bucket.keys[name])
+                out.append(self.items[i])
                 i += 1
             else:  # a common prefix, then past every key under it
                 common = name[: cut + len(delimiter)]
@@ -153,13 +161,18 @@ class Lister:
         return out, truncated, token
 
 
-def fast_responses() -> None:
-    """ListObjectsV2's XML written directly: moto's generic serializer costs ~0.3 ms a key."""
+def fast_responses(bucket=None) -> None:
+    """ListObjectsV2's XML written directly: moto's generic serializer costs ~0.3 ms a key. Given `bucket`
+    (`--moto prerendered`), each of its keys' <Contents> elements is written here, once, and kept, so a page costs the server a join (~1 µs a key
+    instead of ~7): a real store's CPU is not on the client's machine, and on 2 cores moto's per-key work
+    took a third of a core from the listing processes it was serving."""
     from urllib.parse import quote
     from xml.sax.saxutils import escape
 
     from moto.s3.models import FakeKey
     from moto.s3.responses import S3Response
+
+    rendered: dict[str, str] = {}  # key -> its <Contents> (URL-encoded, as botocore asks), with `bucket`
 
     def list_objects_v2(self):
         q = self.querystring
@@ -171,6 +184,7 @@ def fast_responses() -> None:
             bucket=self.backend.get_bucket(self.bucket_name), prefix=prefix, delimiter=delimiter,
             continuation_token=token, start_after=q.get("start-after", [None])[0], max_keys=max_keys)
         enc = quote if encoding == "url" else escape
+        contents = rendered if encoding == "url" else None
         body = ['<?xml version="1.0" encoding="UTF-8"?>'
                 '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
                 f"<Name>{self.bucket_name}</Name><Prefix>{enc(prefix)}</Prefix><MaxKeys>{max_keys}</MaxKeys>"
@@ -185,19 +199,40 @@ def fast_responses() -> None:
             body.append(f"<NextContinuationToken>{next_token}</NextContinuationToken>")
         for item in items:
             if isinstance(item, FakeKey):
-                body.append(f"<Contents><Key>{enc(item.name)}</Key><LastModified>"
-                            f"{item.last_modified.strftime('%Y-%m-%dT%H:%M:%S.000Z')}</LastModified>"
-                            f"<ETag>{escape(item.etag)}</ETag><Size>{item.size}</Size>"
-                            f"<StorageClass>{item.storage_class}</StorageClass></Contents>")
+                xml = contents.get(item.name) if contents is not None else None
+                body.append(render(item, enc) if xml is None else xml)
             else:
                 body.append(f"<CommonPrefixes><Prefix>{enc(item)}</Prefix></CommonPrefixes>")
         body.append("</ListBucketResult>")
         return 200, {"Content-Type": "application/xml"}, "".join(body)
 
+    def render(item, enc) -> str:
+        return (f"<Contents><Key>{enc(item.name)}</Key><LastModified>"
+                f"{item.last_modified.strftime('%Y-%m-%dT%H:%M:%S.000Z')}</LastModified>"
+                f"<ETag>{escape(item.etag)}</ETag><Size>{item.size}</Size>"
+                f"<StorageClass>{item.storage_class}</StorageClass></Contents>")
+
     S3Response.list_objects_v2 = list_objects_v2
+    for name, item in (bucket.keys.items() if bucket is not None else ()):
+        rendered[name] = render(item, quote)
 
 
-def fill(endpoint: str, keys: int, per_prefix: int):
+def key_names(layout: str, keys: int, per_prefix: int):
+    """The benchmark's keys: `tree` photos/pNNNN/img_NNNNNN.jpg, `per_prefix` a prefix; `flat-sequential`
+    photos/img_NNNNNNN.jpg and `flat-uuid` photos/<uuid4>.jpg, all in one flat prefix."""
+    import random
+
+    rng = random.Random(0)
+    for i in range(keys):
+        if layout == "tree":
+            yield f"photos/p{i // per_prefix:04d}/img_{i:06d}.jpg"
+        elif layout == "flat-sequential":
+            yield f"photos/img_{i:07d}.jpg"
+        else:
+            yield f"photos/{uuid.UUID(int=rng.getrandbits(128), version=4)}.jpg"
+
+
+def fill(endpoint: str, keys: int, per_prefix: int, layout: str = "tree"):
     import s3fs
     from moto.s3.models import s3_backends
 
@@ -205,17 +240,17 @@ def fill(endpoint: str, keys: int, per_prefix: int):
     fs.mkdir(BUCKET)
     partition, account = s3_backends.bucket_accounts[BUCKET]
     backend = s3_backends[account][partition]
-    for i in range(keys):
-        backend.put_object(BUCKET, f"photos/p{i // per_prefix:04d}/img_{i:06d}.jpg", b"",
-                           disable_notification=True)
+    for key in key_names(layout, keys, per_prefix):
+        backend.put_object(BUCKET, key, b"", disable_notification=True)
     return backend, backend.get_bucket(BUCKET)
 
 
 def run_client(endpoint: str, method: str, workers: int, trace: bool, timeout_s: float, lister: Lister,
-               processes: int = 1, dateutil: bool = False) -> dict:
+               processes: int = 1, flags: str = "") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--client", method, "--endpoint", endpoint,
            "--workers", str(workers), "--listing-processes", str(processes)] + (["--tracemalloc"] if trace else []) \
-        + (["--dateutil"] if dateutil else [])
+        + (["--dateutil"] if "d" in flags else []) + (["--no-ranges"] if "s" in flags else []) \
+        + (["--one-page"] if "o" in flags else [])
     before, t0, load = lister.requests, time.perf_counter(), os.getloadavg()[0]
     cpu0 = os.times()
     try:
@@ -239,14 +274,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=1_000_000)
     ap.add_argument("--per-prefix", type=int, default=1000)
-    ap.add_argument("--moto", choices=["fast", "stock"], default="fast")
+    ap.add_argument("--moto", choices=["fast", "prerendered", "stock"], default="fast")
     ap.add_argument("--latency-ms", type=float, default=0.0)
     ap.add_argument("--methods", default="walk,find")
     ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--processes", default="1", help="walk: comma-separated listing process counts; '1d': one "
-                    "process parsing LIST timestamps with botocore's dateutil parser (the baseline before 9a5cff1)")
+                    "process parsing LIST timestamps with botocore's dateutil parser (the baseline before 9a5cff1); "
+                    "'1s': one process listing a flat prefix page after page (no ranges, the baseline before them); "
+                    "'2o': 2 listing processes with one page in flight each (the baseline before 4)")
+    ap.add_argument("--layout", choices=["tree", "flat-sequential", "flat-uuid"], default="tree")
     ap.add_argument("--tag", default="", help="a suffix for the results file of --processes")
     ap.add_argument("--dateutil", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-ranges", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one-page", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=1, help="each arm this many times, interleaved")
     ap.add_argument("--tracemalloc-max-keys", type=int, default=200_000,
                     help="the second, tracemalloc'ed pass (3-4x slower) only up to this many keys")
@@ -262,12 +302,12 @@ def main() -> None:
 
     with loopback_s3() as endpoint:
         t0 = time.perf_counter()
-        backend, bucket = fill(endpoint, args.keys, args.per_prefix)
+        backend, bucket = fill(endpoint, args.keys, args.per_prefix, args.layout)
         fill_s = time.perf_counter() - t0
         print(f"{args.keys} keys in moto's backend in {fill_s:.0f} s", flush=True)
-        lister = Lister(backend, bucket, args.moto == "fast", args.latency_ms / 1000)
-        if args.moto == "fast":
-            fast_responses()
+        lister = Lister(backend, bucket, args.moto != "stock", args.latency_ms / 1000)
+        if args.moto != "stock":
+            fast_responses(bucket if args.moto == "prerendered" else None)
         processes = args.processes.split(",")
         if processes != ["1"] or args.rounds > 1:
             return compare_processes(args, endpoint, lister, processes, fill_s)
@@ -307,18 +347,22 @@ def loopback_s3():
         server.stop()
 
 
-def compare_processes(args, endpoint: str, lister: Lister, processes: list[int], fill_s: float) -> None:
+def compare_processes(args, endpoint: str, lister: Lister, processes: list[str], fill_s: float) -> None:
     """`walk` with its pages in 1, 2, 4... processes, the arms interleaved round after round; the same paths
     in the same order every time (digest), keys/s per arm and its ratio to one process in the same round."""
     import statistics
+
+    sys.path.insert(0, ROOT)
+    from batch_detect.inputs.pages import PAGES_PER_PROCESS
 
     runs = []
     for rnd in range(args.rounds):
         for n in processes:
             run = {"round": rnd, "processes": n, "keys": args.keys, "moto": args.moto, "latency_ms": args.latency_ms,
-                   "timestamps": "dateutil" if n.endswith("d") else "datetime",
-                   **run_client(endpoint, "walk", args.workers, False, args.timeout_s, lister, int(n.rstrip("d")),
-                                n.endswith("d"))}
+                   "layout": args.layout, "timestamps": "dateutil" if "d" in n else "datetime",
+                   "ranges": "s" not in n, "pages_per_process": 1 if "o" in n else PAGES_PER_PROCESS,
+                   **run_client(endpoint, "walk", args.workers, False, args.timeout_s, lister, int(n.rstrip("dso")),
+                                n.lstrip("0123456789"))}
             run["keys_per_s"] = run["keys_listed"] / run["seconds"]
             print(json.dumps(run), flush=True)
             runs.append(run)
@@ -343,23 +387,32 @@ def compare_processes(args, endpoint: str, lister: Lister, processes: list[int],
         summary.append(f"| {n} | {statistics.median(rates):,.0f} | {min(rates):,.0f}–{max(rates):,.0f} | "
                        f"{'—' if not ratios else format(statistics.median(ratios), '.2f')} |")
         data[f"median_keys_per_s_{n}"] = statistics.median(rates)
-    out = os.path.join(os.path.dirname(args.out), f"s3_listing_processes_{args.keys // 1000}k{args.tag}")
+    layout = "" if args.layout == "tree" else "_" + args.layout.replace("-", "_")
+    out = os.path.join(os.path.dirname(args.out), f"s3_listing_processes_{args.keys // 1000}k{layout}{args.tag}")
+    keys_are = {"tree": f"`photos/pNNNN/img_NNNNNN.jpg` ({args.per_prefix} per prefix)",
+                "flat-sequential": "`photos/img_NNNNNNN.jpg` (one flat prefix)",
+                "flat-uuid": "`photos/<uuid4>.jpg` (one flat prefix)"}[args.layout]
+    server = {"fast": "answered from a sorted index: `--moto fast`",
+              "prerendered": "answered from a sorted index, each key's XML written once before the runs: "
+                             "`--moto prerendered`", "stock": "moto as installed: `--moto stock`"}[args.moto]
     with open(out + ".json", "w") as fh:
         json.dump(data, fh, indent=1)
     m = data["machine"]
     with open(out + ".md", "w") as fh:
         fh.write(f"""# S3 prefix listing in {', '.join(processes)} processes
 
-`benchmarks/s3_listing.py --keys {args.keys} --processes {args.processes} --rounds {args.rounds}`: {args.keys:,} keys
-`photos/pNNNN/img_NNNNNN.jpg` ({args.per_prefix} per prefix) in moto's S3 server on 127.0.0.1 (ListObjectsV2
-answered from a sorted index: `--moto {args.moto}`), {args.latency_ms:g} ms added per LIST. Each listing is
+`benchmarks/s3_listing.py --keys {args.keys} --layout {args.layout} --moto {args.moto} --latency-ms {args.latency_ms:g} --processes {args.processes} --rounds {args.rounds}`: {args.keys:,} keys
+{keys_are} in moto's S3 server on 127.0.0.1 (ListObjectsV2
+{server}), {args.latency_ms:g} ms added per LIST. Each listing is
 `walk` in a fresh client process; with N > 1 its pages go to N worker processes (`inputs/pages.py`, what
 `--listing-processes N` does), the first 8 pages on the client's threads. Every listing gave the same paths in
 the same order (one digest). Arms interleaved, one of each per round. Machine: {m['cpus']} CPUs, Python
 {m['python']}, moto {m['moto']}, s3fs {m['s3fs']}; the server, the client and the listing processes share the
 CPUs, and the machine was shared with other engineers' work at the time (1-minute load average before and
 after each listing in the last column), so the numbers are noisy. `1d`: one process whose LIST pages parse
-their timestamps with botocore's own (dateutil) parser, as before `walk._parse_timestamps_fast`.
+their timestamps with botocore's own (dateutil) parser, as before `walk._parse_timestamps_fast`. `1s`: one
+process listing a flat prefix one page after another, as before `walk` cut it into ranges (`keyspace.py`).
+`2o`: two listing processes with one page in flight each, as before they had {PAGES_PER_PROCESS}.
 
 | processes | median keys/s | range | median ratio to 1 process (same round) |
 |---|---|---|---|

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import subprocess
 import uuid
 
 import pytest
@@ -125,11 +126,27 @@ def test_pool_hands_back_errors_and_a_dead_process():
             pool.submit(os.getpid).result(timeout=30)
 
 
+def test_a_process_has_several_pages_in_flight(tmp_path):
+    """A listing page mostly waits on the store: one worker process takes PAGES_PER_PROCESS at once. Four
+    tasks that each wait until all four have started finish only if they run side by side."""
+    assert pages.PAGES_PER_PROCESS >= 4
+    barrier = tmp_path / "started"
+    barrier.mkdir()
+    wait_for_all = (f'touch "{barrier}/$$"; n=0; while [ "$(ls "{barrier}" | wc -l)" -lt 4 ]; do '
+                    'n=$((n+1)); [ $n -gt 400 ] && exit 7; sleep 0.05; done')
+    slots = pages._Slots([pages._Process(())])
+    try:
+        futures = [slots.submit(subprocess.run, ["sh", "-c", wait_for_all]) for _ in range(4)]
+        assert [f.result(timeout=60).returncode for f in futures] == [0, 0, 0, 0]
+        assert slots.submit(os.path.basename, "a/b.jpg").result(timeout=30) == "b.jpg"  # and goes on after
+    finally:
+        slots.close()
+
+
 # --- how fast the listing went: the manifest's input section and the progress lines ----------------------
 
 def test_manifest_says_keys_listed_and_keys_per_s(models_dir, tmp_path):
     import json
-    import subprocess
     import sys
 
     from batch_detect.synthetic import write_dataset

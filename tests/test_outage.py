@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -180,7 +181,7 @@ def test_a_storm_past_store_timeout_stops_in_one_sentence_and_the_same_command_r
     assert first.returncode == 1, first.stderr[-3000:]
     assert "Traceback" not in first.stderr, first.stderr[-3000:]
     said = [line for line in first.stderr.splitlines() if line.startswith("batch-detect: ")]
-    assert said and "unavailable for" in said[-1] and "--store-timeout 3 s" in said[-1] \
+    assert said and "unavailable for" in said[-1] and "--store-timeout (3 s)" in said[-1] \
         and "re-run the same command" in said[-1], first.stderr[-3000:]
     assert KEYS["secret"] not in first.stderr + first.stdout
     assert "pausing and retrying for up to 3 s (--store-timeout)" in first.stderr, first.stderr[-3000:]
@@ -387,3 +388,30 @@ def test_planning_waits_out_a_storm_on_a_manifest(stormy):
     weather.join(30)
     assert listing.uris == uris
     assert proxy.storm_answers > 0 and OUTAGE.retries > 0 and time.monotonic() - t0 > 4, OUTAGE.retries
+
+
+def test_status_elsewhere_says_the_store_is_unavailable_while_it_waits(stormy):
+    """`status` run from anywhere reads the output through the same outage clock as the run: during a storm it
+    says the store did not answer and that it is retrying, then how long it was unavailable, and answers once
+    the store is back (within its own 30 s; the run's is --store-timeout)."""
+    name, fs, truth, proxy = stormy
+    manifest = run(config(name, proxy, out="out-status")).manifest
+    assert manifest["status"] == "complete"
+    proxy.storm = True
+    try:
+        shown = subprocess.Popen([sys.executable, "-m", "batch_detect", "status", f"s3://{name}/out-status",
+                                  *(a for k, v in options(proxy).items() for a in
+                                    ("--storage-option", f"{k}={json.dumps(v) if isinstance(v, dict) else v}"))],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while proxy.storm_answers < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(8)  # long enough for a "did not answer" and an "unavailable for N s" line
+    finally:
+        proxy.storm = False
+    out, err = shown.communicate(timeout=120)
+    assert shown.returncode == 0, out + err[-2000:]
+    assert f"s3://{name}/out-status: complete" in out and f"{len(truth)} processed" in out, out
+    assert f"s3://{name}/out-status did not answer" in err and "retrying for up to 30 s (what `status` waits)" \
+        in err, err[-2000:]
+    assert re.search(r"answers again after \d+ s unavailable", err), err[-2000:]

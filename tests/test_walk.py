@@ -151,6 +151,44 @@ def test_s3_random_names_any_page_size(s3_server, monkeypatch, page):
     assert list(walk(fs, f"{name}/r", workers=4, lookahead=8)) == expected
 
 
+FLAT_STYLES = {
+    "sequential": lambda rng, i: f"img_{i:05d}.jpg",
+    "uuid": lambda rng, i: f"{uuid.UUID(int=rng.getrandbits(128))}.jpg",
+    "unpadded": lambda rng, i: f"frame_{i}.jpg",
+    "mixed": lambda rng, i: "".join(rng.choice("ab-. /é0日") for _ in range(rng.randint(1, 9))),
+}
+
+
+@pytest.mark.parametrize("style", list(FLAT_STYLES))
+def test_s3_flat_prefix_is_listed_in_ranges_side_by_side(s3_server, monkeypatch, style):
+    """A flat prefix bigger than a page is cut into ranges (StartAfter) listed at once: the walk still equals
+    the sorted keys exactly, directories among the names included, and the ranges were really used."""
+    rng = random.Random(style)
+    keys = {"f/" + FLAT_STYLES[style](rng, i) for i in range(700)}
+    keys |= {"f/img_00300/in.jpg", "f/img_00301/x/y.jpg", "f/img_00301", "f/0/a.jpg", "f/zz/last.jpg", "f/é/ü.jpg"}
+    fs = _fs(s3_server)
+    name = f"walk-flat-{uuid.uuid4().hex[:8]}"
+    _put_direct(fs, name, sorted(keys))
+    monkeypatch.setattr(walk_module, "_PAGE", 20)
+    monkeypatch.setattr(walk_module, "_RANGE_PAGES", 2)
+    requests = []
+    real = fs._call_s3
+
+    async def counting(method, *args, **kwargs):
+        requests.append((kwargs.get("Prefix"), kwargs.get("StartAfter"), kwargs.get("ContinuationToken")))
+        return await real(method, *args, **kwargs)
+
+    fs._call_s3 = counting
+    expected = _by_components(f"{name}/{k}" for k in keys if not k.endswith("/"))
+    assert list(walk(fs, f"{name}/f", workers=4, lookahead=8)) == expected
+    ranges = [r for r in requests if r[0] == "f/" and r[1]]
+    if style != "mixed":  # names that read as numbers: the prefix's pages were cut into many ranges
+        assert len(ranges) >= 5, requests
+    # each range starts once; no page of the prefix is fetched twice
+    assert len({r[1] for r in ranges}) == len(ranges)
+    assert len([r for r in requests if r[0] == "f/"]) <= 2 * len(keys) // 20 + 2 * len(ranges) + 2
+
+
 def test_s3_walk_is_lazy_and_streams(s3_server):
     fs = _fs(s3_server)
     name = f"walk-lazy-{uuid.uuid4().hex[:8]}"

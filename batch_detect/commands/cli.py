@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run":
             _check_stores(args)  # a run's config checks its stores with the rest of its settings
             # a command someone waits on at a prompt: not ten minutes
-            configure_outage(QUERY_STORE_TIMEOUT_S, limit=f"what `{args.command}` waits,")
+            configure_outage(QUERY_STORE_TIMEOUT_S, limit=f"what `{args.command}` waits")
         return _COMMANDS[args.command](args)
     except StoreUnavailable as exc:
         _error(exc, prefix="batch-detect: ")

@@ -30,6 +30,7 @@ from ..outage import OUTAGE
 __all__ = ["ListingPool", "auto_processes", "Shipped"]
 
 THRESHOLD = 8  # pages listed in this process before the worker processes start
+PAGES_PER_PROCESS = 4  # pages a worker process has in flight at once (each mostly waits on the store)
 STARTING_PAGES = 2  # pages on this process's threads at once while the worker processes start
 MAX_AUTO = 8  # listing processes by default, at most: enough to outrun most runs' dispatch
 
@@ -65,15 +66,23 @@ def _unship(blob: bytes) -> Shipped:
 
 
 class _Process:
-    """One worker process: a task at a time over its pipes."""
+    """One worker process: up to `in_flight` tasks at a time over its pipes (a LIST page waits on the store
+    far longer than it takes to parse: one page at a time left a process idle most of the time). `call` is
+    safe from several threads; replies come back by task id, read by one thread."""
+
+    in_flight = PAGES_PER_PROCESS
 
     def __init__(self, preload: tuple[str, ...]):
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "batch_detect.inputs.pages", *preload],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "batch_detect.inputs.pages", str(self.in_flight),
+                                      *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.name = f"listing process {self.proc.pid}"
+        self.lock = threading.Lock()
+        self.waiting: dict[int, list] = {}  # task id -> [event, reply]
+        self.next_id = 0
+        self.gone: BaseException | None = None
 
     def start(self) -> None:
         try:
@@ -82,15 +91,41 @@ class _Process:
             ready = None
         if ready != "ready":
             raise OSError(f"{self.name} failed to start")
+        threading.Thread(target=self._read, name="listing-replies", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                task, reply = pickle.load(self.proc.stdout)
+                with self.lock:
+                    slot = self.waiting.pop(task)
+                slot[1] = reply
+                slot[0].set()
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+            with self.lock:
+                self.gone = exc
+                slots, self.waiting = list(self.waiting.values()), {}
+            for slot in slots:
+                slot[0].set()  # no reply: the caller raises
 
     def call(self, fn: Callable, args: tuple) -> tuple[bool, object]:
-        pickle.dump((fn, args), self.proc.stdin)
-        self.proc.stdin.flush()
-        return pickle.load(self.proc.stdout)
+        slot = [threading.Event(), None]
+        with self.lock:
+            if self.gone is not None:
+                raise OSError(f"{type(self.gone).__name__}: {self.gone}")
+            self.next_id += 1
+            self.waiting[self.next_id] = slot
+            pickle.dump((self.next_id, fn, args), self.proc.stdin)
+            self.proc.stdin.flush()
+        slot[0].wait()
+        if slot[1] is None:
+            raise EOFError(f"{self.name} ended with the page unanswered")
+        return slot[1]
 
     def stop(self) -> None:
         try:
-            self.proc.stdin.close()  # it finishes its page, reads the end and exits
+            with self.lock:
+                self.proc.stdin.close()  # it finishes its pages, reads the end and exits
         except OSError:
             pass
 
@@ -103,9 +138,10 @@ class _Process:
 
 
 class _Slots:
-    """Runners (worker processes, or what the run layer gives: Ray tasks), each fed one task at a time by
-    a thread of its own from one shared queue. A runner has `start()`, `call(fn, args) -> (ok, value)`
-    (raising OSError, EOFError or ValueError once it is gone), `stop()`, `wait()` and a `name`."""
+    """Runners (worker processes, or what the run layer gives: Ray tasks), each fed from one shared queue
+    by threads of its own, one task at a time each: `in_flight` threads (a runner's attribute, default 1).
+    A runner has `start()`, `call(fn, args) -> (ok, value)` (raising OSError, EOFError or ValueError once it
+    is gone; safe from its threads at once where `in_flight` > 1), `stop()`, `wait()` and a `name`."""
 
     def __init__(self, runners: list):
         self.runners = runners
@@ -133,9 +169,10 @@ class _Slots:
         self.tasks.put((future, fn, args))
         return future
 
-    def _feed(self, runner) -> None:
+    def _feed(self, runner, started: bool = False) -> None:
+        """A feeding thread: the runner's first starts it, the others (`started`) only take its tasks."""
         try:
-            self._run(runner)
+            self._take_tasks(runner) if started else self._run(runner)
         finally:
             with self.lock:
                 self.alive -= 1
@@ -148,9 +185,16 @@ class _Slots:
         except OSError:
             self.settled.release()
             return
+        more = max(0, getattr(runner, "in_flight", 1) - 1)
         with self.lock:
             self.ready += 1
+            self.alive += more
+        for _ in range(more):
+            threading.Thread(target=self._feed, args=(runner, True), name="listing-runner", daemon=True).start()
         self.settled.release()
+        self._take_tasks(runner)
+
+    def _take_tasks(self, runner) -> None:
         while (item := self.tasks.get()) is not None:
             future, fn, args = item
             if not future.set_running_or_notify_cancel():
@@ -182,8 +226,9 @@ class _Slots:
     def close(self) -> None:
         self.closing = True
         self._fail_all(OSError("the listing was closed"))  # queued pages nobody will take now
-        for _ in self.runners:
-            self.tasks.put(None)
+        for r in self.runners:
+            for _ in range(getattr(r, "in_flight", 1)):
+                self.tasks.put(None)
         for r in self.runners:
             r.stop()
         for r in self.runners:
@@ -263,31 +308,40 @@ def _waiting_out_outages(fn: Callable, *args):
 
 
 def _serve() -> None:
-    """A worker process: (fn, args) in on stdin, (ok, result or exception) out on stdout, until EOF."""
+    """A worker process: (task id, fn, args) in on stdin, (task id, (ok, result or exception)) out on stdout
+    as each finishes, up to argv[1] at once, until EOF."""
     import importlib
 
     channel_in, channel_out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the channel
     sys.stdout = sys.stderr
-    for name in sys.argv[1:]:
+    in_flight = int(sys.argv[1])
+    for name in sys.argv[2:]:
         importlib.import_module(name)
+    writing = threading.Lock()
     pickle.dump("ready", channel_out)
     channel_out.flush()
-    while True:
-        try:
-            fn, args = pickle.load(channel_in)
-        except EOFError:
-            return
+
+    def run(task: int, fn: Callable, args: tuple) -> None:
         try:
             reply = (True, fn(*args))
         except Exception as exc:  # handed to the driver, which raises it where the walk needs the page
             reply = (False, exc)
         try:
-            data = pickle.dumps(reply)
+            data = pickle.dumps((task, reply))
         except Exception:
-            data = pickle.dumps((False, OSError(f"{type(reply[1]).__name__}: {reply[1]}")))
-        channel_out.write(data)
-        channel_out.flush()
+            data = pickle.dumps((task, (False, OSError(f"{type(reply[1]).__name__}: {reply[1]}"))))
+        with writing:
+            channel_out.write(data)
+            channel_out.flush()
+
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="page") as pages:
+        while True:
+            try:
+                task, fn, args = pickle.load(channel_in)
+            except EOFError:
+                return  # the pool's exit waits for the pages still running
+            pages.submit(run, task, fn, args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Walk a folder or object-store prefix in one deterministic order, streaming: local with os.scandir,
-object stores with a parallel fan-out over sub-prefixes.
+object stores with a parallel fan-out over sub-prefixes, and on S3 a flat prefix bigger than a page cut
+into ranges listed side by side (`keyspace.py`).
 
 The order is the sorted order of the full path strings (code point order, which is UTF-8 byte order):
 the order S3 lists keys in, and what `sorted()` and `LC_ALL=C sort` give. Walked depth-first, it is
@@ -16,16 +17,21 @@ import datetime
 import itertools
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterator
 
 from fsspec.asyn import sync
 
-from .pages import Shipped
+from .keyspace import KeySpace
+from .pages import PAGES_PER_PROCESS, Shipped
 
 __all__ = ["walk", "version_of"]
 
 _PAGE = 1000  # S3's largest page: the unit of buffering per directory
+_RANGE_PAGES = 16  # pages a cut range of a flat prefix is meant to hold: its last page is read past its end
+# (0: a flat prefix is listed one page after another, as before ranges)
+_DIR_PAGES = 64  # pages of one directory fetched and not yet consumed, or in flight, over its ranges
+_DIR_REQUESTS = 8  # pages of one directory in flight at once, at least (more for a pool of processes)
 
 Entry = tuple[str, bool, "str | None"]  # (name within its directory, is a directory, the file's version)
 
@@ -64,7 +70,10 @@ def walk(fs, root: str, *, workers: int = 16, lookahead: int = 64, versions: boo
     Local folders are walked with os.scandir (directory symlinks are not followed; symlinks to files are
     files). Object stores are listed one level at a time with the '/' delimiter: up to `lookahead`
     sub-directories ahead of the consumer are listed concurrently on `workers` threads, one page of each
-    at a time; results come out strictly in order. Nothing is left in fsspec's listings cache.
+    at a time; results come out strictly in order. On S3, a level whose first page is full is cut into
+    ranges (StartAfter) of about `_RANGE_PAGES` pages, up to `_DIR_PAGES` pages of it fetched at once, so a
+    flat prefix of millions of keys is not one request after another. Nothing is left in fsspec's
+    listings cache.
 
     `pool` (a `pages.ListingPool`, S3 and local folders): each page (one LIST request, or one local
     directory) is fetched, parsed and sorted there, in worker processes once the listing is large; the
@@ -116,25 +125,137 @@ def _walk_local(root: str, versions: bool, enter: Callable[[str], bool]) -> Iter
                 yield entry.path, None
 
 
+class _Range:
+    """Part of one directory's listing: its entries after `lo` up to `hi` (None: from its start, to its
+    end), fetched a page at a time by `level` (which keeps its own continuation). `pages` are fetched and
+    not yet given to the consumer; an error waits here until the range's turn comes, so that errors still
+    surface where they occur in the order."""
+
+    def __init__(self, level, lo: str | None = None, hi: str | None = None, space: KeySpace | None = None):
+        self.level, self.lo, self.hi, self.space = level, lo, hi, space
+        self.pages: deque[list[Entry]] = deque()
+        self.pending: Future | None = None
+        self.started = self.done = False
+        self.last = False  # the store said nothing follows this range's entries: later ranges are empty
+        self.beyond: str | None = None  # the first name after `hi`, where a page showed it
+        self.error: BaseException | None = None
+
+    def take(self) -> list[Entry]:
+        """The page in flight, kept to the range's bounds (a page past `hi` ends the range)."""
+        try:
+            entries, self.done = self.level.take(self.pending.result())
+        except BaseException as exc:  # noqa: BLE001 - raised in its turn, see refill
+            self.error, self.done, entries = exc, True, []
+        self.pending = None
+        self.last = self.done and self.error is None
+        if self.lo is not None and entries and _key(entries[0]) <= self.lo:
+            # a directory the previous range ends inside is listed again as this range's first entry
+            entries = [e for e in entries if _key(e) > self.lo]
+        if self.hi is not None and entries and _key(entries[-1]) > self.hi:
+            within = [e for e in entries if _key(e) <= self.hi]
+            self.beyond = _key(entries[len(within)])
+            entries, self.done, self.last = within, True, False
+        self.pages.append(entries)
+        return entries
+
+
 class _Dir:
-    """One directory being listed: entries ready for the consumer, and at most one page being fetched.
-    `base` is the directory's path with a trailing '/': its entries' paths are base + name (a key may hold
-    an empty component, 'a//b', so the path is never re-parsed). A level says which request fetches its
-    next page (`request`: a module-level function and its arguments, so a worker process can run it) and
-    takes the page back (`take`), keeping its own continuation here."""
+    """One directory being listed: entries ready for the consumer, and the ranges it is listed in (one,
+    until a level that can be split shows a full page: then the rest is cut into ranges listed side by
+    side, `keyspace.py`). `base` is the directory's path with a trailing '/': its entries' paths are
+    base + name (a key may hold an empty component, 'a//b', so the path is never re-parsed). A level says
+    which request fetches its next page (`request`: a module-level function and its arguments, so a worker
+    process can run it) and takes the page back (`take`); one that can start after a name has `after`."""
 
     def __init__(self, base: str, level, pool):
         self.base = base
-        self.level = level
-        self.ready: deque[Entry] = deque()
         self.pool = pool
-        self.pending: Future | None = pool.submit(*level.request())
+        self.ready: deque[Entry] = deque()
+        self.ranges: deque[_Range] = deque([_Range(level)])
+        self.splits = _RANGE_PAGES > 0 and callable(getattr(level, "after", None))
+        # enough pages in flight for every listing process to overlap its waits on the store (pages.py)
+        self.requests = max(_DIR_REQUESTS, getattr(pool, "processes", 1) * PAGES_PER_PROCESS)
+        self.next_name = ""  # a name some range's page showed after its end: nothing lies between them
+        self._pump()
+
+    @property
+    def listing(self) -> bool:
+        """Whether entries may still come (pages fetched or to fetch)."""
+        return bool(self.ranges)
 
     def refill(self) -> None:
-        """Wait for the page in flight and ask for the next, so that one page is always fetched ahead."""
-        entries, done = self.level.take(self.pending.result())
-        self.ready.extend(entries)
-        self.pending = None if done else self.pool.submit(*self.level.request())
+        """Give the consumer the next page in order, waiting for it; meanwhile keep the other ranges
+        fetching (within the directory's budget)."""
+        while not self.ready and self.ranges:
+            self._collect()
+            self._pump()
+            head = self.ranges[0]
+            if head.pages:
+                self.ready.extend(head.pages.popleft())
+            elif head.error is not None:
+                error, head.error = head.error, None
+                raise error
+            elif head.done:
+                self.ranges.popleft()
+            else:
+                wait([r.pending for r in self.ranges if r.pending is not None], return_when=FIRST_COMPLETED)
+
+    def _collect(self) -> None:
+        """Take every page that has arrived, and what it says of the ranges (cut, or nothing after)."""
+        for r in list(self.ranges):
+            if r.pending is not None and r.pending.done():
+                entries = r.take()
+                if r.beyond is not None:
+                    self.next_name = max(self.next_name, r.beyond)
+                if r.last:
+                    self._end_after(r)
+                elif self.splits and r.hi is None and not r.done and len(entries) >= _PAGE // 2:
+                    self._split(r, entries)
+
+    def _end_after(self, r: _Range) -> None:
+        """Nothing follows `r`: the ranges after it are empty; those not started never will be."""
+        for later in itertools.islice(self.ranges, self.ranges.index(r) + 1, None):
+            if not later.started:
+                later.done = True
+            later.space = None
+
+    def _split(self, r: _Range, entries: list[Entry]) -> None:
+        """The open-ended range `r` showed a full page: end it at a cut, the rest to a new open range."""
+        space = KeySpace.of([_key(e) for e in entries])
+        cut = space.cut_after(_key(entries[-1]), _RANGE_PAGES * _PAGE) if space is not None else None
+        if cut is not None:
+            r.hi = cut
+            self.ranges.append(_Range(r.level.after(cut), lo=cut, space=space))
+
+    def _pump(self) -> None:
+        """Ask for more pages, earliest ranges first: one in flight per range, at most `requests` for the
+        directory and `_DIR_PAGES` fetched and not yet consumed; one range alone (any directory not
+        cut) keeps one page ahead of the consumer, as before ranges."""
+        budget = _DIR_PAGES - sum(len(r.pages) + (r.pending is not None) for r in self.ranges)
+        requests = self.requests - sum(r.pending is not None for r in self.ranges)
+        if len(self.ranges) == 1:
+            budget = min(budget, 2 - len(self.ready))
+        i = 0
+        while i < len(self.ranges) and budget > 0 and requests > 0:
+            r = self.ranges[i]
+            i += 1
+            if r.done or r.pending is not None:
+                continue
+            if not r.started and r.hi is None and r.space is not None:
+                # the open range, cut before it starts; from the next name known, past an empty stretch
+                cut = r.space.cut_after(max(r.lo, self.next_name), _RANGE_PAGES * _PAGE)
+                if cut is not None:
+                    r.hi = cut
+                    self.ranges.append(_Range(r.level.after(cut), lo=cut, space=r.space))
+            r.started = True
+            r.pending = self.pool.submit(*r.level.request())
+            budget -= 1
+            requests -= 1
+
+    def cancel(self) -> None:
+        for r in self.ranges:
+            if r.pending is not None:
+                r.pending.cancel()
 
 
 def _walk_store(root_base: str, level: Callable[[str, bool], object], pool, lookahead: int,
@@ -163,7 +284,7 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], pool, look
         while stack:
             d = stack[-1]
             if not d.ready:
-                if d.pending is None:
+                if not d.listing:
                     stack.pop()
                 else:
                     d.refill()
@@ -180,21 +301,20 @@ def _walk_store(root_base: str, level: Callable[[str, bool], object], pool, look
     finally:
         # A consumer that stops early must not leave listings queued: cancel them, don't wait for them.
         for d in itertools.chain(stack, ahead.values()):
-            if d.pending is not None:
-                d.pending.cancel()
+            d.cancel()
         if isinstance(pool, ThreadPoolExecutor):  # ours; a ListingPool belongs to its caller
             pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _s3_page(shipped: Shipped, bucket: str, prefix: str, token: str | None,
-             must_exist: bool, page_size: int) -> tuple[list[Entry], str | None]:
+             must_exist: bool, page_size: int, start_after: str | None = None) -> tuple[list[Entry], str | None]:
     """One page of one level of an S3 prefix (Delimiter='/'), its entries in the walk's order, and the
     token of the next page (None: the last). Run where the pool puts it: parsing is the listing's cost."""
     fs = shipped.fs
     _parse_timestamps_fast(fs)
     # The uncached request s3fs's own listing makes (with its retries and error translation): ls()
     # would keep every level in fs.dircache.
-    kwargs = {"ContinuationToken": token} if token else {}
+    kwargs = {"ContinuationToken": token} if token else {"StartAfter": prefix + start_after} if start_after else {}
     page = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/",
                 MaxKeys=page_size, **kwargs)
     following = page.get("NextContinuationToken")
@@ -244,14 +364,20 @@ class _S3Level:
     ('x/', sorted by that string) in one sorted sequence across pages: each page, merged, is already in
     the walk's order."""
 
-    def __init__(self, shipped: Shipped, base: str, must_exist: bool):
+    def __init__(self, shipped: Shipped, base: str, must_exist: bool, start_after: str | None = None):
         self.shipped = shipped
+        self.base = base
         self.bucket, self.prefix = base.split("/", 1)  # 'bucket/', 'bucket/key/'
         self.must_exist = must_exist and bool(self.prefix)
         self.token: str | None = None
+        self.start_after = start_after
 
     def request(self) -> tuple:
-        return _s3_page, self.shipped, self.bucket, self.prefix, self.token, self.must_exist, _PAGE
+        return _s3_page, self.shipped, self.bucket, self.prefix, self.token, self.must_exist, _PAGE, self.start_after
+
+    def after(self, name: str) -> "_S3Level":
+        """The same level listed from after `name` (relative to it; a directory's name ends in '/')."""
+        return _S3Level(self.shipped, self.base, False, name)
 
     def take(self, page: tuple[list[Entry], str | None]) -> tuple[list[Entry], bool]:
         entries, self.token = page
