@@ -226,3 +226,55 @@ def test_renewal_on_s3_survives_a_throttled_store(s3_server, monkeypatch):
         lease.check()
         lease.release()
         assert not store.exists(LOCK)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_proof_and_a_takeover_at_once_leave_exactly_one_holder(tmp_path, monkeypatch, where, request):
+    """A holder proving its lease after a stall (its lock last renewed 10 minutes ago: stale to anyone who
+    reads it before the proof, fresh after) and another run taking it over, started together 30 times: each
+    time exactly one of them holds it and the lock names that one. Both are conditional (a file system: the
+    lock renamed aside and compared; S3: If-Match), where a takeover that removed the lock it had judged
+    stale could remove the holder's fresh proof instead, and both believed they held it."""
+    if where == "s3":
+        import s3fs
+
+        endpoint = request.getfixturevalue("s3_server")
+        so = {"key": "testing-key-id", "secret": "x", "endpoint_url": endpoint, "skip_instance_cache": True}
+        bucket = f"lease-race-{os.getpid()}"
+        s3fs.S3FileSystem(**so).mkdir(bucket)
+        out, options = f"s3://{bucket}/out", so
+    else:
+        out, options = str(tmp_path / "out"), None
+    for i in range(30):
+        store = OutputStore(f"{out}{i}", options)
+        holder = Lease.acquire(store, renewing=False)
+        stale = json.dumps({**holder.holder, "renewed_at": time.time() - 600}).encode()
+        store.put_atomic(LOCK, stale)  # as if this run had stalled for 10 minutes
+        holder.written, holder.etag = stale, store.unfenced_fs.info(store.path(LOCK)).get("ETag")
+        holder.in_doubt = True
+        start = threading.Barrier(2)
+        got: dict = {}
+
+        def prove():
+            start.wait()
+            try:
+                holder.renew()
+                got["holder"] = True
+            except LeaseLost:
+                got["holder"] = False
+
+        def take():
+            start.wait()
+            try:
+                got["taker"] = Lease.acquire(OutputStore(f"{out}{i}", options), renewing=False)
+            except OutputError:
+                got["taker"] = None
+
+        threads = [threading.Thread(target=prove), threading.Thread(target=take)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        winner = holder if got["holder"] else got["taker"]
+        assert got["holder"] != (got["taker"] is not None), (i, got)
+        assert json.loads(store.fs.cat_file(store.path(LOCK)))["token"] == winner.token, i

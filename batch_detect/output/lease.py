@@ -24,8 +24,11 @@ A store that stops answering (outage.py) must not end the run, nor let it write 
 gone to another run meanwhile. Unrenewed for STALL_S, the lease is in doubt: every write of the driver's
 waits in `fence` until a renewal reaches the store again and proves the lease is still this run's. On
 object stores that proof is conditional, not a read then a write: the lock is rewritten with `If-Match` of
-the version this run wrote, which fails if anyone replaced it since. Only a lease really taken over stops
-the run (`LeaseLost`); a store down longer than --store-timeout stops it as `StoreUnavailable`.
+the version this run wrote, which fails if anyone replaced it since; on a file system the lock is renamed
+aside (one rename wins), compared with what this run wrote, and linked back rewritten. A takeover is just as
+conditional: it replaces exactly the stale version it judged (If-Match; aside and compared), so a holder
+that proved its lease in between keeps it. Only a lease really taken over stops the run (`LeaseLost`); a
+store down longer than --store-timeout stops it as `StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -88,6 +91,59 @@ def _create(store, path: str, data: bytes) -> str | None:
     return out.get("ETag") if isinstance(out, dict) else None
 
 
+def _replace(store, path: str, judged: bytes, version: str | None, data: bytes) -> tuple[bool, str | None]:
+    """Put `data` at `path` only if the lock there is still the one judged (its bytes `judged`, its ETag
+    `version`), never a read then a write: another run's takeover or the holder's own proof between the
+    two would be overwritten. (replaced, the new ETag)."""
+    if getattr(store.fs, "local_file", False):
+        return _swap_local(path, judged, data), None
+    if version is None:  # a store that gives no versions: as before, a removal then an exclusive create
+        store.fs.rm(path)
+        try:
+            return True, _create(store, path, data)
+        except FileExistsError:
+            return False, None
+    try:
+        out = store.unfenced_fs.pipe_file(path, data, IfMatch=version)
+    except OSError as exc:
+        if _precondition_failed(exc):
+            return False, None
+        raise
+    return True, out.get("ETag") if isinstance(out, dict) else None
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    return "PreconditionFailed" in repr(exc.__cause__) or "412" in str(exc)
+
+
+def _swap_local(path: str, expected: bytes, data: bytes) -> bool:
+    """On a file system, the lock replaced only if it holds `expected`: it is renamed aside (of two runs doing
+    this at once, one rename wins and the other finds nothing), compared, and `data` linked in its place (a
+    link refuses an existing name, so a run that created a lock meanwhile keeps it). A lock that differs goes
+    back as it was."""
+    aside = f"{path}.{uuid.uuid4().hex}.aside"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        with open(aside, "rb") as fh:
+            held = fh.read()
+        put = data if held == expected else held
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(put)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+        return held == expected
+    finally:
+        os.remove(aside)
+
+
 def _heartbeat(token: str) -> str:
     return f"{LOCK.removesuffix('.json')}.{token}.json"
 
@@ -112,8 +168,9 @@ def _modified(store, path: str) -> float:
 
 
 class Lease:
-    def __init__(self, store, token: str, holder: dict, etag: str | None = None):
+    def __init__(self, store, token: str, holder: dict, etag: str | None = None, written: bytes | None = None):
         self.store, self.token, self.holder, self.etag = store, token, holder, etag
+        self.written = written  # the lock as this run last wrote it (a file system's proof compares it)
         self.renewed = time.monotonic()  # the last renewal that reached the store
         self.lost: LeaseLost | None = None
         self.in_doubt = False  # unrenewed past STALL_S: writes wait until a renewal proves the lease ours
@@ -142,20 +199,26 @@ class Lease:
             store.makedirs(store.root)
         except OSError as exc:  # checked before the run (destination.py); here if it changed since
             raise unwritable(store.url, store, exc) from None
+        data = json.dumps(holder).encode()
+        local = getattr(store.fs, "local_file", False)
         for attempt in range(2):
             try:
-                return cls(store, token, holder, _create(store, path, json.dumps(holder).encode()))
+                return cls(store, token, holder, _create(store, path, data), data)
             except FileExistsError:
                 pass
             except OSError as exc:
                 raise unwritable(store.url, store, exc) from None
             try:
-                other = json.loads(store.fs.cat_file(path))
-                if other.get("token") == token:  # a retried create whose first try had landed
-                    return cls(store, token, holder, store.unfenced_fs.info(path).get("ETag"))
-                other["renewed_at"] = _last_renewal(store, other)
+                # the version judged below: a takeover replaces exactly it, or nothing (see _replace)
+                version = None if local else store.unfenced_fs.info(path).get("ETag")
+                raw = store.fs.cat_file(path)
             except FileNotFoundError:
                 continue  # released meanwhile: try again
+            try:
+                other = json.loads(raw)
+                if other.get("token") == token:  # a retried create whose first try had landed
+                    return cls(store, token, holder, store.unfenced_fs.info(path).get("ETag"), data)
+                other["renewed_at"] = _last_renewal(store, other)
             except ValueError:  # not ours to read: judge it by the file's age
                 other = {"renewed_at": _modified(store, path)}
             why = _holder_gone(other, time.time())
@@ -167,19 +230,27 @@ class Lease:
                     f"would corrupt it. Wait for that run to end; if it is gone, its lease ({LOCK}) expires "
                     f"{STALE_S:.0f}s after its last renewal, or delete {LOCK} once you are sure")
             log.warning("taking over the lease of output %s: %s", store.url, why)
-            store.fs.rm(path)
-            if other.get("token"):
-                _remove(store, _heartbeat(other["token"]))
+            replaced, etag = _replace(store, path, raw, version, data)
+            if replaced:
+                if other.get("token"):
+                    _remove(store, _heartbeat(other["token"]))
+                return cls(store, token, holder, etag, data)
+            # it changed since it was judged (its holder proved it meanwhile, or another run took it): again
         raise OutputError(f"output {store.url!r}: could not take its lease ({LOCK}); try again")
 
     def renew(self) -> None:
         """One renewal: the lock still names this run, then its heartbeat. Raises LeaseLost (and fences the
         store) if another run holds the lease now."""
         started, renewed_at = time.monotonic(), time.time()  # what others will judge staleness by
-        try:
-            current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
-        except (FileNotFoundError, ValueError):
-            current = {}
+        current: dict = {}
+        for look in range(3):  # on a file system a lock is aside for a moment while someone compares it
+            try:
+                current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
+                break
+            except ValueError:
+                break
+            except FileNotFoundError:
+                time.sleep(0.05 * (look + 1))
         if current.get("token") != self.token:
             self.lost = LeaseLost(
                 f"output {self.store.url!r}: this run's lease ({LOCK}) was taken over by another run (host "
@@ -199,14 +270,23 @@ class Lease:
     def _prove(self, current: dict, renewed_at: float) -> None:
         """After a stall, the lock is rewritten only if it is still the version this run wrote: a takeover
         between the read above and this write makes it fail, where a plain write would overwrite it."""
-        if self.etag is None:
-            return  # a local lock (no versions): the read above is the check, as before
         data = json.dumps({**current, "renewed_at": renewed_at}).encode()
+        path = self.store.path(LOCK)
         try:
-            out = self.store.unfenced_fs.pipe_file(self.store.path(LOCK), data, IfMatch=self.etag)
+            if getattr(self.store.fs, "local_file", False):
+                if self.written is None:
+                    return  # a lease made before this proof existed: the read above is the check
+                proved = _swap_local(path, self.written, data)
+            elif self.etag is None:
+                return  # a store that gives no versions: the read above is the check
+            else:
+                out = self.store.unfenced_fs.pipe_file(path, data, IfMatch=self.etag)
+                proved = True
         except OSError as exc:
-            if "PreconditionFailed" not in repr(exc.__cause__) and "412" not in str(exc):
+            if not _precondition_failed(exc):
                 raise
+            proved = False
+        if not proved:
             self.lost = LeaseLost(
                 f"output {self.store.url!r}: this run's lease ({LOCK}) changed while the store was unavailable "
                 "(another run took it over); stopping so that the two do not both write. What was committed "
@@ -214,7 +294,9 @@ class Lease:
             with self._proved:
                 self._proved.notify_all()
             raise self.lost from None
-        self.etag = out.get("ETag") if isinstance(out, dict) else None
+        self.written = data
+        if not getattr(self.store.fs, "local_file", False):
+            self.etag = out.get("ETag") if isinstance(out, dict) else None
 
     def fence(self) -> None:
         """For every write of the driver's store: none once the lease is known to be another run's, and none
