@@ -415,3 +415,38 @@ def test_status_elsewhere_says_the_store_is_unavailable_while_it_waits(stormy):
     assert f"s3://{name}/out-status did not answer" in err and "retrying for up to 30 s (what `status` waits)" \
         in err, err[-2000:]
     assert re.search(r"answers again after \d+ s unavailable", err), err[-2000:]
+
+
+def test_retry_failures_streams_the_failures_sorted_on_disk(models_dir, tmp_path, monkeypatch):
+    """The failures to retry are sorted (spilled to disk past a run of strings: 4 here), never held in a dict:
+    12 corrupt images fail; 5 are repaired; `--retry-failures decode` takes all 12 again (5 now processed),
+    and a second retry exactly the 7 still failing, the repaired ones superseded by their later image rows."""
+    import tempfile
+
+    import batch_detect.inputs.extsort as extsort
+
+    folder = tmp_path / "in"
+    write_dataset(str(folder), 30, seed=9, sizes=[(160, 120)])
+    good = sorted(folder.glob("*.jpg"))[:5]
+    for i in range(12):
+        (folder / f"broken_{i:02d}.jpg").write_bytes(b"\xff\xd8 not a jpeg %d" % i)
+    cfg = dict(model=os.path.join(models_dir, "shapes_ssd_uint8.tflite"), input=str(folder),
+               output=str(tmp_path / "out"), shard_size=8)
+    first = run(RunConfig(**cfg)).manifest
+    assert first["counts"]["failure_types"] == {"decode/unidentified_image": 12}
+    for i, source in enumerate(good):
+        (folder / f"broken_{i:02d}.jpg").write_bytes(source.read_bytes())
+    spills = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: spills.append(k.get("prefix")) or real_mkdtemp(*a, **k))
+    monkeypatch.setattr(extsort, "RUN_SIZE", 4)
+    second = run(RunConfig(**cfg, retry_failures="decode")).manifest
+    entry = second["runs"][-1]
+    assert entry["retried"] == 12 and entry["images"] == 5 and entry["failures"] == 7, entry
+    assert "batch-detect-sort-" in spills  # the failures went through the on-disk sort
+    third = run(RunConfig(**cfg, retry_failures="decode")).manifest
+    entry = third["runs"][-1]
+    assert third["run_id"] == 3 and entry["retried"] == 7 and entry["failures"] == 7, entry
+    retried = {os.path.basename(u) for (u,) in duckdb.execute(
+        f"SELECT uri FROM read_parquet('{tmp_path}/out/failures/*.parquet') WHERE run_id = 3").fetchall()}
+    assert retried == {f"broken_{i:02d}.jpg" for i in range(5, 12)}

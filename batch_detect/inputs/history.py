@@ -13,7 +13,7 @@ import heapq
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from fsspec.core import url_to_fs
 
@@ -130,14 +130,19 @@ def select_new(store, state, current_run: int, counts: Selection, window: int = 
     return select
 
 
-def select_failed(failing: dict[str, str], counts: Selection):
-    """A `plan_input` select for --retry-failures: the listed images in `failing` (the rest count as
-    unchanged). An image deleted since is not listed, so not retried."""
+def select_failed(failing: Callable[[], Iterable[tuple[str, str]]], counts: Selection):
+    """A `plan_input` select for --retry-failures: the listed images among `failing()`'s (uri, kind) pairs,
+    which come in URI order like the listing, so the two are merged rather than one held in memory (the
+    rest count as unchanged). An image deleted since is not listed, so not retried."""
     counts.retried = 0
 
     def select(listed: Iterator[Listed]) -> Iterator[Listed]:
+        pending = iter(failing())
+        next_failed = next(pending, None)
         for uri, version in listed:
-            if uri in failing:
+            while next_failed is not None and next_failed[0] < uri:
+                next_failed = next(pending, None)
+            if next_failed is not None and next_failed[0] == uri:
                 counts.retried += 1
                 yield uri, version
             else:

@@ -2,18 +2,21 @@
 run takes again, and how many of each type `status` and `report` call retryable.
 
 An image's latest record is the one with the highest `run_id` in `images` or `failures` (the README's
-current-rows query). Failures are few and read whole; `images` is read only where a row group's
-statistics say it may hold a run later than the earliest failure, so an output with one run reads no
-image rows at all.
+current-rows query). Records are sorted, not held (a billion-image output may hold millions of
+failures); `images` is read only where a row group's statistics say it may hold a run later than the
+earliest failure, so an output with one run reads no image rows at all.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
 from ..errors import STAGES
+from ..inputs.extsort import sorted_unique
 
 
 def kind_matches(kind: str, want: str | None) -> bool:
@@ -21,23 +24,40 @@ def kind_matches(kind: str, want: str | None) -> bool:
     return want is None or kind == want or kind.split("/", 1)[0] == want
 
 
-def latest_failures(store, want: str | None = None) -> dict[str, str]:
-    """{uri: "stage/error_type"} of the images whose latest record is a failure of the kind `want`."""
-    latest: dict[str, tuple[int, str]] = {}
+_AFTER_EVERY_RUN = "9" * 12  # a run number above any: "planned by the run being resumed" is latest
+
+
+def iter_latest_failures(store, want: str | None = None, planned: Iterable[str] = ()) -> Iterator[tuple[str, str]]:
+    """(uri, "stage/error_type") of the images whose latest record is a failure of the kind `want`, in URI
+    order; `planned`: URIs a resumed retry run has planned already (their latest record is that run's).
+    Memory stays bounded however many failures an output holds: every record is one string
+    `uri NUL run NUL what`, sorted by `extsort` (spilled to local disk past a run of them), and an image's
+    records come together, its latest last."""
+    records = itertools.chain(_records(store), (f"{uri}\0{_AFTER_EVERY_RUN}\0P" for uri in planned))
+    uri, latest = None, ""
+    for record in sorted_unique(records):
+        this, _, what = record.split("\0")
+        if this != uri:
+            if latest.startswith("F") and kind_matches(latest[1:], want):
+                yield uri, latest[1:]
+            uri = this
+        latest = what
+    if latest.startswith("F") and kind_matches(latest[1:], want):
+        yield uri, latest[1:]
+
+
+def _records(store) -> Iterator[str]:
+    """Every failure record, then the image records that may be later than one (a row group whose
+    statistics say all its runs are at or before the earliest failure is not read)."""
+    earliest = None
     for path in store.part_files("failures"):
         with store.fs.open(path, "rb") as fh:
             table = pq.read_table(fh, columns=["uri", "run_id", "stage", "error_type"])
         for uri, run, stage, error_type in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-            seen = latest.get(uri)
-            if seen is None or run > seen[0]:
-                latest[uri] = (run, f"{stage}/{error_type}")
-    if latest:
-        _drop_processed_later(store, latest)
-    return {uri: kind for uri, (_, kind) in latest.items() if kind_matches(kind, want)}
-
-
-def _drop_processed_later(store, latest: dict[str, tuple[int, str]]) -> None:
-    earliest = min(run for run, _ in latest.values())
+            earliest = run if earliest is None else min(earliest, run)
+            yield f"{uri}\0{run:012d}\0F{stage}/{error_type}"
+    if earliest is None:
+        return
     for path in store.part_files("images"):
         with store.fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
@@ -48,14 +68,13 @@ def _drop_processed_later(store, latest: dict[str, tuple[int, str]]) -> None:
                     continue  # no run here is later than any failure
                 table = pf.read_row_group(rg, columns=["uri", "run_id"])
                 for uri, run in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                    seen = latest.get(uri)
-                    if seen is not None and run > seen[0]:
-                        del latest[uri]
+                    if run > earliest:
+                        yield f"{uri}\0{run:012d}\0I"
 
 
 def retryable_by_type(store) -> dict[str, int]:
     """{"stage/error_type": images whose latest record is such a failure}: what `--retry-failures` would take."""
-    return dict(sorted(Counter(latest_failures(store).values()).items()))
+    return dict(sorted(Counter(kind for _, kind in iter_latest_failures(store)).items()))
 
 
 def check_retry_kind(want: str) -> str | None:

@@ -20,7 +20,7 @@ from ..config import RunConfig
 from ..errors import OutputError
 from ..inputs.history import Selection, select_failed, select_new, version_changed, with_versions
 from ..inputs.plan import Chunk, PlanStream, chunked, stored_shards
-from ..output.records import latest_failures
+from ..output.records import iter_latest_failures
 from ..output.sink import OutputStore
 
 
@@ -82,14 +82,17 @@ def _retry_planning(config: RunConfig, store: OutputStore, previous: dict | None
         raise OutputError(f"--retry-failures: the last run in {config.output!r} is unfinished: finish it first "
                           "(re-run the command that started it), then retry its failures")
     run = last + 1 if closed else last
-    failing = latest_failures(store, None if config.retry_failures == "all" else config.retry_failures)
-    pending = []
+    want = None if config.retry_failures == "all" else config.retry_failures
+    pending, mine = [], []
     if not closed:  # an interrupted retry run, resumed: its own plan first, then what it had not yet listed
         mine = [c for c in state.chunks if c["first_shard"] >= first_shard_of(state, run)]
-        planned = {u for batch in store.iter_plan(mine, columns=["uri"]) for u in batch.column(0).to_pylist()}
-        failing = {u: kind for u, kind in failing.items() if u not in planned}
         pending = [c for c in mine if state.committed[c["first_shard"]:c["first_shard"] + c["shards"]].count(1)
                    < c["shards"]]
+
+    def failing():  # read when the listing starts, on its thread: sorted, never held whole
+        planned = (u for batch in store.iter_plan(mine, columns=["uri"]) for u in batch.column(0).to_pylist())
+        return iter_latest_failures(store, want, planned if mine else ())
+
     selection = Selection()
     so = config.storage_options
     return Planning("new-run" if closed else "continue", run, first_shard=state.planned_end,
