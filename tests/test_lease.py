@@ -278,3 +278,18 @@ def test_a_proof_and_a_takeover_at_once_leave_exactly_one_holder(tmp_path, monke
         winner = holder if got["holder"] else got["taker"]
         assert got["holder"] != (got["taker"] is not None), (i, got)
         assert json.loads(store.fs.cat_file(store.path(LOCK)))["token"] == winner.token, i
+
+
+def test_a_renewal_after_a_long_stall_proves_the_lease_even_if_the_driver_never_looked(tmp_path):
+    """Unrenewed past STALL_S, the next renewal proves the lease conditionally even when neither check() nor
+    fence() ran meanwhile (they are what mark it in doubt): a lock rewritten behind this run's back, though
+    it still names this run, is not trusted on a read."""
+    store = OutputStore(str(tmp_path / "out"))
+    lease = Lease.acquire(store, renewing=False)
+    rewritten = json.dumps({**lease.holder, "note": "rewritten by someone else"}).encode()
+    store.put_atomic(LOCK, rewritten)
+    lease.renew()  # renewed a moment ago: a read is enough, as always
+    lease.renewed -= lease_module.STALL_S + 1
+    assert not lease.in_doubt
+    with pytest.raises(LeaseLost, match="changed while the store was unavailable"):
+        lease.renew()

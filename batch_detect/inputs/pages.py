@@ -101,7 +101,7 @@ class _Process:
                     slot = self.waiting.pop(task)
                 slot[1] = reply
                 slot[0].set()
-        except (EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the channel is unusable however it broke: wake every caller
             with self.lock:
                 self.gone = exc
                 slots, self.waiting = list(self.waiting.values()), {}
@@ -129,9 +129,9 @@ class _Process:
         except OSError:
             pass
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = 5) -> None:
         try:
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -196,6 +196,9 @@ class _Slots:
 
     def _take_tasks(self, runner) -> None:
         while (item := self.tasks.get()) is not None:
+            if getattr(runner, "gone", None) is not None:  # ended under another of its threads: leave the
+                self.tasks.put(item)  # page to a live runner (or to _fail_all once none is left)
+                return
             future, fn, args = item
             if not future.set_running_or_notify_cancel():
                 continue
@@ -223,7 +226,8 @@ class _Slots:
             if item is not None:
                 taken.append(item)
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
+        """Stop the runners; `drain`: wait for the pages they are on however long, never kill them."""
         self.closing = True
         self._fail_all(OSError("the listing was closed"))  # queued pages nobody will take now
         for r in self.runners:
@@ -232,7 +236,7 @@ class _Slots:
         for r in self.runners:
             r.stop()
         for r in self.runners:
-            r.wait()
+            r.wait(None) if drain else r.wait()
 
 
 class ListingPool:
@@ -286,7 +290,8 @@ class ListingPool:
         if old is not None:
             for item in old.take_queued():
                 slots.tasks.put(item)
-            old.close()
+            # its pages in flight finish where they are (one may be waiting out an outage): not killed
+            threading.Thread(target=old.close, kwargs={"drain": True}, name="listing-drain", daemon=True).start()
 
     def close(self) -> None:
         # Pages still queued are not wanted (a consumer that stops early): cancel them, don't wait.
@@ -327,6 +332,8 @@ def _serve() -> None:
             reply = (True, fn(*args))
         except Exception as exc:  # handed to the driver, which raises it where the walk needs the page
             reply = (False, exc)
+        except BaseException as exc:  # noqa: BLE001 - a page thread must answer, or its caller waits forever
+            reply = (False, OSError(f"{type(exc).__name__}: {exc}"))
         try:
             data = pickle.dumps((task, reply))
         except Exception:

@@ -16,7 +16,7 @@ import uuid
 
 from .commitlog import LOG_DIR
 from ..errors import OutputError
-from .sink import LEGACY_COMMIT_DIR, LOCK, MANIFEST, OutputStore
+from .sink import GUARD, LEGACY_COMMIT_DIR, LOCK, MANIFEST, OutputStore
 
 FLAG = "--allow-nonempty-output"
 PROBE = "_probe."  # the probe file's name starts so: a name this tool owns
@@ -82,7 +82,7 @@ def _not_beside_other_files(output: str, store: OutputStore) -> None:
         return  # a new output
     # A probe is ours: another run's, checking this output at the same moment, or one a killed run left.
     names = {n for e in entries if not (n := posixpath.basename(e.rstrip("/"))).startswith(PROBE)}
-    if not names or names & {MANIFEST, LOG_DIR, LEGACY_COMMIT_DIR, LOCK}:
+    if not names or names & {MANIFEST, LOG_DIR, LEGACY_COMMIT_DIR, LOCK, GUARD}:
         return  # empty, or a batch-detect output (resumed or refused later, by its manifest)
     example = sorted(names)[0]
     raise OutputError(

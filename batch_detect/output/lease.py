@@ -24,15 +24,16 @@ A store that stops answering (outage.py) must not end the run, nor let it write 
 gone to another run meanwhile. Unrenewed for STALL_S, the lease is in doubt: every write of the driver's
 waits in `fence` until a renewal reaches the store again and proves the lease is still this run's. On
 object stores that proof is conditional, not a read then a write: the lock is rewritten with `If-Match` of
-the version this run wrote, which fails if anyone replaced it since; on a file system the lock is renamed
-aside (one rename wins), compared with what this run wrote, and linked back rewritten. A takeover is just as
-conditional: it replaces exactly the stale version it judged (If-Match; aside and compared), so a holder
-that proved its lease in between keeps it. Only a lease really taken over stops the run (`LeaseLost`); a
+the version this run wrote, which fails if anyone replaced it since; on a file system the lock is compared
+with what this run wrote and replaced under a record lock on a guard file beside it. A takeover is just as
+conditional: it replaces exactly the stale version it judged (If-Match; compared under the guard), so a
+holder that proved its lease in between keeps it. Only a lease really taken over stops the run (`LeaseLost`); a
 store down longer than --store-timeout stops it as `StoreUnavailable`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ import uuid
 from .destination import unwritable
 from ..errors import LeaseLost, OutputError, StoreUnavailable
 from ..outage import OUTAGE
-from .sink import LOCK
+from .sink import GUARD, LOCK
 
 log = logging.getLogger(__name__)
 STALE_S = 60.0
@@ -116,32 +117,39 @@ def _precondition_failed(exc: OSError) -> bool:
     return "PreconditionFailed" in repr(exc.__cause__) or "412" in str(exc)
 
 
-def _swap_local(path: str, expected: bytes, data: bytes) -> bool:
-    """On a file system, the lock replaced only if it holds `expected`: it is renamed aside (of two runs doing
-    this at once, one rename wins and the other finds nothing), compared, and `data` linked in its place (a
-    link refuses an existing name, so a run that created a lock meanwhile keeps it). A lock that differs goes
-    back as it was."""
-    aside = f"{path}.{uuid.uuid4().hex}.aside"
+def _swap_local(path: str, expected: bytes, data: bytes | None) -> bool:
+    """On a file system, the lock replaced by `data` (None: removed) only if it holds `expected`: compared
+    and replaced while holding an exclusive flock on the guard file beside it (Linux maps flock on NFS to
+    record locks, honoured across machines; a thread lock covers this process's own threads, which record
+    locks would not tell apart), by a rename over it, so the lock never goes missing: a run starting
+    meanwhile still finds it (and its exclusive create is refused)."""
+    with _GUARDING:
+        return _swap_guarded(path, expected, data)
+
+
+_GUARDING = threading.Lock()
+
+
+def _swap_guarded(path: str, expected: bytes, data: bytes | None) -> bool:
+    guard = os.open(os.path.join(os.path.dirname(path), GUARD), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    try:
-        with open(aside, "rb") as fh:
-            held = fh.read()
-        put = data if held == expected else held
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as fh:
+                if fh.read() != expected:
+                    return False
+        except FileNotFoundError:
+            return False
+        if data is None:
+            os.remove(path)
+            return True
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as fh:
-            fh.write(put)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(tmp)
-        return held == expected
+            fh.write(data)
+        os.replace(tmp, path)
+        return True
     finally:
-        os.remove(aside)
+        os.close(guard)  # and with it the flock
 
 
 def _heartbeat(token: str) -> str:
@@ -242,15 +250,10 @@ class Lease:
         """One renewal: the lock still names this run, then its heartbeat. Raises LeaseLost (and fences the
         store) if another run holds the lease now."""
         started, renewed_at = time.monotonic(), time.time()  # what others will judge staleness by
-        current: dict = {}
-        for look in range(3):  # on a file system a lock is aside for a moment while someone compares it
-            try:
-                current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
-                break
-            except ValueError:
-                break
-            except FileNotFoundError:
-                time.sleep(0.05 * (look + 1))
+        try:
+            current = json.loads(self.store.fs.cat_file(self.store.path(LOCK)))
+        except (FileNotFoundError, ValueError):
+            current = {}
         if current.get("token") != self.token:
             self.lost = LeaseLost(
                 f"output {self.store.url!r}: this run's lease ({LOCK}) was taken over by another run (host "
@@ -259,7 +262,9 @@ class Lease:
             raise self.lost
         if self._stop.is_set():
             return  # released meanwhile: a heartbeat now would outlive the lease
-        if self.in_doubt:
+        if self.in_doubt or started - self.renewed > STALL_S:
+            # unrenewed long enough that another run may judge it stale: prove it, whether or not the
+            # driver has looked at the lease meanwhile (check/fence set in_doubt)
             self._prove(current, renewed_at)
         self.store.put_atomic(_heartbeat(self.token), json.dumps({"token": self.token,
                                                                    "renewed_at": renewed_at}).encode(), fenced=False)
@@ -350,9 +355,12 @@ class Lease:
         if self.lost is not None:
             return  # another run's now
         try:
-            current = json.loads(self.store.unfenced_fs.cat_file(self.store.path(LOCK)))
-            if current.get("token") == self.token:
-                self.store.unfenced_fs.rm(self.store.path(LOCK))
+            if getattr(self.store.fs, "local_file", False) and self.written is not None:
+                _swap_local(self.store.path(LOCK), self.written, None)  # only the lock as this run wrote it
+            else:
+                current = json.loads(self.store.unfenced_fs.cat_file(self.store.path(LOCK)))
+                if current.get("token") == self.token:
+                    self.store.unfenced_fs.rm(self.store.path(LOCK))
             _remove(self.store, _heartbeat(self.token))
         except (FileNotFoundError, ValueError, OSError, StoreUnavailable):
             pass  # a store that is down: the lease expires STALE_S after its last renewal

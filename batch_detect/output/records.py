@@ -69,7 +69,7 @@ def _records(store) -> Iterator[str]:
                 table = pf.read_row_group(rg, columns=["uri", "run_id"])
                 for uri, run in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
                     if run > earliest:
-                        yield f"{uri}\0{run:012d}\0I"
+                        yield f"{uri}\0{run:012d}\0A"  # 'A' < 'F': a failure of the same run is the latest
 
 
 def retryable_by_type(store) -> dict[str, int]:

@@ -26,6 +26,7 @@ from .schema import PLAN_SCHEMA, TABLES
 LAYOUT = 4  # detections carry keypoints; 3 had none, 2 no runs (run_id in every row), 1 a file set per shard
 MANIFEST = "_manifest.json"
 LOCK = "_lock.json"
+GUARD = "_lock.guard"  # beside the lock on a file system, never removed: what its compare-and-swap locks
 PLAN_DIR = "_plan"
 STAGING = "_staging"
 LEGACY_COMMIT_DIR = "_shards"  # the per-shard markers of outputs written before the commit log

@@ -198,7 +198,7 @@ class ListingRunner:
     def stop(self) -> None:
         pass
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         pass
 
 
