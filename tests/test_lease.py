@@ -293,3 +293,30 @@ def test_a_renewal_after_a_long_stall_proves_the_lease_even_if_the_driver_never_
     assert not lease.in_doubt
     with pytest.raises(LeaseLost, match="changed while the store was unavailable"):
         lease.renew()
+
+
+_CAS_WORKER = r'''
+import sys
+from batch_detect.output.lease import _swap_local
+path, rounds = sys.argv[1], int(sys.argv[2])
+won = 0
+for _ in range(rounds):
+    with open(path, "rb") as fh:
+        seen = fh.read()
+    if _swap_local(path, seen, str(int(seen) + 1).encode()):
+        won += 1
+print(won)
+'''
+
+
+def test_the_file_system_compare_and_swap_is_atomic_across_processes(tmp_path):
+    """Three processes each add 1 to a counter in the lock file 300 times with _swap_local (read, then swap
+    only if unchanged): the counter ends at exactly the number of swaps that succeeded. A compare and a
+    replace that two processes could interleave would lose increments."""
+    path = tmp_path / LOCK
+    path.write_bytes(b"0")
+    procs = [subprocess.Popen([sys.executable, "-c", _CAS_WORKER, str(path), "300"], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    won = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert int(path.read_bytes()) == sum(won) and sum(won) > 300, won
