@@ -220,9 +220,15 @@ class _Dir:
             later.space = None
 
     def _split(self, r: _Range, entries: list[Entry]) -> None:
-        """The open-ended range `r` showed a full page: end it at a cut, the rest to a new open range."""
+        """The open-ended range `r` showed a full page: cut it after the page, as that page suggests."""
         space = KeySpace.of([_key(e) for e in entries])
-        cut = space.cut_after(_key(entries[-1]), _RANGE_PAGES * _PAGE) if space is not None else None
+        if space is not None:
+            self._cut(r, space, _key(entries[-1]))
+
+    def _cut(self, r: _Range, space: KeySpace, after: str) -> None:
+        """End the open range `r` at a cut about _RANGE_PAGES pages after `after`; the rest goes to a new
+        open range (cut in turn when it starts). Where `space` cannot say, `r` stays open."""
+        cut = space.cut_after(after, _RANGE_PAGES * _PAGE)
         if cut is not None:
             r.hi = cut
             self.ranges.append(_Range(r.level.after(cut), lo=cut, space=space))
@@ -243,10 +249,7 @@ class _Dir:
                 continue
             if not r.started and r.hi is None and r.space is not None:
                 # the open range, cut before it starts; from the next name known, past an empty stretch
-                cut = r.space.cut_after(max(r.lo, self.next_name), _RANGE_PAGES * _PAGE)
-                if cut is not None:
-                    r.hi = cut
-                    self.ranges.append(_Range(r.level.after(cut), lo=cut, space=r.space))
+                self._cut(r, r.space, max(r.lo, self.next_name))
             r.started = True
             r.pending = self.pool.submit(*r.level.request())
             budget -= 1

@@ -25,7 +25,7 @@ gone to another run meanwhile. Unrenewed for STALL_S, the lease is in doubt: eve
 waits in `fence` until a renewal reaches the store again and proves the lease is still this run's. On
 object stores that proof is conditional, not a read then a write: the lock is rewritten with `If-Match` of
 the version this run wrote, which fails if anyone replaced it since; on a file system the lock is compared
-with what this run wrote and replaced under a record lock on a guard file beside it. A takeover is just as
+with what this run wrote and replaced while holding an flock on a guard file beside it. A takeover is just as
 conditional: it replaces exactly the stale version it judged (If-Match; compared under the guard), so a
 holder that proved its lease in between keeps it. Only a lease really taken over stops the run (`LeaseLost`); a
 store down longer than --store-timeout stops it as `StoreUnavailable`.
@@ -75,11 +75,16 @@ def _holder_gone(holder: dict, now: float) -> str | None:
     return None
 
 
+def _on_disk(store) -> bool:
+    """A file system (its lock compared under the guard) rather than an object store (ETags, If-Match)."""
+    return getattr(store.fs, "local_file", False)
+
+
 def _create(store, path: str, data: bytes) -> str | None:
     """Create `path` holding `data`, or raise FileExistsError: never a moment with the file empty. Locally,
     a temp file linked into place (link refuses an existing name); on object stores, a conditional put,
     whose ETag is returned (None where the store gives none)."""
-    if getattr(store.fs, "local_file", False):
+    if _on_disk(store):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -96,7 +101,7 @@ def _replace(store, path: str, judged: bytes, version: str | None, data: bytes) 
     """Put `data` at `path` only if the lock there is still the one judged (its bytes `judged`, its ETag
     `version`), never a read then a write: another run's takeover or the holder's own proof between the
     two would be overwritten. (replaced, the new ETag)."""
-    if getattr(store.fs, "local_file", False):
+    if _on_disk(store):
         return _swap_local(path, judged, data), None
     if version is None:  # a store that gives no versions: as before, a removal then an exclusive create
         store.fs.rm(path)
@@ -208,7 +213,7 @@ class Lease:
         except OSError as exc:  # checked before the run (destination.py); here if it changed since
             raise unwritable(store.url, store, exc) from None
         data = json.dumps(holder).encode()
-        local = getattr(store.fs, "local_file", False)
+        local = _on_disk(store)
         for attempt in range(2):
             try:
                 return cls(store, token, holder, _create(store, path, data), data)
@@ -278,7 +283,7 @@ class Lease:
         data = json.dumps({**current, "renewed_at": renewed_at}).encode()
         path = self.store.path(LOCK)
         try:
-            if getattr(self.store.fs, "local_file", False):
+            if _on_disk(self.store):
                 if self.written is None:
                     return  # a lease made before this proof existed: the read above is the check
                 proved = _swap_local(path, self.written, data)
@@ -300,7 +305,7 @@ class Lease:
                 self._proved.notify_all()
             raise self.lost from None
         self.written = data
-        if not getattr(self.store.fs, "local_file", False):
+        if not _on_disk(self.store):
             self.etag = out.get("ETag") if isinstance(out, dict) else None
 
     def fence(self) -> None:
@@ -355,7 +360,7 @@ class Lease:
         if self.lost is not None:
             return  # another run's now
         try:
-            if getattr(self.store.fs, "local_file", False) and self.written is not None:
+            if _on_disk(self.store) and self.written is not None:
                 _swap_local(self.store.path(LOCK), self.written, None)  # only the lock as this run wrote it
             else:
                 current = json.loads(self.store.unfenced_fs.cat_file(self.store.path(LOCK)))

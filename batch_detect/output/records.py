@@ -34,16 +34,11 @@ def iter_latest_failures(store, want: str | None = None, planned: Iterable[str] 
     `uri NUL run NUL what`, sorted by `extsort` (spilled to local disk past a run of them), and an image's
     records come together, its latest last."""
     records = itertools.chain(_records(store), (f"{uri}\0{_AFTER_EVERY_RUN}\0P" for uri in planned))
-    uri, latest = None, ""
-    for record in sorted_unique(records):
-        this, _, what = record.split("\0")
-        if this != uri:
-            if latest.startswith("F") and kind_matches(latest[1:], want):
-                yield uri, latest[1:]
-            uri = this
-        latest = what
-    if latest.startswith("F") and kind_matches(latest[1:], want):
-        yield uri, latest[1:]
+    for uri, group in itertools.groupby(sorted_unique(records), key=lambda record: record.split("\0", 1)[0]):
+        *_, latest = group
+        what = latest.rsplit("\0", 1)[1]
+        if what.startswith("F") and kind_matches(what[1:], want):
+            yield uri, what[1:]
 
 
 def _records(store) -> Iterator[str]:
